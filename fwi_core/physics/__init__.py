@@ -1,0 +1,7 @@
+"""Physics: the host's forward simulator, wavelets and velocity-family generators."""
+from .forward import (CFL_LIMIT, DEFAULT_SOURCE_COLUMNS, ForwardModel, Geometry, damping_profile,
+                      simulate, simulate_host_style)
+from .wavelet import ricker, ricker_peak_delay
+
+__all__ = ["simulate", "simulate_host_style", "ForwardModel", "Geometry", "damping_profile",
+           "ricker", "ricker_peak_delay", "CFL_LIMIT", "DEFAULT_SOURCE_COLUMNS"]

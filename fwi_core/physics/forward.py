@@ -1,0 +1,375 @@
+"""Acoustic forward simulator: an exact replica of the host's finite-difference scheme.
+
+Scheme (FACTS section 3): second order in time, fourth order in space, on the velocity
+map edge-padded by ``nbc`` cells per side, with a quadratic sponge in the pad and a
+*periodic* stencil (the host used ``torch.roll``, so the Laplacian wraps around the
+padded grid; reproducing the wrap is what makes the replica exact)::
+
+    p_next = (2 + 2*c1*alpha - kappa) * p - (1 - kappa) * p_prev
+             + alpha * (c2 * sum(4 neighbours at distance 1) + c3 * sum(4 at distance 2))
+    p_next[source] += (v*dt)^2 * wavelet[t];   trace[t] = p_next[receivers]
+
+The implementation keeps every field in a buffer with a 2-cell halo that is refreshed
+by copying the opposite edge (the wrap) each step, rotates three preallocated buffers
+instead of allocating, and works on chunks of shots sized to stay in cache. The same
+code runs on CPU and CUDA.
+
+Public API: :func:`simulate` (a function) and :class:`ForwardModel` (an ``nn.Module``
+wrapper), plus :class:`Geometry` and :func:`damping_profile`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .wavelet import ricker
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+C1 = -2.5
+C2 = 4.0 / 3.0
+C3 = -1.0 / 12.0
+#: The largest Courant number ``v*dt/dx`` for which this 2-D scheme is stable
+#: (alpha * 32/3 <= 4, i.e. sqrt(3/8)).
+CFL_LIMIT = math.sqrt(3.0 / 8.0)
+
+DEFAULT_SOURCE_COLUMNS = (0, 17, 34, 52, 69)
+
+
+def default_source_columns(n_sources: int = 5, nx: int = 70, dx: float = 10.0) -> tuple:
+    """Source columns as the host placed them: ``round(linspace(0, (nx-1)*dx, n) / dx)``."""
+    xs = np.linspace(0, (nx - 1) * dx, n_sources)
+    return tuple(int(c) for c in np.round(xs / dx))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Acquisition and grid parameters (defaults: the competition's)."""
+
+    source_columns: Sequence[int] = DEFAULT_SOURCE_COLUMNS
+    source_row: int = 1
+    receiver_row: int = 1
+    receiver_columns: Optional[Sequence[int]] = None  # None: every column
+    nt: int = 1000
+    dt: float = 1e-3
+    dx: float = 10.0
+    freq: float = 15.0
+    nbc: int = 120
+
+    def receivers(self, nx: int) -> list:
+        return list(range(nx)) if self.receiver_columns is None else [int(c) for c in self.receiver_columns]
+
+
+def damping_profile(vel_padded: torch.Tensor, nbc: int, dx: float) -> torch.Tensor:
+    """The host's sponge: ``k0 * (d*dx/a)^2`` for a cell ``d`` cells into the pad.
+
+    Computed in float32 with the host's order of operations (the seismic is sensitive
+    to the rounding of these coefficients at the 1e-5 level).
+
+    Args:
+        vel_padded: (B, Hp, Wp) edge-padded velocity (m/s), float32.
+    Returns:
+        (B, Hp, Wp) float32 damping in 1/s, zero inside the model; in the corners the
+        x-direction (column) profile wins, as in the host code that wrote it over all rows.
+    """
+    b, hp, wp = vel_padded.shape
+    nz, nx = hp - 2 * nbc, wp - 2 * nbc
+    dev = vel_padded.device
+    a = (nbc - 1) * dx
+    vmin = vel_padded.amin(dim=(1, 2))
+    k0 = 3.0 * vmin * torch.log(torch.tensor(1e7, device=dev)) / (2.0 * a)  # (B,)
+    prof = k0[:, None] * ((torch.arange(nbc, dtype=torch.float32, device=dev) * dx / a) ** 2)
+    damp = torch.zeros(b, hp, wp, dtype=torch.float32, device=dev)
+    damp[:, :, :nbc] = prof.flip(1)[:, None, :]
+    damp[:, :, nx + nbc:] = prof[:, None, :]
+    damp[:, :nbc, nbc:nbc + nx] = prof.flip(1)[:, :, None]
+    damp[:, nz + nbc:, nbc:nbc + nx] = prof[:, :, None]
+    return damp
+
+
+def scheme_coefficients(vel: torch.Tensor, geom: "Geometry") -> dict:
+    """Float32 coefficients of the update, computed exactly as the host did.
+
+    Args:
+        vel: (B,H,W) float32 velocity.
+    Returns:
+        dict of (B,Hp,Wp) tensors ``temp1``, ``temp2``, ``alpha``, ``beta`` and the padded
+        velocity ``vp``.
+    """
+    nbc = geom.nbc
+    vp = torch.nn.functional.pad(vel[:, None], (nbc, nbc, nbc, nbc), mode="replicate")[:, 0]
+    damp = damping_profile(vp, nbc, geom.dx)
+    alpha = (vp * geom.dt / geom.dx) ** 2
+    kappa = damp * geom.dt
+    c1 = torch.tensor(C1, dtype=torch.float32, device=vel.device)
+    temp1 = 2 + 2 * c1 * alpha - kappa
+    temp2 = 1 - kappa
+    beta = (vp * geom.dt) ** 2
+    return {"vp": vp, "alpha": alpha, "temp1": temp1, "temp2": temp2, "beta": beta}
+
+
+def _as_tensor(velocity: ArrayLike, device) -> tuple:
+    """Validate and convert the velocity input to a float32 (B,H,W) tensor."""
+    is_numpy = isinstance(velocity, np.ndarray)
+    if not is_numpy and not torch.is_tensor(velocity):
+        raise ValueError(
+            f"simulate: velocity must be a numpy array or torch tensor, got {type(velocity).__name__}")
+    shape = tuple(velocity.shape)
+    if len(shape) == 4:
+        if shape[1] != 1:
+            raise ValueError(f"simulate: velocity of shape {shape} must be (B,1,H,W) or (B,H,W)")
+        v = velocity[:, 0]
+    elif len(shape) == 3:
+        v = velocity
+    elif len(shape) == 2:
+        raise ValueError(f"simulate: velocity of shape {shape} has no batch axis; use v[None] "
+                         f"for a single map (expected (B,1,H,W) or (B,H,W))")
+    else:
+        raise ValueError(f"simulate: velocity of shape {shape} must be (B,1,H,W) or (B,H,W)")
+    if shape[0] == 0 or v.shape[-1] < 5 or v.shape[-2] < 5:
+        raise ValueError(f"simulate: velocity of shape {shape} is empty or smaller than 5x5")
+    t = torch.from_numpy(np.ascontiguousarray(v)) if is_numpy else v
+    if t.is_complex() or not t.is_floating_point():
+        if t.dtype in (torch.int16, torch.int32, torch.int64, torch.uint8):
+            t = t.to(torch.float32)
+        else:
+            raise ValueError(f"simulate: velocity dtype {t.dtype} is not a real number type")
+    t = t.detach().to(device=device, dtype=torch.float32)
+    return t, is_numpy
+
+
+def _validate_range(v: torch.Tensor, geom: Geometry, vmin_allowed: float, vmax_allowed: float) -> None:
+    if not bool(torch.isfinite(v).all()):
+        bad = int((~torch.isfinite(v)).sum())
+        raise ValueError(f"simulate: velocity contains {bad} non-finite values (NaN or inf)")
+    lo, hi = float(v.min()), float(v.max())
+    cfl_v = CFL_LIMIT * geom.dx / geom.dt
+    upper = min(vmax_allowed, cfl_v)
+    if lo < vmin_allowed or hi > upper:
+        why = (f"the CFL limit {cfl_v:.0f} m/s for dt={geom.dt}, dx={geom.dx}"
+               if cfl_v < vmax_allowed else f"{vmax_allowed:.0f} m/s")
+        raise ValueError(
+            f"simulate: velocity range [{lo:.1f}, {hi:.1f}] m/s is outside the plausible range "
+            f"[{vmin_allowed:.0f}, {upper:.0f}] m/s (upper bound: {why}); velocities must be in m/s")
+
+
+class _Workspace:
+    """Preallocated buffers for one chunk of shots, reused across chunks and steps."""
+
+    def __init__(self, n_shots: int, hp: int, wp: int, device):
+        # Three rotating field buffers with a 2-cell halo, plus two scratch planes.
+        self.bufs = [torch.zeros(n_shots, hp + 4, wp + 4, device=device) for _ in range(3)]
+        self.s1 = torch.empty(n_shots, hp, wp, device=device)
+        self.s2 = torch.empty(n_shots, hp, wp, device=device)
+        self.n = n_shots
+
+    def reset(self) -> None:
+        for b in self.bufs:
+            b.zero_()
+
+
+def _fill_halo(buf: torch.Tensor) -> None:
+    """Periodic halo of width 2 (the host's ``torch.roll`` wrap): copy opposite edges."""
+    buf[:, 0:2, 2:-2] = buf[:, -4:-2, 2:-2]
+    buf[:, -2:, 2:-2] = buf[:, 2:4, 2:-2]
+    buf[:, :, 0:2] = buf[:, :, -4:-2]  # full columns: fills the corners too
+    buf[:, :, -2:] = buf[:, :, 2:4]
+
+
+def _check_geometry(geom: "Geometry", h: int, w: int) -> None:
+    for name, cols in (("source_columns", geom.source_columns), ("receiver_columns", geom.receivers(w))):
+        if len(cols) == 0:
+            raise ValueError(f"simulate: {name} is empty")
+        if any(int(c) < 0 or int(c) >= w for c in cols):
+            raise ValueError(f"simulate: {name} {list(cols)} must lie in 0..{w - 1}")
+    for name, r in (("source_row", geom.source_row), ("receiver_row", geom.receiver_row)):
+        if not 0 <= r < h:
+            raise ValueError(f"simulate: {name}={r} must lie in 0..{h - 1}")
+
+
+def _propagate(vel: torch.Tensor, geom: "Geometry", shots_per_chunk: int, progress: bool) -> torch.Tensor:
+    """Run every shot of a batch. vel: (B,H,W) float32 on the target device.
+
+    Returns (B, n_sources, nt, n_receivers) float32.
+    """
+    device = vel.device
+    b, h, w = vel.shape
+    _check_geometry(geom, h, w)
+    nbc, nt = geom.nbc, geom.nt
+    src_cols = [int(c) for c in geom.source_columns]
+    rec_cols = geom.receivers(w)
+    ns, nr = len(src_cols), len(rec_cols)
+
+    co = scheme_coefficients(vel, geom)
+    hp, wp = co["vp"].shape[-2:]
+    wav = torch.from_numpy(ricker(geom.freq, geom.dt, nt)).to(device)
+    c2 = torch.tensor(C2, dtype=torch.float32).item()
+    c3 = torch.tensor(C3, dtype=torch.float32).item()
+
+    total = b * ns  # flatten (sample, shot)
+    sample_of = torch.arange(total, device=device) // ns
+    sx_all = torch.tensor(src_cols, device=device)[torch.arange(total, device=device) % ns] + nbc
+    sz = geom.source_row + nbc
+    rz = geom.receiver_row + nbc
+    rx = torch.tensor(rec_cols, device=device) + nbc
+
+    out = torch.empty(total, nt, nr, device=device)
+    ws = None
+    bar = None
+    if progress:
+        from ..utils import progress_bar
+        bar = progress_bar(total=total, desc="simulate", unit="shot")
+    for s0 in range(0, total, shots_per_chunk):
+        s1 = min(total, s0 + shots_per_chunk)
+        n = s1 - s0
+        if ws is None or ws.n != n:
+            ws = _Workspace(n, hp, wp, device)
+        else:
+            ws.reset()
+        idx = sample_of[s0:s1]
+        t1, neg_t2, alpha = co["temp1"][idx], -co["temp2"][idx], co["alpha"][idx]
+        ar = torch.arange(n, device=device)
+        sx = sx_all[s0:s1]
+        src = co["beta"][idx, sz, sx][None, :] * wav[:, None]  # (nt, n): beta * s(t)
+        prev, cur, nxt = ws.bufs
+        s1b, s2b = ws.s1, ws.s2
+        rec = out[s0:s1]
+        for it in range(nt):
+            _fill_halo(cur)
+            o = nxt[:, 2:-2, 2:-2]
+            # p = temp1*p1 - temp2*p0 + alpha*(c2*S1 + c3*S2)
+            torch.mul(prev[:, 2:-2, 2:-2], neg_t2, out=o)
+            o.addcmul_(cur[:, 2:-2, 2:-2], t1)
+            torch.add(cur[:, 2:-2, 3:-1], cur[:, 2:-2, 1:-3], out=s1b)
+            s1b.add_(cur[:, 3:-1, 2:-2]).add_(cur[:, 1:-3, 2:-2])
+            torch.add(cur[:, 2:-2, 4:], cur[:, 2:-2, 0:-4], out=s2b)
+            s2b.add_(cur[:, 4:, 2:-2]).add_(cur[:, 0:-4, 2:-2])
+            s1b.mul_(c2).add_(s2b, alpha=c3)
+            o.addcmul_(s1b, alpha)
+            o[ar, sz, sx] += src[it]
+            rec[:, it, :] = o[:, rz, rx]
+            prev, cur, nxt = cur, nxt, prev
+        if bar is not None:
+            bar.update(n)
+    if bar is not None:
+        bar.close()
+    return out.view(b, ns, nt, nr)
+
+
+def simulate(
+    velocity: ArrayLike,
+    *,
+    source_columns: Optional[Sequence[int]] = None,
+    source_row: int = 1,
+    receiver_row: int = 1,
+    receiver_columns: Optional[Sequence[int]] = None,
+    nt: int = 1000,
+    dt: float = 1e-3,
+    dx: float = 10.0,
+    freq: float = 15.0,
+    nbc: int = 120,
+    device: Optional[Union[str, torch.device]] = None,
+    batch_chunk: Optional[int] = None,
+    vmin: float = 300.0,
+    vmax: float = 10000.0,
+    progress: bool = False,
+) -> ArrayLike:
+    """Simulate shot gathers for a batch of velocity maps with the host's scheme.
+
+    Args:
+        velocity: (B,1,H,W) or (B,H,W) velocities in m/s (numpy array or tensor).
+        source_columns: source columns (default: 5 sources at 0, 17, 34, 52, 69).
+        source_row, receiver_row: depth rows of sources and receivers (default 1 = 10 m).
+        receiver_columns: receiver columns (default: every column).
+        nt, dt, dx, freq, nbc: time samples, time step (s), grid step (m), Ricker peak
+            frequency (Hz), sponge width (cells).
+        device: where to compute (default: the input tensor's device, CPU for numpy).
+        batch_chunk: how many shots to propagate together (default: 10 on CPU, which keeps
+            the working set in cache; 256 on CUDA).
+        vmin, vmax: the plausible velocity range; values outside it (or above the CFL
+            limit ``sqrt(3/8)*dx/dt``) raise ``ValueError``.
+        progress: show a progress bar.
+
+    Returns:
+        float32 seismic of shape (B, n_sources, nt, n_receivers), a numpy array when the
+        input was numpy, else a tensor on ``device``.
+    """
+    if device is None:
+        device = velocity.device if torch.is_tensor(velocity) else torch.device("cpu")
+    device = torch.device(device)
+    v, is_numpy = _as_tensor(velocity, device)
+    geom = Geometry(
+        source_columns=tuple(source_columns) if source_columns is not None
+        else default_source_columns(5, v.shape[-1], dx) if v.shape[-1] != 70 else DEFAULT_SOURCE_COLUMNS,
+        source_row=source_row, receiver_row=receiver_row,
+        receiver_columns=None if receiver_columns is None else tuple(receiver_columns),
+        nt=int(nt), dt=float(dt), dx=float(dx), freq=float(freq), nbc=int(nbc))
+    if geom.nt <= 0 or geom.nbc < 2 or geom.dt <= 0 or geom.dx <= 0:
+        raise ValueError(f"simulate: need nt > 0, nbc >= 2, dt > 0, dx > 0; got nt={nt}, nbc={nbc}, "
+                         f"dt={dt}, dx={dx}")
+    if len(geom.source_columns) == 0:
+        raise ValueError("simulate: source_columns is empty")
+    _validate_range(v, geom, vmin, vmax)
+    if batch_chunk is None:
+        batch_chunk = 256 if device.type == "cuda" else 10
+    if batch_chunk < 1:
+        raise ValueError(f"simulate: batch_chunk must be >= 1, got {batch_chunk}")
+    with torch.no_grad():
+        out = _propagate(v, geom, int(batch_chunk), progress)
+    return out.cpu().numpy() if is_numpy else out
+
+
+class ForwardModel(torch.nn.Module):
+    """``nn.Module`` wrapper of :func:`simulate` with a fixed geometry.
+
+    ``ForwardModel(**simulate_kwargs)(velocity)`` returns what ``simulate(velocity, **kwargs)``
+    returns (no gradients: use the differentiable propagator for refinement).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.kwargs = dict(kwargs)
+
+    def forward(self, velocity: torch.Tensor) -> torch.Tensor:
+        return simulate(velocity, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+def simulate_host_style(velocity: ArrayLike, nt: int = 1000, **kw) -> np.ndarray:
+    """The straightforward host-style propagator (``torch.roll`` on the padded grid).
+
+    Slow; kept as the readable statement of the scheme and as the benchmark baseline.
+    Takes (B,1,H,W) or (B,H,W) m/s, returns numpy (B, n_sources, nt, W).
+    """
+    geom = Geometry(nt=nt, **kw)
+    v, _ = _as_tensor(velocity, torch.device("cpu"))
+    b, h, w = v.shape
+    _check_geometry(geom, h, w)
+    nbc = geom.nbc
+    co = scheme_coefficients(v, geom)
+    wav = torch.from_numpy(ricker(geom.freq, geom.dt, nt))
+    c2 = torch.tensor(C2)
+    c3 = torch.tensor(C3)
+    sz, rz = geom.source_row + nbc, geom.receiver_row + nbc
+    out = np.zeros((b, len(geom.source_columns), nt, w), np.float32)
+    r = torch.roll
+    with torch.no_grad():
+        for i in range(b):
+            t1, t2, al = co["temp1"][i], co["temp2"][i], co["alpha"][i]
+            for j, sc in enumerate(geom.source_columns):
+                p0 = torch.zeros_like(t1)
+                p1 = torch.zeros_like(t1)
+                for it in range(nt):
+                    lap = (c2 * (r(p1, 1, 1) + r(p1, -1, 1) + r(p1, 1, 0) + r(p1, -1, 0))
+                           + c3 * (r(p1, 2, 1) + r(p1, -2, 1) + r(p1, 2, 0) + r(p1, -2, 0)))
+                    p = t1 * p1 - t2 * p0 + al * lap
+                    p[sz, sc + nbc] += co["beta"][i, sz, sc + nbc] * wav[it]
+                    out[i, j, it] = p[rz, nbc:nbc + w].numpy()
+                    p0, p1 = p1, p
+    return out
