@@ -1,0 +1,177 @@
+"""Submission CSV: streaming writer, validator and local scorer.
+
+Format (FACTS section 1): header ``oid_ypos,x_1,x_3,...,x_69`` (odd columns only), one
+row per (oid, depth row) named ``f"{oid}_y_{row}"``, rows 0..69 for every test oid.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from pathlib import Path
+from typing import Dict, Iterable, Optional, Sequence
+
+import numpy as np
+
+from ..utils import atomic_path
+from .errors import SubmissionError
+
+ODD_COLUMNS = list(range(1, 70, 2))
+HEADER = ["oid_ypos"] + [f"x_{c}" for c in ODD_COLUMNS]
+N_ROWS = 70
+_OID_YPOS = re.compile(r"^(.+)_y_(\d+)$")
+
+
+def _as_map(v, oid) -> np.ndarray:
+    a = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+    a = a.reshape(a.shape[-2:]) if a.ndim == 3 and a.shape[0] == 1 else a
+    if a.shape != (70, 70):
+        raise SubmissionError(f"prediction for oid {oid!r} has shape {a.shape}, expected (70, 70) or (1, 70, 70)")
+    if not np.isfinite(a).all():
+        raise SubmissionError(f"prediction for oid {oid!r} contains NaN or inf")
+    return a
+
+
+class SubmissionWriter:
+    """Write predictions row by row, without holding them all in memory.
+
+    Use as a context manager; the CSV appears at ``path`` only if the block ends
+    without an error (it is written to a temporary file and renamed)::
+
+        with SubmissionWriter("submission.csv") as w:
+            for oids, vel in batches:          # vel: (B,1,70,70) m/s
+                w.write_batch(oids, vel)
+    """
+
+    def __init__(self, path: os.PathLike, float_format: str = "{:.3f}"):
+        self.path = Path(path)
+        self.fmt = float_format
+        self.n_oids = 0
+        self._seen = set()
+        self._ctx = None
+        self._fh = None
+
+    def __enter__(self) -> "SubmissionWriter":
+        self._ctx = atomic_path(self.path, suffix=".csv")
+        tmp = self._ctx.__enter__()
+        self._fh = open(tmp, "w", newline="")
+        self._fh.write(",".join(HEADER) + "\n")
+        return self
+
+    def write(self, oid: str, velocity) -> None:
+        """One oid's (70,70) velocity map in m/s."""
+        if oid in self._seen:
+            raise SubmissionError(f"oid {oid!r} written twice")
+        self._seen.add(oid)
+        a = _as_map(velocity, oid)[:, ODD_COLUMNS]
+        fmt = self.fmt
+        lines = [f"{oid}_y_{r}," + ",".join(fmt.format(x) for x in a[r]) for r in range(N_ROWS)]
+        self._fh.write("\n".join(lines) + "\n")
+        self.n_oids += 1
+
+    def write_batch(self, oids: Sequence[str], velocities) -> None:
+        if len(oids) != len(velocities):
+            raise SubmissionError(f"{len(oids)} oids but {len(velocities)} predictions")
+        for oid, v in zip(oids, velocities):
+            self.write(oid, v)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._fh.close()
+        return bool(self._ctx.__exit__(exc_type, exc, tb))
+
+
+def write_submission(path: os.PathLike, oids: Sequence[str], velocities) -> Path:
+    """Write a whole submission at once (small test sets)."""
+    with SubmissionWriter(path) as w:
+        w.write_batch(list(oids), velocities)
+    return Path(path)
+
+
+def validate_submission(path: os.PathLike, test_oids: Optional[Iterable[str]] = None) -> Dict[str, int]:
+    """Check a submission CSV as Kaggle would; streams the file.
+
+    Checks the header, 36 fields per row, ``<oid>_y_<row>`` names, 70 distinct rows
+    0..69 per oid, finite numbers, and (if ``test_oids`` is given) that every test oid
+    is present exactly once and no other oid is.
+
+    Returns ``{"oids": ..., "rows": ...}``; raises :class:`SubmissionError` naming the
+    file, line and problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SubmissionError(f"{path}: submission file does not exist")
+    rows_of: Dict[str, int] = {}
+    n = 0
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header != HEADER:
+            raise SubmissionError(f"{path}: header must be 'oid_ypos,x_1,x_3,...,x_69' (35 odd columns), "
+                                  f"got {','.join(header or [])[:120]!r}")
+        for line_no, row in enumerate(reader, start=2):
+            if len(row) != len(HEADER):
+                raise SubmissionError(f"{path}:{line_no}: {len(row)} fields, expected {len(HEADER)}")
+            m = _OID_YPOS.match(row[0])
+            if not m or not 0 <= int(m.group(2)) < N_ROWS:
+                raise SubmissionError(f"{path}:{line_no}: id {row[0]!r} is not '<oid>_y_<row>' with row 0..69")
+            oid, r = m.group(1), int(m.group(2))
+            bit = 1 << r
+            mask = rows_of.get(oid, 0)
+            if mask & bit:
+                raise SubmissionError(f"{path}:{line_no}: row {row[0]!r} appears twice")
+            rows_of[oid] = mask | bit
+            for j, x in enumerate(row[1:]):
+                try:
+                    val = float(x)
+                except ValueError:
+                    raise SubmissionError(f"{path}:{line_no}: {HEADER[j + 1]}={x!r} is not a number") from None
+                if not math.isfinite(val):
+                    raise SubmissionError(f"{path}:{line_no}: {HEADER[j + 1]} is {x!r}, expected a finite number")
+            n += 1
+    full = (1 << N_ROWS) - 1
+    for oid, mask in rows_of.items():
+        if mask != full:
+            missing = [r for r in range(N_ROWS) if not mask >> r & 1]
+            raise SubmissionError(f"{path}: oid {oid!r} lacks rows {missing[:10]}{'...' if len(missing) > 10 else ''}")
+    if test_oids is not None:
+        want = set(test_oids)
+        missing = want - rows_of.keys()
+        extra = rows_of.keys() - want
+        if missing:
+            raise SubmissionError(f"{path}: {len(missing)} test oids missing, e.g. {sorted(missing)[:3]}")
+        if extra:
+            raise SubmissionError(f"{path}: {len(extra)} oids not in the test set, e.g. {sorted(extra)[:3]}")
+    if not rows_of:
+        raise SubmissionError(f"{path}: no rows")
+    return {"oids": len(rows_of), "rows": n}
+
+
+def score_submission(path: os.PathLike, truth: Dict[str, np.ndarray]) -> float:
+    """The competition's MAE (odd columns) of a submission against true maps (m/s)."""
+    total, count = 0.0, 0
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        next(reader)
+        for row in reader:
+            m = _OID_YPOS.match(row[0])
+            oid, r = m.group(1), int(m.group(2))
+            if oid not in truth:
+                raise SubmissionError(f"{path}: oid {oid!r} has no true velocity")
+            t = np.asarray(truth[oid]).reshape(70, 70)[r, ODD_COLUMNS]
+            total += float(np.abs(np.asarray(row[1:], dtype=np.float64) - t).sum())
+            count += len(ODD_COLUMNS)
+    if count == 0:
+        raise SubmissionError(f"{path}: no rows to score")
+    return total / count
+
+
+def load_solution(path: os.PathLike) -> Dict[str, np.ndarray]:
+    """True test velocities saved by ``tools.synth`` (``test_solution.npz``) as oid -> (70,70)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SubmissionError(f"{path}: no solution file (tools.synth writes test_solution.npz)")
+    d = np.load(path, allow_pickle=False)
+    if "oids" not in d or "velocity" not in d:
+        raise SubmissionError(f"{path}: expected arrays 'oids' and 'velocity'")
+    return {str(o): v.reshape(70, 70) for o, v in zip(d["oids"], d["velocity"])}

@@ -1,0 +1,170 @@
+"""Figures for predictions, seismic gathers and training curves.
+
+Every function returns a ``matplotlib.figure.Figure`` built without pyplot's global state
+(no window, no ``show``), so it works on headless machines with any backend; save it with
+``fig.savefig(path)`` or let a notebook display it. matplotlib is imported lazily: the
+rest of fwi_core does not need it.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+__all__ = ["plot_predictions", "plot_seismic", "plot_curves"]
+
+
+def _figure(**kwargs):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # pragma: no cover - matplotlib is in the dev extras
+        raise ImportError("fwi_core.plotting needs matplotlib: pip install matplotlib") from exc
+    return Figure(**kwargs)
+
+
+def _maps(x, name: str) -> np.ndarray:
+    """Tensor/array of (B,1,H,W), (B,H,W) or (H,W) -> numpy (B,H,W)."""
+    if x is None:
+        return None
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim == 4 and a.shape[1] == 1:
+        a = a[:, 0]
+    elif a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3:
+        raise ValueError(f"{name}: expected (B,1,H,W), (B,H,W) or (H,W), got shape {a.shape}")
+    return a
+
+
+def plot_predictions(pred, truth, uncertainty=None, titles: Optional[Sequence[str]] = None,
+                     vmin: float = 1500.0, vmax: float = 4500.0, max_rows: int = 4):
+    """Prediction | truth | absolute error [| uncertainty], one row per sample.
+
+    Args:
+        pred, truth: velocity maps (B,1,H,W), (B,H,W) or (H,W), in the units of
+            ``vmin``/``vmax`` (m/s by default).
+        uncertainty: optional per-pixel standard deviation (same shape), shown in a
+            fourth column.
+        titles: optional per-row labels (e.g. sample ids or families).
+        max_rows: show at most this many samples.
+
+    Returns:
+        A ``matplotlib.figure.Figure``; each row's prediction title carries its MAE.
+    """
+    p, t = _maps(pred, "pred"), _maps(truth, "truth")
+    u = _maps(uncertainty, "uncertainty")
+    if p.shape != t.shape or (u is not None and u.shape != p.shape):
+        raise ValueError(f"plot_predictions: shapes differ: pred {p.shape}, truth {t.shape}"
+                         + ("" if u is None else f", uncertainty {u.shape}"))
+    rows = max(1, min(int(max_rows), p.shape[0]))
+    cols = 4 if u is not None else 3
+    fig = _figure(figsize=(3.4 * cols, 3.0 * rows), layout="constrained")
+    axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
+    err = np.abs(p - t)
+    emax = float(err[:rows].max()) or 1.0
+    for r in range(rows):
+        label = f"{titles[r]}: " if titles is not None and r < len(titles) else ""
+        panels = [(p[r], f"{label}prediction (MAE {err[r].mean():.1f})", "viridis", vmin, vmax),
+                  (t[r], "truth", "viridis", vmin, vmax),
+                  (err[r], "|error|", "magma", 0.0, emax)]
+        if u is not None:
+            panels.append((u[r], "uncertainty", "cividis", 0.0, float(u[:rows].max()) or 1.0))
+        for ax, (img, title, cmap, lo, hi) in zip(axes[r], panels):
+            im = ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi)
+            ax.set_title(title, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.colorbar(im, ax=ax, shrink=0.85)
+    return fig
+
+
+def plot_seismic(seis, clip_percentile: float = 99.0, title: Optional[str] = None):
+    """Shot gathers side by side (time down, receivers across), one panel per source.
+
+    Args:
+        seis: (S, T, R) or (1, S, T, R) array/tensor (e.g. (5, 1000, 70)).
+        clip_percentile: symmetric colour limit at this percentile of ``|seis|``.
+    """
+    if hasattr(seis, "detach"):
+        seis = seis.detach().cpu().numpy()
+    s = np.asarray(seis, dtype=np.float64)
+    if s.ndim == 4 and s.shape[0] == 1:
+        s = s[0]
+    if s.ndim == 2:
+        s = s[None]
+    if s.ndim != 3:
+        raise ValueError(f"plot_seismic: expected (S,T,R) or (1,S,T,R), got shape {s.shape}")
+    lim = float(np.percentile(np.abs(s), clip_percentile)) or 1.0
+    fig = _figure(figsize=(2.2 * s.shape[0] + 1.0, 5.0), layout="constrained")
+    axes = np.asarray(fig.subplots(1, s.shape[0], squeeze=False))[0]
+    for i, ax in enumerate(axes):
+        im = ax.imshow(s[i], cmap="seismic", vmin=-lim, vmax=lim, aspect="auto")
+        ax.set_title(f"source {i}", fontsize=9)
+        ax.set_xlabel("receiver")
+        if i == 0:
+            ax.set_ylabel("time sample")
+    fig.colorbar(im, ax=list(axes), shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _read_history(history) -> List[Dict[str, float]]:
+    if isinstance(history, (str, os.PathLike)):
+        with open(history, newline="") as f:
+            history = list(csv.DictReader(f))
+    rows = []
+    for rec in history:
+        row = {}
+        for k, v in dict(rec).items():
+            try:
+                row[k] = float(v)
+            except (TypeError, ValueError):
+                continue                          # skip text and empty cells
+        rows.append(row)
+    return rows
+
+
+def plot_curves(history: Union[str, os.PathLike, Sequence[dict]], x: str = "epoch",
+                keys: Optional[Sequence[str]] = None, logy_loss: bool = False):
+    """Loss and metric curves from a training history.
+
+    Args:
+        history: a list of dicts (one per epoch/step) or a CSV path with a header row.
+        x: the column for the horizontal axis (the record index when absent).
+        keys: the columns to plot (default: every numeric column but ``x``).
+        logy_loss: log scale for the loss panel.
+
+    Returns:
+        A figure with a "loss" panel (columns whose name contains "loss") and a
+        "metrics" panel (the others), or one panel when only one kind is present.
+    """
+    rows = _read_history(history)
+    if not rows:
+        raise ValueError("plot_curves: the history is empty")
+    names = list(keys) if keys is not None else \
+        [k for k in dict.fromkeys(k for r in rows for k in r) if k != x]
+    groups = [g for g in ([k for k in names if "loss" in k.lower()],
+                          [k for k in names if "loss" not in k.lower()]) if g]
+    if not groups:
+        raise ValueError("plot_curves: no numeric columns to plot")
+    fig = _figure(figsize=(5.5 * len(groups), 3.8), layout="constrained")
+    axes = np.asarray(fig.subplots(1, len(groups), squeeze=False))[0]
+    for ax, group in zip(axes, groups):
+        is_loss = "loss" in group[0].lower()
+        for k in group:
+            pts = [(r.get(x, i), r[k]) for i, r in enumerate(rows) if k in r]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="." if len(pts) < 30 else None, label=k)
+        ax.set_xlabel(x)
+        ax.set_title("loss" if is_loss else "metrics")
+        if is_loss and logy_loss:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
