@@ -1,0 +1,131 @@
+"""Registry-wide model tests, parametrised over ``list_models()``: a model is tested the
+moment it is registered. Models are built tiny (``TINY``) to keep each test fast on CPU."""
+import fnmatch
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fwi_core.models import (UnknownModelError, count_parameters, create_model,
+                             enable_mc_dropout, is_model, list_models)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Factory kwargs that make a registered model tiny; first matching pattern wins.
+TINY = {
+    "inversionnet*": dict(width=0.125),
+    "specproj_unet*": dict(width=4),
+    "convnext_unet*": dict(backbone_kwargs=dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1)),
+                           decoder_channels=(16, 8, 8)),
+    "caformer_unet*": dict(backbone_kwargs=dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)),
+                           decoder_channels=(16, 8, 8)),
+    "invertible_unet*": dict(width=4, latent_channels=4, hidden=8, blocks_per_level=1),
+}
+EXPECTED = {"inversionnet", "inversionnet_small", "specproj_unet", "convnext_unet",
+            "caformer_unet", "invertible_unet"}
+
+
+def tiny(name, **overrides):
+    kwargs = next((dict(kw) for pat, kw in TINY.items() if fnmatch.fnmatch(name, pat)), {})
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return create_model(name, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """A fixed synthetic batch: random seismic and a layered, laterally curved target."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 1000, 70, generator=g).clamp(-3, 3) / 3
+    z = torch.linspace(-0.8, 0.6, 70).view(1, 1, 70, 1)
+    bend = 0.1 * torch.sin(torch.linspace(0, 3.14, 70)).view(1, 1, 1, 70)
+    y = (z + bend * torch.tensor([1.0, -1.0]).view(2, 1, 1, 1)).clamp(-1, 1)
+    return x, y
+
+
+def test_expected_models_registered():
+    assert EXPECTED <= set(list_models())
+    assert all(is_model(n) for n in EXPECTED)
+    assert list_models("inversionnet*") == ["inversionnet", "inversionnet_small"]
+
+
+def test_unknown_model_raises():
+    with pytest.raises(UnknownModelError, match="no_such_model"):
+        create_model("no_such_model")
+    assert not is_model("no_such_model")
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_shape_range_and_backward(name, batch):
+    x, y = batch
+    model = tiny(name).train()
+    out = model(x)
+    assert out.shape == (2, 1, 70, 70)
+    assert torch.isfinite(out).all() and out.abs().max() <= 1
+    (out - y).abs().mean().backward()
+    grads = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n, g in grads if g is None]
+    assert not missing, f"parameters without gradient: {missing[:5]}"
+    assert all(torch.isfinite(g).all() for _, g in grads)
+    assert count_parameters(model) > 0
+    with torch.no_grad():
+        assert model.eval()(x[:1]).shape == (1, 1, 70, 70)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_rejects_bad_input_shape(name):
+    model = tiny(name).eval()
+    for bad in (torch.zeros(1, 5, 999, 70), torch.zeros(5, 1000, 70), torch.zeros(1, 4, 1000, 70)):
+        with pytest.raises(ValueError, match="1000"):
+            model(bad)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_loss_decreases(name, batch):
+    x, y = batch
+    model = tiny(name, drop_rate=0.0).train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = (model(x) - y).abs().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_mc_dropout(name, batch):
+    x = batch[0][:2]
+    model = tiny(name, drop_rate=0.5)
+    enable_mc_dropout(model)
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    assert dropouts and all(m.training for m in dropouts)
+    assert not any(m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        a, b = model(x), model(x)
+        assert not torch.allclose(a, b)
+        model.eval()
+        assert torch.equal(model(x), model(x))
+
+
+def test_package_imports_without_timm():
+    code = ("import sys; sys.modules['timm'] = None\n"
+            "import fwi_core.models as m\n"
+            "assert 'convnext_unet' in m.list_models()\n"
+            "m.create_model('inversionnet', width=0.125)\n"
+            "try:\n    m.create_model('convnext_unet')\n"
+            "except ImportError as e:\n    assert 'pip install timm' in str(e); print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_bench_table():
+    from tools.bench_models import run
+    table = run(quick=True, pattern="inversionnet_small")
+    assert "| inversionnet_small | 6,105,875 |" in table and table.count("\n| ") == 2
