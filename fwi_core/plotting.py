@@ -40,13 +40,14 @@ def _maps(x, name: str) -> np.ndarray:
     return a
 
 
-def plot_predictions(pred, truth, uncertainty=None, titles: Optional[Sequence[str]] = None,
+def plot_predictions(pred, truth=None, uncertainty=None, titles: Optional[Sequence[str]] = None,
                      vmin: float = 1500.0, vmax: float = 4500.0, max_rows: int = 4):
     """Prediction | truth | absolute error [| uncertainty], one row per sample.
 
     Args:
         pred, truth: velocity maps (B,1,H,W), (B,H,W) or (H,W), in the units of
-            ``vmin``/``vmax`` (m/s by default).
+            ``vmin``/``vmax`` (m/s by default). Without ``truth`` (test data) only the
+            prediction (and uncertainty) columns are drawn.
         uncertainty: optional per-pixel standard deviation (same shape), shown in a
             fourth column.
         titles: optional per-row labels (e.g. sample ids or families).
@@ -57,20 +58,26 @@ def plot_predictions(pred, truth, uncertainty=None, titles: Optional[Sequence[st
     """
     p, t = _maps(pred, "pred"), _maps(truth, "truth")
     u = _maps(uncertainty, "uncertainty")
+    if t is None:
+        t = p
     if p.shape != t.shape or (u is not None and u.shape != p.shape):
         raise ValueError(f"plot_predictions: shapes differ: pred {p.shape}, truth {t.shape}"
                          + ("" if u is None else f", uncertainty {u.shape}"))
     rows = max(1, min(int(max_rows), p.shape[0]))
-    cols = 4 if u is not None else 3
+    has_truth = truth is not None
+    cols = (3 if has_truth else 1) + (u is not None)
     fig = _figure(figsize=(3.4 * cols, 3.0 * rows), layout="constrained")
     axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
     err = np.abs(p - t)
     emax = float(err[:rows].max()) or 1.0
     for r in range(rows):
         label = f"{titles[r]}: " if titles is not None and r < len(titles) else ""
-        panels = [(p[r], f"{label}prediction (MAE {err[r].mean():.1f})", "viridis", vmin, vmax),
-                  (t[r], "truth", "viridis", vmin, vmax),
-                  (err[r], "|error|", "magma", 0.0, emax)]
+        if has_truth:
+            panels = [(p[r], f"{label}prediction (MAE {err[r].mean():.1f})", "viridis", vmin, vmax),
+                      (t[r], "truth", "viridis", vmin, vmax),
+                      (err[r], "|error|", "magma", 0.0, emax)]
+        else:
+            panels = [(p[r], f"{label}prediction", "viridis", vmin, vmax)]
         if u is not None:
             panels.append((u[r], "uncertainty", "cividis", 0.0, float(u[:rows].max()) or 1.0))
         for ax, (img, title, cmap, lo, hi) in zip(axes[r], panels):

@@ -135,7 +135,7 @@ def _as_tensor(velocity: ArrayLike, device) -> tuple:
         raise ValueError(f"simulate: velocity of shape {shape} must be (B,1,H,W) or (B,H,W)")
     if shape[0] == 0 or v.shape[-1] < 5 or v.shape[-2] < 5:
         raise ValueError(f"simulate: velocity of shape {shape} is empty or smaller than 5x5")
-    t = torch.from_numpy(np.ascontiguousarray(v)) if is_numpy else v
+    t = torch.from_numpy(np.array(v, dtype=np.float32)) if is_numpy else v
     if t.is_complex() or not t.is_floating_point():
         if t.dtype in (torch.int16, torch.int32, torch.int64, torch.uint8):
             t = t.to(torch.float32)

@@ -1,0 +1,149 @@
+"""Inference: predict velocity maps (ensembles, flip TTA), score labelled data, and
+stream a whole test set into a submission CSV.
+
+Models map normalised seismic (B,5,1000,70) to normalised velocity (B,1,70,70); the
+functions here take care of normalisation, devices, batching and the m/s conversion.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .data.augment import hflip
+from .data.dataset import FWIDataset, TestDataset
+from .data.normalize import VEL_MAX, VEL_MIN, denormalize_velocity
+from .data.submission import SubmissionWriter
+from .utils import progress_bar
+
+Models = Union[torch.nn.Module, Sequence[torch.nn.Module]]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def find_checkpoints(dirs: Sequence[Union[str, os.PathLike]], pattern: str = "best*.pt") -> List[Path]:
+    """Checkpoint files matching ``pattern`` under ``dirs`` (recursively), sorted; raises
+    FileNotFoundError saying where it looked if there are none."""
+    found: List[Path] = []
+    for d in dirs:
+        d = Path(d)
+        if d.is_file():
+            found.append(d)
+        elif d.is_dir():
+            found.extend(sorted(p for p in d.rglob(pattern) if p.is_file()))
+    if not found:
+        raise FileNotFoundError(f"no checkpoints matching {pattern!r} under {', '.join(map(str, dirs))}; "
+                                "pass checkpoint paths explicitly or attach the training output")
+    return sorted(dict.fromkeys(found))
+
+
+def _as_list(models: Models) -> List[torch.nn.Module]:
+    return [models] if isinstance(models, torch.nn.Module) else list(models)
+
+
+@torch.no_grad()
+def predict_batch(models: Models, x: torch.Tensor, flip_tta: bool = False,
+                  weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """Normalised prediction (B,1,70,70) of an ensemble on a normalised batch.
+
+    Args:
+        models: one model or several (their outputs are averaged, weighted by ``weights``).
+        flip_tta: also predict the horizontally flipped input and average with the
+            un-flipped prediction of it (FACTS section 1).
+    """
+    ms = _as_list(models)
+    w = torch.as_tensor(weights if weights is not None else [1.0] * len(ms), dtype=torch.float32)
+    if len(w) != len(ms):
+        raise ValueError(f"predict_batch: {len(ms)} models but {len(w)} weights")
+    w = w / w.sum()
+    out = None
+    for m, wi in zip(ms, w.tolist()):
+        p = m(x)
+        if flip_tta:
+            p = 0.5 * (p + torch.flip(m(hflip(x)), (-1,)))  # un-flip the flipped prediction
+        out = p * wi if out is None else out + p * wi
+    return out
+
+
+def to_velocity(pred: torch.Tensor) -> torch.Tensor:
+    """Normalised prediction -> m/s, clipped to the competition's range."""
+    return denormalize_velocity(pred.float()).clamp_(VEL_MIN, VEL_MAX)
+
+
+def predict_test_set(models: Models, root: Union[str, os.PathLike], out_csv: Union[str, os.PathLike],
+                     batch_size: int = 16, device: Optional[torch.device] = None, flip_tta: bool = True,
+                     num_workers: int = 0, limit: Optional[int] = None, progress: bool = True,
+                     weights: Optional[Sequence[float]] = None) -> Path:
+    """Predict every ``test/<oid>.npy`` under ``root`` and write ``out_csv`` (streamed,
+    atomic). Returns the CSV path."""
+    device = device or default_device()
+    ms = [m.to(device).eval() for m in _as_list(models)]
+    ds = TestDataset(root)
+    if limit is not None:
+        ds.files = ds.files[:limit]
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    bar = progress_bar(total=len(ds), desc="predict test", unit="file", disable=not progress)
+    with SubmissionWriter(out_csv) as writer:
+        for x, oids in loader:
+            v = to_velocity(predict_batch(ms, x.to(device, non_blocking=True), flip_tta, weights))
+            writer.write_batch(list(oids), v.cpu().numpy())
+            bar.update(len(oids))
+    bar.close()
+    return Path(out_csv)
+
+
+@torch.no_grad()
+def predict_dataset(models: Models, dataset: FWIDataset, batch_size: int = 16,
+                    device: Optional[torch.device] = None, flip_tta: bool = False,
+                    num_workers: int = 0, progress: bool = True) -> Dict[str, np.ndarray]:
+    """Predictions (m/s) for a labelled dataset: dict with ``pred``, ``true`` (B,1,70,70)
+    float32 and ``family`` (B,) str."""
+    device = device or default_device()
+    ms = [m.to(device).eval() for m in _as_list(models)]
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    preds, trues, fams = [], [], []
+    bar = progress_bar(total=len(dataset), desc="predict", unit="sample", disable=not progress)
+    for x, y, fam in loader:
+        preds.append(to_velocity(predict_batch(ms, x.to(device), flip_tta)).cpu().numpy())
+        trues.append(denormalize_velocity(y.float()).numpy())
+        fams.extend(fam)
+        bar.update(len(fam))
+    bar.close()
+    return {"pred": np.concatenate(preds), "true": np.concatenate(trues), "family": np.array(fams)}
+
+
+def score_predictions(pred: np.ndarray, true: np.ndarray, families: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """Metrics per family (and 'all') of m/s predictions: MAE, the competition's MAE
+    (odd columns), RMSE, SSIM (data range 3000 m/s) and boundary IoU."""
+    from . import metrics
+
+    per_sample = {
+        "mae": metrics.mae(pred, true),
+        "competition_mae": metrics.competition_mae(pred, true),
+        "rmse": metrics.rmse(pred, true),
+        "ssim": metrics.ssim(pred, true, data_range=VEL_MAX - VEL_MIN),
+        "boundary_iou": metrics.boundary_iou(pred, true),
+    }
+    table: Dict[str, Dict[str, float]] = {}
+    for name, vals in per_sample.items():
+        for fam, v in metrics.per_family(vals, list(families)).items():
+            table.setdefault(fam, {})[name] = float(v)
+    return table
+
+
+def format_table(table: Dict[str, Dict[str, float]]) -> str:
+    """A plain-text table of :func:`score_predictions` output ('all' last)."""
+    fams = sorted(k for k in table if k != "all") + (["all"] if "all" in table else [])
+    cols = list(next(iter(table.values())).keys()) if table else []
+    head = f"{'family':<14}" + "".join(f"{c:>17}" for c in cols)
+    lines = [head, "-" * len(head)]
+    for f in fams:
+        lines.append(f"{f:<14}" + "".join(f"{table[f][c]:>17.4f}" for c in cols))
+    return "\n".join(lines)

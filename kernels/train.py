@@ -1,0 +1,77 @@
+# %% [markdown]
+# # FWI: train a velocity-inversion model
+#
+# Trains a model from the `fwi_core` zoo on the competition's `train_samples/` with the
+# toolkit's engine (AMP, EMA, family-stratified folds, time budget, checkpoints), then
+# shows the loss curves, validation metrics per geological family and a few predictions
+# against the truth. The best checkpoint lands in `output_dir` for the `infer` kernel.
+
+# %% tags=["parameters"]
+data_root = None  # None: find the competition data (Kaggle mounts, $FWI_DATA)
+output_dir = "."  # where checkpoints, logs and plots go (/kaggle/working on Kaggle)
+model_name = "inversionnet_small"
+model_kwargs = {}
+epochs = 10
+batch_size = 16
+lr = 1e-3
+amp = "auto"  # auto | off | bf16 | fp16
+folds = 5
+fold = 0
+time_budget = None  # seconds of training; None: the platform's default
+seed = 0
+max_train_samples = None
+max_val_samples = None
+flip_prob = 0.5
+num_workers = 2
+show_samples = 4
+
+# %%
+from pathlib import Path
+
+import numpy as np
+
+from fwi_core.data import FWIDataset, find_competition_root, index_train
+from fwi_core.inference import format_table, predict_dataset, score_predictions
+from fwi_core.plotting import plot_curves, plot_predictions
+from fwi_core.train import TrainConfig, detect_platform, load_model, train
+
+root = find_competition_root(data_root)
+out = Path(output_dir)
+out.mkdir(parents=True, exist_ok=True)
+print("platform:", detect_platform(), "| data:", root, "| output:", out.resolve())
+
+# %%
+cfg = TrainConfig(
+    data=str(root), out=str(out), model=model_name, model_kwargs=dict(model_kwargs), epochs=epochs,
+    batch_size=batch_size, lr=lr, amp=amp, folds=folds, fold=fold, time_budget=time_budget, seed=seed,
+    max_train_samples=max_train_samples, max_val_samples=max_val_samples, flip_prob=flip_prob,
+    num_workers=num_workers,
+)
+result = train(cfg)
+print("stopped:", result["stopped_reason"], "| best validation MAE:", round(result["best_val_mae"], 2), "m/s")
+print("best checkpoint:", result["best_checkpoint"])
+
+# %% [markdown]
+# ## Curves
+
+# %%
+fig = plot_curves(result["history"])
+fig.savefig(out / "curves.png", dpi=80)
+fig
+
+# %% [markdown]
+# ## Validation: metrics per family and a few predictions
+
+# %%
+model = load_model(result["best_checkpoint"])
+val = FWIDataset(index_train(root), indices=result["val_indices"])
+if max_val_samples:
+    val = val.subset(range(min(len(val), max_val_samples)))
+res = predict_dataset(model, val, batch_size=batch_size)
+print(format_table(score_predictions(res["pred"], res["true"], res["family"])))
+
+# %%
+k = min(show_samples, len(res["pred"]))
+fig = plot_predictions(res["pred"][:k], res["true"][:k], titles=[str(f) for f in res["family"][:k]])
+fig.savefig(out / "val_predictions.png", dpi=80)
+fig

@@ -1,0 +1,322 @@
+"""Build self-contained Kaggle notebooks from the jupytext kernels.
+
+    python -m tools.build [KERNEL ...] [--out build]
+
+For each ``kernels/<name>.py`` (jupytext percent format) this writes
+``build/<name>/<name>.ipynb`` and ``build/<name>/kernel-metadata.json`` (from
+``kernel-metadata/<name>.json``). The notebook carries the ``fwi_core`` modules that the
+kernel imports, directly or transitively (found by walking the import statements of the
+kernel and of each module, lazy imports included), as one readable ``%%writefile`` cell
+per module titled with its path. A bootstrap cell before them picks a fresh folder, puts it
+first on ``sys.path`` and drops any ``fwi_core`` already imported, so the inlined code
+takes precedence over an installed copy; relative imports, ``__file__``, module names and
+tracebacks work as in the repository.
+
+Builds are reproducible (byte-identical for identical inputs: stable cell ids, no
+timestamps). A build fails with :class:`BuildError` on an import of a missing fwi_core
+module or on invalid metadata.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Set
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "fwi_core"
+COMPETITION = "waveform-inversion"
+#: keys of kernel-metadata/<kernel>.json that are ours, not Kaggle's (stripped on build)
+TOOLKIT_KEY = "fwi_toolkit"
+
+
+class BuildError(Exception):
+    """A kernel or its metadata cannot be built into a valid notebook."""
+
+
+# --------------------------------------------------------------------------- imports
+def module_path(name: str, root: Path = ROOT) -> Optional[Path]:
+    """File of module ``fwi_core.a.b`` (module file or package __init__), or None."""
+    parts = name.split(".")
+    base = root.joinpath(*parts)
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return None
+
+
+def _imports_of(source: str, module: Optional[str], is_pkg: bool, where: str) -> Dict[str, bool]:
+    """fwi_core names that ``source`` imports anywhere (lazy imports included), mapped to
+    whether they must be modules: ``import a.b`` and ``from a.b import x`` need ``a.b``;
+    ``a.b.x`` is included only if it is a submodule (else ``x`` is an attribute)."""
+    try:
+        tree = ast.parse(source, filename=where)
+    except SyntaxError as e:
+        raise BuildError(f"{where}: syntax error at line {e.lineno}: {e.msg}") from e
+    found: Dict[str, bool] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name == PACKAGE or a.name.startswith(PACKAGE + "."):
+                    found[a.name] = True
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                if module is None:
+                    raise BuildError(f"{where}: relative import outside the package")
+                pkg_parts = module.split(".") if is_pkg else module.split(".")[:-1]
+                if node.level - 1 > len(pkg_parts) - 1:
+                    raise BuildError(f"{where}: relative import beyond the top of {PACKAGE}")
+                base_parts = pkg_parts[: len(pkg_parts) - (node.level - 1)]
+                base = ".".join(base_parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+                if not (base == PACKAGE or base.startswith(PACKAGE + ".")):
+                    continue
+            found[base] = True
+            for a in node.names:
+                found.setdefault(f"{base}.{a.name}", False)
+    return found
+
+
+def resolve_modules(kernel_source: str, kernel_name: str, root: Path = ROOT) -> List[str]:
+    """Sorted names of every fwi_core module the kernel needs, parent packages included."""
+    todo = [(name, req, f"kernels/{kernel_name}.py")
+            for name, req in sorted(_imports_of(kernel_source, None, False, f"kernels/{kernel_name}.py").items())]
+    needed: Set[str] = set()
+    while todo:
+        name, required, where = todo.pop()
+        if name in needed:
+            continue
+        path = module_path(name, root)
+        if path is None:
+            if required:
+                raise BuildError(f"{where} imports {name!r}, which is not a module of {PACKAGE} "
+                                 f"(no {name.replace('.', '/')}.py or package)")
+            continue
+        needed.add(name)
+        parts = name.split(".")
+        for i in range(1, len(parts)):  # parent packages run first on import
+            todo.append((".".join(parts[:i]), True, where))
+        rel = str(path.relative_to(root))
+        for sub, req in sorted(_imports_of(path.read_text(), name, path.name == "__init__.py", rel).items()):
+            if sub not in needed:
+                todo.append((sub, req, rel))
+    return sorted(needed)
+
+
+# --------------------------------------------------------------------------- metadata
+def slugify(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+
+def load_metadata(kernel: str, root: Path = ROOT) -> dict:
+    """Validated Kaggle metadata for ``kernel`` (toolkit keys kept under TOOLKIT_KEY)."""
+    path = root / "kernel-metadata" / f"{kernel}.json"
+    if not path.is_file():
+        raise BuildError(f"{path}: missing metadata for kernel {kernel!r}")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BuildError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise BuildError(f"{path}: expected a JSON object")
+    errors = []
+    kid = meta.get("id", "")
+    m = re.fullmatch(r"([A-Za-z0-9_\-]+)/([a-z0-9\-]+)", kid) if isinstance(kid, str) else None
+    if not m:
+        errors.append(f"id must be 'user/slug' (lowercase slug), got {kid!r}")
+    title = meta.get("title", "")
+    if not isinstance(title, str) or len(title) < 5:
+        errors.append(f"title must have at least 5 characters, got {title!r}")
+    elif m and slugify(title) != m.group(2):
+        errors.append(f"title {title!r} slugifies to {slugify(title)!r}, which does not match the id's slug "
+                      f"{m.group(2)!r}")
+    if meta.get("code_file") != f"{kernel}.ipynb":
+        errors.append(f"code_file must be {kernel + '.ipynb'!r}, got {meta.get('code_file')!r}")
+    if meta.get("language", "python") != "python":
+        errors.append(f"language must be 'python', got {meta.get('language')!r}")
+    if meta.get("kernel_type", "notebook") != "notebook":
+        errors.append(f"kernel_type must be 'notebook' (the build makes notebooks), got {meta.get('kernel_type')!r}")
+    comps = meta.get("competition_sources", [])
+    if not isinstance(comps, list) or COMPETITION not in comps:
+        errors.append(f"competition_sources must include {COMPETITION!r}, got {comps!r}")
+    for key in ("dataset_sources", "kernel_sources", "model_sources"):
+        if not isinstance(meta.get(key, []), list):
+            errors.append(f"{key} must be a list")
+    for key in ("is_private", "enable_gpu", "enable_tpu", "enable_internet"):
+        if key in meta and not isinstance(meta[key], bool):
+            errors.append(f"{key} must be true or false, got {meta[key]!r}")
+    extra = meta.get(TOOLKIT_KEY, {})
+    if not isinstance(extra, dict):
+        errors.append(f"{TOOLKIT_KEY} must be an object")
+    elif extra.get("wheels") and not extra.get("wheels_dataset"):
+        errors.append(f"{TOOLKIT_KEY}.wheels needs {TOOLKIT_KEY}.wheels_dataset ('user/dataset-slug')")
+    if errors:
+        raise BuildError(f"{path}: invalid kernel metadata:\n  - " + "\n  - ".join(errors))
+    meta.setdefault("language", "python")
+    meta.setdefault("kernel_type", "notebook")
+    meta.setdefault("is_private", True)
+    meta.setdefault("enable_gpu", False)
+    meta.setdefault("enable_tpu", False)
+    meta.setdefault("enable_internet", False)  # the CLI's default is true; code competitions need false
+    for key in ("dataset_sources", "kernel_sources", "model_sources"):
+        meta.setdefault(key, [])
+    wheels_ds = extra.get("wheels_dataset") if isinstance(extra, dict) else None
+    if wheels_ds and wheels_ds not in meta["dataset_sources"]:
+        meta["dataset_sources"].append(wheels_ds)
+    return meta
+
+
+# --------------------------------------------------------------------------- notebook
+BOOTSTRAP = '''# fwi_core is inlined below, one cell per module. This cell makes the inlined copy win
+# over any installed fwi_core: a fresh folder first on sys.path, old modules dropped.
+import os, sys, tempfile
+_FWI_VENDOR = tempfile.mkdtemp(prefix="fwi_core_")
+for _d in {dirs!r}:
+    os.makedirs(os.path.join(_FWI_VENDOR, _d), exist_ok=True)
+sys.path.insert(0, _FWI_VENDOR)
+for _m in [m for m in sys.modules if m == "fwi_core" or m.startswith("fwi_core.")]:
+    del sys.modules[_m]
+print("fwi_core {version} ({digest}) inlined into", _FWI_VENDOR)'''
+
+WHEELS = '''# Packages that Kaggle's image lacks, installed offline from the attached dataset
+# {dataset!r} (see README: "Packages Kaggle lacks").
+import glob, subprocess, sys
+_wheel_dirs = sorted(glob.glob("/kaggle/input/**/{slug}", recursive=True)) or sorted(glob.glob("/kaggle/input/{slug}*"))
+if _wheel_dirs:
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", _wheel_dirs[0],
+                    {packages}], check=True)
+else:
+    print("wheels dataset {dataset} not attached; using the packages the image has")'''
+
+
+def _cell_id(kernel: str, key: str) -> str:
+    return hashlib.sha1(f"{kernel}:{key}".encode()).hexdigest()[:12]
+
+
+def content_hash(modules: Iterable[str], root: Path = ROOT) -> str:
+    h = hashlib.sha256()
+    for name in sorted(modules):
+        h.update(name.encode() + b"\0" + module_path(name, root).read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
+def build_notebook(kernel: str, root: Path = ROOT):
+    """(notebook, metadata, module names) for ``kernels/<kernel>.py``."""
+    import jupytext
+    import nbformat
+
+    src_path = root / "kernels" / f"{kernel}.py"
+    if not src_path.is_file():
+        raise BuildError(f"{src_path}: no such kernel")
+    meta = load_metadata(kernel, root)
+    text = src_path.read_text()
+    nb = jupytext.reads(text, fmt="py:percent")
+    tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(tagged) != 1:
+        raise BuildError(f"{src_path}: needs exactly one cell tagged 'parameters' (found {len(tagged)})")
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    modules = resolve_modules(_strip_magics(code), kernel, root)
+    version = _version(root)
+    digest = content_hash(modules, root)
+
+    def md(key, source):
+        return nbformat.v4.new_markdown_cell(source, id=_cell_id(kernel, key))
+
+    def cc(key, source, tags=None):
+        c = nbformat.v4.new_code_cell(source, id=_cell_id(kernel, key))
+        if tags:
+            c.metadata["tags"] = tags
+        return c
+
+    cells = []
+    title = meta["title"]
+    doc = (f"# {title}\n\nBuilt by `python -m tools.build` from `kernels/{kernel}.py` of the fwi-kaggle-toolkit "
+           f"repository; do not edit this notebook, edit the kernel and rebuild.\n\n"
+           f"- fwi_core version **{version}**, content hash `{digest}` over {len(modules)} inlined modules\n"
+           f"- parameters: the cell tagged `parameters` (papermill and Kaggle can override it)\n")
+    cells.append(md("about", doc))
+    extra = meta.get(TOOLKIT_KEY, {})
+    if extra.get("wheels"):
+        ds = extra["wheels_dataset"]
+        cells.append(cc("wheels", WHEELS.format(dataset=ds, slug=ds.split("/")[-1],
+                                                packages=", ".join(repr(p) for p in extra["wheels"]))))
+    rels = [module_path(name, root).relative_to(root).as_posix() for name in modules]
+    dirs = sorted({r.rsplit("/", 1)[0] for r in rels})
+    cells.append(cc("bootstrap", BOOTSTRAP.format(version=version, digest=digest, dirs=dirs)))
+    for name, rel in zip(modules, rels):
+        body = module_path(name, root).read_text() or "# (empty module)\n"  # %%writefile needs a body
+        cells.append(cc("mod:" + name, f"%%writefile {{_FWI_VENDOR}}/{rel}\n" + body))
+    cells.append(cc("import-check", "import importlib\nimportlib.invalidate_caches()  # see the files written above\n"
+                    "import fwi_core\nassert fwi_core.__file__.startswith(_FWI_VENDOR), fwi_core.__file__"))
+    for i, c in enumerate(nb.cells):
+        c = copy.deepcopy(c)
+        c["id"] = _cell_id(kernel, f"kernel:{i}")
+        c.metadata.pop("lines_to_next_cell", None)
+        if c.cell_type == "code":
+            c.outputs = []
+            c.execution_count = None
+        cells.append(c)
+    out = nbformat.v4.new_notebook(cells=cells)
+    out.nbformat_minor = 5
+    out.metadata = {
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+        "fwi_toolkit": {"kernel": kernel, "fwi_core_version": version, "content_hash": digest,
+                        "modules": modules},
+    }
+    nbformat.validate(out)
+    kaggle_meta = {k: v for k, v in meta.items() if k != TOOLKIT_KEY}
+    return out, kaggle_meta, modules
+
+
+def _strip_magics(code: str) -> str:
+    return "\n".join(line for line in code.splitlines() if not line.lstrip().startswith(("%", "!")))
+
+
+def _version(root: Path) -> str:
+    m = re.search(r'__version__\s*=\s*"([^"]+)"', (root / PACKAGE / "__init__.py").read_text())
+    return m.group(1) if m else "unknown"
+
+
+def build(kernels: Optional[List[str]] = None, out: Path = ROOT / "build", root: Path = ROOT) -> List[Path]:
+    """Build the given kernels (default: every ``kernels/*.py``); returns notebook paths."""
+    import nbformat
+
+    from fwi_core.utils import atomic_write_text
+
+    names = kernels or sorted(p.stem for p in (root / "kernels").glob("*.py"))
+    if not names:
+        raise BuildError(f"{root / 'kernels'}: no kernels to build")
+    written = []
+    for k in names:
+        nb, meta, modules = build_notebook(k, root)
+        d = Path(out) / k
+        atomic_write_text(d / f"{k}.ipynb", nbformat.writes(nb) + "\n")
+        atomic_write_text(d / "kernel-metadata.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        written.append(d / f"{k}.ipynb")
+        print(f"built {d / (k + '.ipynb')} ({len(modules)} fwi_core modules, {len(nb.cells)} cells)")
+    return written
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.build", description="Build self-contained notebooks.")
+    ap.add_argument("kernels", nargs="*", help="kernel names (default: all in kernels/)")
+    ap.add_argument("--out", type=Path, default=ROOT / "build")
+    a = ap.parse_args(argv)
+    try:
+        build(a.kernels or None, a.out)
+    except BuildError as e:
+        print(f"build failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
