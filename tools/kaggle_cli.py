@@ -72,11 +72,13 @@ def run_cli(args: List[str]) -> int:
     return subprocess.call(cmd)
 
 
-def push(kernel: str, build_dir: Path = ROOT / "build", accelerator: Optional[str] = None) -> int:
+def push(kernel: str, build_dir: Path = ROOT / "build", accelerator: Optional[str] = None,
+         root: Path = ROOT) -> int:
+    """Build ``kernel`` from ``root`` into ``build_dir`` and push it; returns the CLI's exit code."""
     from tools.build import build
 
     _require_credentials()
-    build([kernel], build_dir)
+    build([kernel], build_dir, root)
     args = ["kernels", "push", "-p", str(build_dir / kernel)]
     if accelerator:
         args += ["--accelerator", accelerator]

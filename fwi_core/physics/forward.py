@@ -316,6 +316,12 @@ def _propagate(vel: torch.Tensor, geom: "Geometry", samples_per_chunk: int, prog
     return out
 
 
+def denormals_flushed() -> bool:
+    """Whether the CPU currently flushes denormal floats to zero (torch has no getter:
+    a denormal times one is zero exactly when flushing is on)."""
+    return float(torch.tensor([1e-39], dtype=torch.float32) * 1.0) == 0.0
+
+
 def simulate(
     velocity: ArrayLike,
     *,
@@ -333,6 +339,7 @@ def simulate(
     vmin: float = 300.0,
     vmax: float = 10000.0,
     backend: Backend = "auto",
+    flush_denormal: bool = True,
     progress: bool = False,
 ) -> ArrayLike:
     """Simulate shot gathers for a batch of velocity maps with the host's scheme.
@@ -354,6 +361,10 @@ def simulate(
             ``"eager"`` uses in-place PyTorch ops, ``"auto"`` compiles for jobs of at least
             ``AUTO_COMPILE_MIN_SHOT_STEPS`` shot-steps (where the compile time pays off)
             and falls back to eager if compiling fails.
+        flush_denormal: on CPU, flush denormal floats to zero while simulating. The
+            stencil spreads values of 1e-38 and below ahead of the wavefront, and denormal
+            arithmetic is slow on x86: flushing makes the simulation about 25% faster and
+            changes traces by less than 1e-30. The previous mode is restored afterwards.
         progress: show a progress bar.
 
     Returns:
@@ -384,8 +395,16 @@ def simulate(
         raise ValueError(f"simulate: backend must be 'auto', 'compile' or 'eager', got {backend!r}")
     if backend == "auto" and v.shape[0] * len(geom.source_columns) * geom.nt < AUTO_COMPILE_MIN_SHOT_STEPS:
         backend = "eager"
-    with torch.no_grad():
-        out = _propagate(v, geom, int(batch_chunk), progress, backend)
+    restore = None
+    if flush_denormal and device.type == "cpu":
+        restore = denormals_flushed()
+        torch.set_flush_denormal(True)
+    try:
+        with torch.no_grad():
+            out = _propagate(v, geom, int(batch_chunk), progress, backend)
+    finally:
+        if restore is not None:
+            torch.set_flush_denormal(restore)
     return out.cpu().numpy() if is_numpy else out
 
 

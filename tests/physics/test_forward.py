@@ -107,3 +107,14 @@ def test_cfl_limit_value():
     assert abs(CFL_LIMIT * 10 / 1e-3 - 6123.7) < 0.1
     with pytest.raises(ValueError, match="source_columns"):
         simulate(np.full((1, 70, 70), 2000.0, np.float32), nt=5, source_columns=[80])
+
+
+def test_flush_denormal_is_scoped_and_harmless(reference):
+    from fwi_core.physics.forward import denormals_flushed
+
+    v = reference["velocity"][:1]
+    assert not denormals_flushed()
+    a = simulate(v, nt=200, backend="eager", flush_denormal=True)
+    assert not denormals_flushed()  # restored
+    b = simulate(v, nt=200, backend="eager", flush_denormal=False)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-20)
