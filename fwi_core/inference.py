@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -25,6 +25,35 @@ Models = Union[torch.nn.Module, Sequence[torch.nn.Module]]
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+CRF_CONFIG_FILE = "crf.json"
+
+
+def save_crf_config(config: dict, folder: Union[str, os.PathLike]) -> Path:
+    """Write a tuned :class:`~fwi_core.crf.ContinuousCRF` configuration beside checkpoints."""
+    import json
+
+    from .utils import atomic_write_text
+
+    path = Path(folder) / CRF_CONFIG_FILE
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True))
+    return path
+
+
+def load_crf(checkpoint_dirs: Sequence[Union[str, os.PathLike]]):
+    """The CRF saved by :func:`save_crf_config` in the first of ``checkpoint_dirs`` that
+    holds one (a checkpoint file means its folder), or None."""
+    import json
+
+    from .crf import ContinuousCRF
+
+    for d in checkpoint_dirs:
+        d = Path(d)
+        f = (d.parent if d.is_file() else d) / CRF_CONFIG_FILE
+        if f.is_file():
+            return ContinuousCRF(**json.loads(f.read_text()))
+    return None
 
 
 def find_checkpoints(dirs: Sequence[Union[str, os.PathLike]], pattern: str = "best*.pt") -> List[Path]:
@@ -79,9 +108,11 @@ def to_velocity(pred: torch.Tensor) -> torch.Tensor:
 def predict_test_set(models: Models, root: Union[str, os.PathLike], out_csv: Union[str, os.PathLike],
                      batch_size: int = 16, device: Optional[torch.device] = None, flip_tta: bool = True,
                      num_workers: int = 0, limit: Optional[int] = None, progress: bool = True,
-                     weights: Optional[Sequence[float]] = None) -> Path:
+                     weights: Optional[Sequence[float]] = None,
+                     postprocess: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Path:
     """Predict every ``test/<oid>.npy`` under ``root`` and write ``out_csv`` (streamed,
-    atomic). Returns the CSV path."""
+    atomic). ``postprocess`` (e.g. a :class:`~fwi_core.crf.ContinuousCRF`) maps each batch
+    of (B,1,70,70) m/s predictions before writing. Returns the CSV path."""
     device = device or default_device()
     ms = [m.to(device).eval() for m in _as_list(models)]
     ds = TestDataset(root)
@@ -93,6 +124,9 @@ def predict_test_set(models: Models, root: Union[str, os.PathLike], out_csv: Uni
     with SubmissionWriter(out_csv) as writer:
         for x, oids in loader:
             v = to_velocity(predict_batch(ms, x.to(device, non_blocking=True), flip_tta, weights))
+            if postprocess is not None:
+                with torch.no_grad():
+                    v = postprocess(v).clamp_(VEL_MIN, VEL_MAX)
             writer.write_batch(list(oids), v.cpu().numpy())
             bar.update(len(oids))
     bar.close()

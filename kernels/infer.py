@@ -14,6 +14,7 @@ checkpoint_dirs = [".", "/kaggle/input"]
 output_dir = "."
 batch_size = 16
 flip_tta = True
+use_crf = True  # apply the CRF tuned by the train kernel (crf.json beside the checkpoint), if any
 limit = None  # predict only the first N test files (quick checks)
 num_workers = 2
 show_samples = 4
@@ -25,7 +26,7 @@ import numpy as np
 
 from fwi_core.data import find_competition_root, list_test, load_solution, load_test_sample, validate_submission
 from fwi_core.data import score_submission
-from fwi_core.inference import find_checkpoints, predict_batch, predict_test_set, to_velocity
+from fwi_core.inference import find_checkpoints, load_crf, predict_batch, predict_test_set, to_velocity
 from fwi_core.plotting import plot_predictions
 from fwi_core.train import load_model
 
@@ -36,10 +37,12 @@ paths = [Path(p) for p in checkpoints] or find_checkpoints(checkpoint_dirs)
 print("data:", root)
 print("checkpoints:", *paths, sep="\n  ")
 models = [load_model(p) for p in paths]
+crf = load_crf(paths) if use_crf else None
+print("CRF post-processing:", crf if crf is not None else "off")
 
 # %%
 csv = predict_test_set(models, root, out / "submission.csv", batch_size=batch_size, flip_tta=flip_tta,
-                       num_workers=num_workers, limit=limit)
+                       num_workers=num_workers, limit=limit, postprocess=crf)
 test_oids = [oid for oid, _ in list_test(root)][:limit]
 print("validated:", validate_submission(csv, test_oids), "->", csv)
 
@@ -58,7 +61,11 @@ from fwi_core.data import normalize_seismic
 
 files = list_test(root)[:show_samples]
 x = torch.from_numpy(np.stack([normalize_seismic(load_test_sample(p)) for _, p in files])).float()
-pred = to_velocity(predict_batch([m.cpu().eval() for m in models], x, flip_tta)).numpy()
+pred = to_velocity(predict_batch([m.cpu().eval() for m in models], x, flip_tta))
+if crf is not None:
+    with torch.no_grad():
+        pred = crf(pred)
+pred = pred.numpy()
 truth = None
 if solution.is_file():
     sol = load_solution(solution)

@@ -75,3 +75,19 @@ k = min(show_samples, len(res["pred"]))
 fig = plot_predictions(res["pred"][:k], res["true"][:k], titles=[str(f) for f in res["family"][:k]])
 fig.savefig(out / "val_predictions.png", dpi=80)
 fig
+
+# %% [markdown]
+# ## Continuous-CRF post-processing, tuned on the validation predictions
+#
+# The CRF smooths within layers but not across sharp contrasts; its configuration is kept
+# (as `crf.json` beside the checkpoint, for the `infer` kernel) only if it lowers the
+# validation MAE.
+
+# %%
+from fwi_core.crf import tune_crf
+from fwi_core.inference import save_crf_config
+
+tuned = tune_crf(res["pred"], res["true"])
+print(f"validation MAE: CNN {tuned['cnn_mae']:.2f} m/s, CNN + CRF {tuned['crf_mae']:.2f} m/s")
+if tuned["improved"]:
+    print("saved", save_crf_config(tuned["best_config"], Path(result["best_checkpoint"]).parent))

@@ -1,0 +1,87 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fwi_core.crf import ContinuousCRF
+from fwi_core.data import FWIDataset, index_train, list_test, validate_submission
+from fwi_core.inference import (find_checkpoints, format_table, load_crf, predict_batch, predict_dataset,
+                                predict_test_set, save_crf_config, score_predictions, to_velocity)
+
+from tests.data.conftest import fake_root  # noqa: F401  (fixture)
+
+
+class Tiny(torch.nn.Module):
+    """(B,5,1000,70) -> (B,1,70,70): per-receiver energy, then a column-asymmetric map."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(-1, 1, 70))
+
+    def forward(self, x):
+        e = x.abs().mean(dim=(1, 2))  # (B,70)
+        return torch.tanh(e[:, None, None, :] * self.w[None, None, :, None] + 0.1 * self.w)
+
+
+def test_flip_tta_averages_with_the_unflipped_flipped_prediction():
+    m = Tiny()
+    x = torch.randn(2, 5, 1000, 70)
+    p = predict_batch(m, x)
+    pf = predict_batch(m, x, flip_tta=True)
+    manual = 0.5 * (m(x) + torch.flip(m(torch.flip(x, (1, 3))), (-1,)))
+    torch.testing.assert_close(pf, manual)
+    assert not torch.allclose(p, pf)
+    # ensemble with weights = weighted mean
+    m2 = Tiny()
+    with torch.no_grad():
+        m2.w.mul_(-1)
+    torch.testing.assert_close(predict_batch([m, m2], x, weights=[3, 1]), 0.75 * m(x) + 0.25 * m2(x))
+    with pytest.raises(ValueError, match="2 models but 1 weights"):
+        predict_batch([m, m2], x, weights=[1])
+
+
+def test_to_velocity_clips_to_the_competition_range():
+    v = to_velocity(torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]))
+    torch.testing.assert_close(v, torch.tensor([1500.0, 1500.0, 3000.0, 4500.0, 4500.0]))
+
+
+def test_predict_test_set_writes_a_valid_submission_and_postprocesses(fake_root, tmp_path):
+    out = predict_test_set(Tiny(), fake_root, tmp_path / "sub.csv", batch_size=2, device=torch.device("cpu"),
+                           progress=False)
+    oids = [o for o, _ in list_test(fake_root)]
+    assert validate_submission(out, oids) == {"oids": 3, "rows": 210}
+    flat = predict_test_set(Tiny(), fake_root, tmp_path / "flat.csv", device=torch.device("cpu"), progress=False,
+                            postprocess=lambda v: torch.full_like(v, 2000.0))
+    rows = flat.read_text().splitlines()[1:]
+    assert all(set(r.split(",")[1:]) == {"2000.000"} for r in rows)
+
+
+def test_predict_dataset_and_score_table(fake_root):
+    ds = FWIDataset(index_train(fake_root))
+    res = predict_dataset(Tiny(), ds, batch_size=4, device=torch.device("cpu"), progress=False)
+    assert res["pred"].shape == (12, 1, 70, 70) and res["true"].shape == (12, 1, 70, 70)
+    assert res["pred"].min() >= 1500 and res["pred"].max() <= 4500
+    table = score_predictions(res["pred"], res["true"], res["family"])
+    assert set(table) == {"CurveFault_B", "FlatVel_A", "Style_A", "all"}
+    assert set(table["all"]) == {"mae", "competition_mae", "rmse", "ssim", "boundary_iou"}
+    exact = score_predictions(res["true"], res["true"], res["family"])["all"]
+    assert exact["mae"] == 0 and abs(exact["ssim"] - 1) < 1e-9
+    text = format_table(table)
+    assert text.splitlines()[-1].startswith("all")
+
+
+def test_crf_config_round_trip_and_checkpoint_discovery(tmp_path):
+    ck = tmp_path / "run" / "best.pt"
+    ck.parent.mkdir()
+    ck.write_bytes(b"x")
+    assert find_checkpoints([tmp_path]) == [ck]
+    with pytest.raises(FileNotFoundError, match="no checkpoints matching"):
+        find_checkpoints([tmp_path / "nothing"])
+    assert load_crf([ck]) is None
+    cfg = {"window": 3, "iterations": 4, "lambda_feature": 2.0, "temperature": 50.0}
+    save_crf_config(cfg, ck.parent)
+    crf = load_crf([ck])
+    assert isinstance(crf, ContinuousCRF) and json.loads((ck.parent / "crf.json").read_text()) == cfg
+    v = torch.full((1, 1, 70, 70), 2500.0)
+    torch.testing.assert_close(crf(v), v)
