@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fwi_core.data import FWIDataset, find_competition_root, index_train
-from fwi_core.inference import format_table, predict_dataset, score_predictions
+from fwi_core.data import find_competition_root
+from fwi_core.inference import format_table, score_predictions
 from fwi_core.plotting import plot_curves, plot_predictions
-from fwi_core.train import TrainConfig, detect_platform, load_model, train
+from fwi_core.train import TrainConfig, detect_platform, train
 
 root = find_competition_root(data_root)
 out = Path(output_dir)
@@ -63,11 +63,10 @@ fig
 # ## Validation: metrics per family and a few predictions
 
 # %%
-model = load_model(result["best_checkpoint"])
-val = FWIDataset(index_train(root), indices=result["val_indices"])
-if max_val_samples:
-    val = val.subset(range(min(len(val), max_val_samples)))
-res = predict_dataset(model, val, batch_size=batch_size)
+# out-of-fold predictions of the best weights (m/s), written by the engine
+oof = np.load(result["oof_path"])
+res = {"pred": oof["pred"], "true": oof["target"], "family": oof["family"]}
+print(f"{len(res['pred'])} validation samples, weights: {oof['source']}")
 print(format_table(score_predictions(res["pred"], res["true"], res["family"])))
 
 # %%

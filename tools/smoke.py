@@ -69,7 +69,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("=== build", flush=True)
     build_tool.build(["train", "infer"], ROOT / "build")
 
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # a fresh run folder (the engine refuses to train over old checkpoints)
+        import shutil
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     workdir = out / "workdir"  # outside any package folder: fwi_core is not importable here
     workdir.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -1,0 +1,172 @@
+"""``TrainConfig``: every training setting in one dataclass (JSON in, JSON out).
+
+A kernel's parameters cell, a ``--config`` JSON file and command-line flags all fill the
+same fields; :meth:`TrainConfig.from_dict` rejects unknown keys and :meth:`validate`
+checks names and ranges with messages that say what to change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from .errors import ConfigError
+
+AMP_MODES = ("off", "bf16", "fp16")
+SCHEDULES = ("constant", "cosine", "onecycle", "cosine_restarts")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+MONITORS = ("mae", "mae_raw", "mae_ema", "family_mae")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (one fold).
+
+    Data and output:
+        data: competition root (``train_samples/`` inside) or None for the platform's
+            default (the attached competition on Kaggle, ``FWI_DATA`` elsewhere).
+        out: run folder (checkpoints, ``log.csv``, ``curves.png``, out-of-fold npz);
+            None: ``<platform output>/<model>-fold<fold>``.
+        max_train_samples, max_val_samples: seeded random subsets (0: all).
+        num_workers: DataLoader worker processes.
+    Model:
+        model: a name from :func:`fwi_core.models.list_models`; model_kwargs: its arguments.
+        sync_bn: convert BatchNorm to SyncBatchNorm under DDP (GPU).
+    Optimisation:
+        epochs; batch_size: the *global* batch (split across DDP processes, so a config
+            trains the same on 1 or N GPUs); grad_accum: micro-batches per batch (doubles
+            on CUDA out-of-memory); optimizer (adamw|adam|sgd), lr, weight_decay;
+            amp (off|bf16|fp16); grad_clip (max gradient norm, 0: off).
+        schedule: constant|cosine|onecycle|cosine_restarts, stepped every optimizer step;
+            warmup_steps: linear warm-up (onecycle: its rising phase); min_lr: the floor of
+            the cosine schedules; restart_epochs: cycle length of cosine_restarts (a weight
+            snapshot is saved at each cycle end, for snapshot ensembles).
+        ema_decay: EMA of the weights (0: off), evaluated beside the raw weights.
+        boundary_weight: weight of the L1 penalty on spatial velocity gradients.
+        flip_prob: probability of the horizontal flip per training sample.
+        balance_families: draw every family equally often in each epoch.
+    Validation and stopping:
+        folds, fold: family-stratified k-fold split (folds < 2: train on everything,
+            no validation); monitor: mae|mae_raw|mae_ema|family_mae ("mae" is the better
+            of raw and EMA, "family_mae" the mean over families); patience (evaluations
+            without improvement before stopping, 0: never), min_delta;
+        time_budget: seconds from the call to ``train`` after which training stops cleanly
+            with a checkpoint (0: no limit; None: the platform's session limit, counted
+            from the start of the process, e.g. 11.5 h on Kaggle, none locally);
+        max_steps: stop (resumably) after this many optimizer steps (0: no limit).
+    Checkpoints:
+        keep_last: rolling full checkpoints to keep (``best.pt`` is kept apart);
+        checkpoint_every: also checkpoint every N optimizer steps (0: at epoch ends only);
+        resume: a checkpoint file, a run folder (its latest checkpoint), or "auto" (the
+            latest in ``out`` if any).
+    Misc:
+        seed; device ("auto": CUDA if present); log_every (steps between loss syncs and
+        progress-bar updates).
+    """
+
+    data: Optional[str] = None
+    out: Optional[str] = None
+    model: str = "inversionnet"
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 16
+    grad_accum: int = 1
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    amp: str = "off"
+    grad_clip: float = 1.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    restart_epochs: int = 1
+    ema_decay: float = 0.999
+    boundary_weight: float = 0.0
+    flip_prob: float = 0.0
+    balance_families: bool = False
+    folds: int = 5
+    fold: int = 0
+    monitor: str = "mae"
+    patience: int = 10
+    min_delta: float = 0.0
+    time_budget: Optional[float] = None
+    max_steps: int = 0
+    keep_last: int = 2
+    checkpoint_every: int = 0
+    resume: Optional[str] = None
+    seed: int = 0
+    max_train_samples: int = 0
+    max_val_samples: int = 0
+    num_workers: int = 2
+    device: str = "auto"
+    sync_bn: bool = False
+    log_every: int = 50
+
+    # ----------------------------------------------------------------- conversion
+    @classmethod
+    def field_names(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        """Build from a dict (e.g. JSON); unknown keys raise :class:`ConfigError`.
+        ``model_kwargs`` may be a dict or a JSON string."""
+        d = dict(d)
+        unknown = sorted(set(d) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig keys {unknown}; valid keys: {', '.join(cls.field_names())}")
+        if isinstance(d.get("model_kwargs"), str):
+            try:
+                d["model_kwargs"] = json.loads(d["model_kwargs"] or "{}")
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"model_kwargs is not valid JSON: {exc}") from exc
+        if d.get("model_kwargs") is None:
+            d["model_kwargs"] = {}
+        return cls(**d)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------- validation
+    def validate(self) -> "TrainConfig":
+        """Check names and ranges; returns ``self`` or raises :class:`ConfigError`."""
+        from fwi_core.models import is_model, list_models
+
+        def choice(name, value, options):
+            if value not in options:
+                raise ConfigError(f"{name}={value!r} is not one of {', '.join(options)}")
+
+        choice("amp", self.amp, AMP_MODES)
+        choice("schedule", self.schedule, SCHEDULES)
+        choice("optimizer", self.optimizer, OPTIMIZERS)
+        choice("monitor", self.monitor, MONITORS)
+        if not is_model(self.model):
+            raise ConfigError(f"unknown model {self.model!r}; registered models: {', '.join(list_models())}")
+        if not isinstance(self.model_kwargs, dict):
+            raise ConfigError(f"model_kwargs must be a dict (JSON object), got {type(self.model_kwargs).__name__}")
+        for name in ("epochs", "batch_size", "grad_accum", "restart_epochs", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "patience", "max_steps", "keep_last", "checkpoint_every",
+                     "max_train_samples", "max_val_samples", "num_workers", "folds"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.keep_last < 1:
+            raise ConfigError(f"keep_last must be >= 1 (the resumable checkpoint), got {self.keep_last}")
+        if self.lr < 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.min_lr < 0:
+            raise ConfigError("lr, weight_decay, grad_clip and min_lr must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1) (0 turns EMA off), got {self.ema_decay}")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ConfigError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
+        if self.boundary_weight < 0:
+            raise ConfigError(f"boundary_weight must be >= 0, got {self.boundary_weight}")
+        if self.folds >= 2 and not 0 <= self.fold < self.folds:
+            raise ConfigError(f"fold must be in 0..{self.folds - 1} for folds={self.folds}, got {self.fold}")
+        if self.time_budget is not None and self.time_budget < 0:
+            raise ConfigError(f"time_budget must be >= 0 seconds (0: no limit), got {self.time_budget}")
+        return self

@@ -1,0 +1,65 @@
+"""Per-run logs: ``log.csv`` (one row per evaluation) and ``curves.png``."""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+from fwi_core.utils import atomic_path
+
+log = logging.getLogger("fwi_core.train")
+
+FIRST_COLUMNS = ["epoch", "step", "lr", "train_loss", "val_mae", "val_mae_raw", "val_mae_ema",
+                 "family_mae"]
+
+
+class CSVLog:
+    """Appends history rows to a CSV; a resumed run keeps the existing header (columns
+    are fixed by the first row: the epoch columns, per-family columns, then time)."""
+
+    def __init__(self, path: os.PathLike):
+        self.path = Path(path)
+
+    def _header(self, row: Dict) -> List[str]:
+        if self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, newline="") as f:
+                first = next(csv.reader(f), None)
+            if first:
+                return first
+        rest = sorted(k for k in row if k not in FIRST_COLUMNS and k not in ("time", "partial"))
+        return [c for c in FIRST_COLUMNS if c in row] + rest + ["time", "partial"]
+
+    def append(self, row: Dict) -> None:
+        header = self._header(row)
+        new = not (self.path.is_file() and self.path.stat().st_size)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow({k: _fmt(v) for k, v in row.items()})
+
+
+def _fmt(v):
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def save_curves(history: Sequence[Dict], path: os.PathLike) -> bool:
+    """Plot train loss and validation MAE (raw, EMA) against the epoch into ``path``
+    with :func:`fwi_core.plotting.plot_curves`; False when matplotlib is missing or the
+    history holds nothing to plot."""
+    keys = [k for k in ("train_loss", "val_mae_raw", "val_mae_ema") if any(k in r for r in history)]
+    if not history or not keys:
+        return False
+    try:
+        from fwi_core.plotting import plot_curves
+
+        fig = plot_curves(list(history), x="epoch", keys=keys)
+    except ImportError:
+        log.info("matplotlib is not installed: no curves.png")
+        return False
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    return True

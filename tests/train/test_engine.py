@@ -1,0 +1,176 @@
+import csv
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from fwi_core.train import ConfigError, load_checkpoint, read_metadata, summarize, train
+from fwi_core.train import optim
+
+from .helpers import tiny_cfg
+
+
+def test_train_result_files_and_logs(tmp_path, data):
+    res = train(tiny_cfg(tmp_path, epochs=2), datasets=data)
+    out = tmp_path / "run"
+    assert res["stopped_reason"] == "completed" and res["step"] == 8 and res["epoch"] == 2
+    assert res["best_checkpoint"] == str(out / "best.pt")
+    assert res["last_checkpoint"] == str(out / "ckpt-00000008.pt")
+    assert {"config.json", "log.csv", "curves.png", "oof_fold0.npz"} <= {p.name for p in out.iterdir()}
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert [r["epoch"] for r in res["history"]] == [1.0, 2.0]
+    assert set(res["val_mae_per_family"]) == {"A", "B"}
+    assert res["best_val_mae"] == min(r["val_mae"] for r in res["history"])
+
+    with open(out / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    for col in ["epoch", "step", "lr", "train_loss", "val_mae_raw", "val_mae_ema", "mae_raw/A",
+                "mae_ema/B", "time"]:
+        assert col in rows[0]
+
+    oof = np.load(res["oof_path"])
+    assert oof["pred"].shape == (8, 6, 6) and oof["target"].shape == (8, 6, 6)
+    assert list(oof["indices"]) == list(range(8))
+    assert list(oof["family"]) == data[1].families()
+    assert 1500 <= oof["pred"].min() and oof["pred"].max() <= 4500
+    np.testing.assert_allclose(np.abs(oof["pred"] - oof["target"]).mean((1, 2)), oof["mae"], rtol=1e-5)
+    assert oof["mae"].mean() == pytest.approx(res["best_val_mae"], rel=1e-5)
+
+
+def test_metadata_records_run_and_per_family_choice(tmp_path, data):
+    res = train(tiny_cfg(tmp_path, epochs=1), datasets=data)
+    meta = read_metadata(res["best_checkpoint"])
+    assert meta["model"] == "tiny_fwi" and meta["platform"] == "local" and meta["epoch"] == 1
+    assert meta["fwi_core_version"] and meta["wall_time"] > 0 and meta["config"]["epochs"] == 1
+    m = meta["metrics"]
+    for fam, e in m["per_family"].items():
+        assert e["best"] == min(e["raw"], e["ema"])
+        assert e["source"] == ("ema" if e["ema"] < e["raw"] else "raw")
+        assert meta["family_best"][fam]["mae"] == e["best"]
+    assert m["source"] in ("raw", "ema") and m["mae"] == min(m["mae_raw"], m["mae_ema"])
+
+
+def test_summarize_picks_sources_per_family():
+    fams = ["A", "A", "B", "B"]
+    s = summarize(fams, {"raw": np.array([10., 20., 5., 5.]), "ema": np.array([12., 14., 9., 9.])})
+    assert s["per_family"]["A"] == {"raw": 15.0, "ema": 13.0, "best": 13.0, "source": "ema", "n": 2}
+    assert s["per_family"]["B"]["source"] == "raw" and s["per_family"]["B"]["best"] == 5.0
+    assert s["source"] == "raw" and s["mae"] == 10.0 and s["mae_ema"] == 11.0
+    assert s["family_mae"] == 9.0
+
+
+def test_early_stopping(tmp_path, data):
+    res = train(tiny_cfg(tmp_path, epochs=10, lr=0.0, patience=2, ema_decay=0.0), datasets=data)
+    assert res["stopped_reason"] == "early_stopping"
+    assert res["epoch"] == 3 and len(res["history"]) == 3
+
+
+def test_time_budget_stops_cleanly_and_resumably(tmp_path, data):
+    cfg = tiny_cfg(tmp_path, epochs=200, time_budget=4.0, model_kwargs={"delay": 0.02})
+    res = train(cfg, datasets=data)
+    assert res["stopped_reason"] == "time_budget"
+    assert res["wall_time"] < 4.0 and res["step"] < 200 * 4
+    meta = read_metadata(res["last_checkpoint"])
+    assert meta["stopped_reason"] == "time_budget" and meta["step"] == res["step"] > 0
+    assert "state" in load_checkpoint(res["last_checkpoint"])
+    assert res["history"][-1]["step"] == res["step"]          # evaluated before stopping
+
+
+def test_out_of_memory_halves_the_micro_batch(tmp_path, data, caplog):
+    cfg = tiny_cfg(tmp_path, epochs=1, batch_size=8, ema_decay=0.0, model_kwargs={"oom_above": 2})
+    with caplog.at_level(logging.WARNING, logger="fwi_core.train"):
+        res = train(cfg, datasets=data)
+    assert [e["micro_batch"] for e in res["oom_events"] if e["kind"] == "train"] == [4, 2]
+    assert [e["micro_batch"] for e in res["oom_events"] if e["kind"] == "eval"] == [8, 4, 2]
+    assert "out of memory at step 0: micro-batch 8 -> 4" in caplog.text
+    assert res["step"] == 2
+    ref = train(cfg.replace(out=str(tmp_path / "ref"), model_kwargs={}, grad_accum=1), datasets=data)
+    got, want = load_checkpoint(res["last_checkpoint"])["model"], load_checkpoint(ref["last_checkpoint"])["model"]
+    for k in want:   # same effective batch: the same update up to float rounding
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+def test_out_of_memory_at_micro_batch_one_raises(tmp_path, data):
+    from fwi_core.train import TrainError
+
+    with pytest.raises(TrainError, match="micro-batch of 1"):
+        train(tiny_cfg(tmp_path, epochs=1, batch_size=2, model_kwargs={"oom_above": 0.5}), datasets=data)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_on_cpu(tmp_path, data, amp):
+    res = train(tiny_cfg(tmp_path, epochs=1, amp=amp), datasets=data)
+    assert res["amp"] == amp and np.isfinite(res["best_val_mae"])
+    scaler = load_checkpoint(res["last_checkpoint"])["state"]["scaler"]
+    assert bool(scaler) == (amp == "fp16")          # GradScaler state only when enabled
+
+
+def test_amp_degrades_with_warning(tmp_path, data, monkeypatch, caplog):
+    monkeypatch.setattr(optim, "_autocast_works", lambda dev, dtype: dtype == torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="fwi_core.train"):
+        res = train(tiny_cfg(tmp_path, epochs=1, amp="fp16"), datasets=data)
+    assert res["amp"] == "bf16" and "using bf16 instead" in caplog.text
+
+
+def test_options_boundary_flip_balance_snapshots(tmp_path, data):
+    cfg = tiny_cfg(tmp_path, epochs=2, boundary_weight=0.5, flip_prob=0.5, balance_families=True,
+                   schedule="cosine_restarts", restart_epochs=1, optimizer="sgd", monitor="family_mae")
+    res = train(cfg, datasets=data)
+    out = tmp_path / "run"
+    assert (out / "snapshot-01.pt").is_file() and (out / "snapshot-02.pt").is_file()
+    assert read_metadata(out / "snapshot-02.pt")["step"] == res["step"]
+    assert np.isfinite(res["best_val_mae"])
+
+
+def test_no_validation_set(tmp_path, data):
+    res = train(tiny_cfg(tmp_path, epochs=2), datasets=(data[0], None))
+    assert res["oof_path"] is None and np.isnan(res["best_val_mae"])
+    best, last = load_checkpoint(res["best_checkpoint"]), load_checkpoint(res["last_checkpoint"])
+    for k in last["model"]:
+        torch.testing.assert_close(best["model"][k], last["model"][k])
+    assert "val_mae" not in res["history"][-1]
+
+
+def test_max_samples_subsets(tmp_path, data):
+    res = train(tiny_cfg(tmp_path, epochs=1, max_train_samples=8, max_val_samples=3), datasets=data)
+    assert res["step"] == 2
+    oof = np.load(res["oof_path"])
+    assert len(oof["indices"]) == 3 and len(set(oof["indices"].tolist())) == 3
+
+
+def test_config_errors(tmp_path, data):
+    with pytest.raises(ConfigError, match="no training data"):
+        train(tiny_cfg(tmp_path, data=None))
+    with pytest.raises(ConfigError, match="does not exist"):
+        train(tiny_cfg(tmp_path, data=str(tmp_path / "missing")))
+    with pytest.raises(ConfigError, match="exceeds the 16 training samples"):
+        train(tiny_cfg(tmp_path, batch_size=32), datasets=data)
+    with pytest.raises(ConfigError, match="needs EMA"):
+        train(tiny_cfg(tmp_path, ema_decay=0.0, monitor="mae_ema"), datasets=data)
+    train(tiny_cfg(tmp_path, epochs=1), datasets=data)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(tiny_cfg(tmp_path, epochs=1), datasets=data)
+
+
+def test_dict_config_and_data_path_with_family_folds(tmp_path):
+    from .helpers import write_layout
+
+    root = write_layout(tmp_path / "wi", per_family=2)
+    res = train({"data": str(root), "out": str(tmp_path / "run"), "model": "inversionnet",
+                 "model_kwargs": {"width": 0.0625}, "epochs": 1, "batch_size": 2, "folds": 2,
+                 "fold": 1, "num_workers": 0, "device": "cpu", "time_budget": 0, "ema_decay": 0.5})
+    oof = np.load(res["oof_path"])
+    assert res["oof_path"].endswith("oof_fold1.npz")
+    assert sorted(oof["family"].tolist()) == ["CurveFault_A", "FlatVel_A"]   # one of each family
+    assert oof["pred"].shape == (2, 70, 70)
+    assert set(oof["indices"].tolist()) <= {0, 1, 2, 3}
+
+
+def test_progress_bar_shows_budget_left(tmp_path, data, monkeypatch, capsys):
+    pytest.importorskip("tqdm")
+    monkeypatch.setenv("FWI_PROGRESS", "1")
+    train(tiny_cfg(tmp_path, epochs=1, time_budget=3600, log_every=1), datasets=data)
+    err = capsys.readouterr().err
+    assert "tiny_fwi fold 0" in err and "budget_left=00:59:" in err and "loss=" in err
