@@ -136,6 +136,10 @@ def _read_history(history) -> List[Dict[str, float]]:
     return rows
 
 
+#: columns of a training log that are bookkeeping, not curves
+_NOT_CURVES = {"step", "epoch", "lr", "time", "partial", "wall_time"}
+
+
 def plot_curves(history: Union[str, os.PathLike, Sequence[dict]], x: str = "epoch",
                 keys: Optional[Sequence[str]] = None, logy_loss: bool = False):
     """Loss and metric curves from a training history.
@@ -143,35 +147,75 @@ def plot_curves(history: Union[str, os.PathLike, Sequence[dict]], x: str = "epoc
     Args:
         history: a list of dicts (one per epoch/step) or a CSV path with a header row.
         x: the column for the horizontal axis (the record index when absent).
-        keys: the columns to plot (default: every numeric column but ``x``).
+        keys: the columns to plot (default: every numeric column but ``x`` and
+            bookkeeping columns such as step, lr, time).
         logy_loss: log scale for the loss panel.
 
     Returns:
-        A figure with a "loss" panel (columns whose name contains "loss") and a
-        "metrics" panel (the others), or one panel when only one kind is present.
+        A figure with up to three panels: "loss" (columns whose name contains "loss"),
+        "metrics" (the other overall columns) and "per family" (columns named
+        ``metric/Family``, e.g. the engine's ``mae_raw/FlatVel_A``; when both raw and EMA
+        are logged, the EMA ones are drawn dashed).
     """
     rows = _read_history(history)
     if not rows:
         raise ValueError("plot_curves: the history is empty")
     names = list(keys) if keys is not None else \
-        [k for k in dict.fromkeys(k for r in rows for k in r) if k != x]
-    groups = [g for g in ([k for k in names if "loss" in k.lower()],
-                          [k for k in names if "loss" not in k.lower()]) if g]
+        [k for k in dict.fromkeys(k for r in rows for k in r) if k != x and k not in _NOT_CURVES]
+    groups = [(title, g) for title, g in (
+        ("loss", [k for k in names if "loss" in k.lower()]),
+        ("metrics", [k for k in names if "loss" not in k.lower() and "/" not in k]),
+        ("per family", [k for k in names if "loss" not in k.lower() and "/" in k])) if g]
     if not groups:
         raise ValueError("plot_curves: no numeric columns to plot")
-    fig = _figure(figsize=(5.5 * len(groups), 3.8), layout="constrained")
+    fig = _figure(figsize=(5.2 * len(groups), 4.0), layout="constrained")
     axes = np.asarray(fig.subplots(1, len(groups), squeeze=False))[0]
-    for ax, group in zip(axes, groups):
-        is_loss = "loss" in group[0].lower()
+    for ax, (title, group) in zip(axes, groups):
+        colors = {}
         for k in group:
             pts = [(r.get(x, i), r[k]) for i, r in enumerate(rows) if k in r]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="." if len(pts) < 30 else None, label=k)
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            style = {}
+            if title == "per family":
+                fam = k.split("/", 1)[1]
+                if fam in colors:
+                    style["color"] = colors[fam]
+                style["linestyle"] = "--" if "ema" in k.split("/", 1)[0] else "-"
+                label = fam if fam not in colors else None
+            else:
+                label = k
+            line, = ax.plot(xs, ys, marker="." if len(pts) < 30 else None, label=label, **style)
+            if title == "per family":
+                colors.setdefault(k.split("/", 1)[1], line.get_color())
         ax.set_xlabel(x)
-        ax.set_title("loss" if is_loss else "metrics")
-        if is_loss and logy_loss:
+        ax.set_title(title + (" (dashed: EMA)" if title == "per family" and
+                              any("ema" in k.split("/", 1)[0] for k in group) else ""))
+        if title == "loss" and logy_loss:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2 if title == "per family" else 1)
     return fig
+
+
+def show(fig, path: Optional[Union[str, os.PathLike]] = None, dpi: int = 80) -> None:
+    """Save ``fig`` to ``path`` (if given) and display it inline in a notebook.
+
+    Figures made here are not attached to pyplot (so nothing opens a window), which also
+    means a notebook does not render them by itself: this does.
+    """
+    if path is not None:
+        fig.savefig(path, dpi=dpi)
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        return
+    if get_ipython() is None:
+        return
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    display(Image(data=buf.getvalue()))

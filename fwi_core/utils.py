@@ -18,7 +18,11 @@ def progress_bar(iterable=None, **kwargs):
     if os.environ.get("FWI_PROGRESS", "1") == "0":
         kwargs["disable"] = True
     try:
-        from tqdm.auto import tqdm
+        import warnings
+
+        with warnings.catch_warnings():  # "IProgress not found": tqdm falls back to text bars
+            warnings.simplefilter("ignore")
+            from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm ships with Kaggle's image and our deps
         class _Silent:
             def __init__(self, it=None, **_):

@@ -27,7 +27,7 @@ import numpy as np
 from fwi_core.data import find_competition_root, list_test, load_solution, load_test_sample, validate_submission
 from fwi_core.data import score_submission
 from fwi_core.inference import find_checkpoints, load_crf, predict_batch, predict_test_set, to_velocity
-from fwi_core.plotting import plot_predictions
+from fwi_core.plotting import plot_predictions, show
 from fwi_core.train import load_model
 
 root = find_competition_root(data_root)
@@ -70,6 +70,5 @@ truth = None
 if solution.is_file():
     sol = load_solution(solution)
     truth = np.stack([sol[oid][None] for oid, _ in files])
-fig = plot_predictions(pred, truth, titles=[oid for oid, _ in files])
-fig.savefig(out / "test_predictions.png", dpi=80)
-fig
+fig = plot_predictions(pred, truth, titles=[oid for oid, _ in files], max_rows=show_samples)
+show(fig, out / "test_predictions.png")

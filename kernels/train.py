@@ -14,13 +14,14 @@ model_kwargs = {}
 epochs = 10
 batch_size = 16
 lr = 1e-3
+ema_decay = 0.999  # EMA of the weights, evaluated beside the raw ones (0: off)
 amp = "fp16"  # off | bf16 | fp16 (fp16 on Kaggle T4; degrades gracefully on CPU)
 folds = 5
 fold = 0
 time_budget = None  # seconds of training; None: the platform's default
 seed = 0
-max_train_samples = None
-max_val_samples = None
+max_train_samples = 0  # 0: all
+max_val_samples = 0  # 0: all
 flip_prob = 0.5
 num_workers = 2
 show_samples = 4
@@ -32,7 +33,7 @@ import numpy as np
 
 from fwi_core.data import find_competition_root
 from fwi_core.inference import format_table, score_predictions
-from fwi_core.plotting import plot_curves, plot_predictions
+from fwi_core.plotting import plot_curves, plot_predictions, show
 from fwi_core.train import TrainConfig, detect_platform, train
 
 root = find_competition_root(data_root)
@@ -43,7 +44,7 @@ print("platform:", detect_platform(), "| data:", root, "| output:", out.resolve(
 # %%
 cfg = TrainConfig(
     data=str(root), out=str(out), model=model_name, model_kwargs=dict(model_kwargs), epochs=epochs,
-    batch_size=batch_size, lr=lr, amp=amp, folds=folds, fold=fold, time_budget=time_budget, seed=seed,
+    batch_size=batch_size, lr=lr, ema_decay=ema_decay, amp=amp, folds=folds, fold=fold, time_budget=time_budget, seed=seed,
     max_train_samples=max_train_samples, max_val_samples=max_val_samples, flip_prob=flip_prob,
     num_workers=num_workers,
 )
@@ -55,9 +56,7 @@ print("best checkpoint:", result["best_checkpoint"])
 # ## Curves
 
 # %%
-fig = plot_curves(result["history"])
-fig.savefig(out / "curves.png", dpi=80)
-fig
+show(plot_curves(result["history"]), out / "curves.png")
 
 # %% [markdown]
 # ## Validation: metrics per family and a few predictions
@@ -65,15 +64,18 @@ fig
 # %%
 # out-of-fold predictions of the best weights (m/s), written by the engine
 oof = np.load(result["oof_path"])
-res = {"pred": oof["pred"], "true": oof["target"], "family": oof["family"]}
+res = {"pred": oof["pred"].reshape(-1, 1, 70, 70), "true": oof["target"].reshape(-1, 1, 70, 70),
+       "family": oof["family"]}
 print(f"{len(res['pred'])} validation samples, weights: {oof['source']}")
 print(format_table(score_predictions(res["pred"], res["true"], res["family"])))
 
 # %%
-k = min(show_samples, len(res["pred"]))
-fig = plot_predictions(res["pred"][:k], res["true"][:k], titles=[str(f) for f in res["family"][:k]])
-fig.savefig(out / "val_predictions.png", dpi=80)
-fig
+# one sample per family first, so the plot covers the families
+first = list(dict.fromkeys(res["family"]))
+pick = [int(np.flatnonzero(res["family"] == f)[0]) for f in first][:show_samples]
+fig = plot_predictions(res["pred"][pick], res["true"][pick], titles=[str(res["family"][i]) for i in pick],
+                       max_rows=show_samples)
+show(fig, out / "val_predictions.png")
 
 # %% [markdown]
 # ## Continuous-CRF post-processing, tuned on the validation predictions

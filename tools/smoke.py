@@ -48,7 +48,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--samples-per-family", type=int, default=16)
     ap.add_argument("--test-samples", type=int, default=20)
     ap.add_argument("--model", default="inversionnet_small")
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--time-budget", type=float, default=240.0, help="seconds of training")
@@ -77,11 +77,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     workdir.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     os.environ.pop("PYTHONPATH", None)  # the kernel inherits this process's environment
+    os.environ["FWI_PROGRESS"] = "0"  # progress bars would print one log line per update
     _check_not_importable(workdir, env)
 
     t_train = run_notebook(ROOT / "build/train/train.ipynb", out / "train.out.ipynb", {
         "data_root": str(data), "output_dir": str(out), "model_name": a.model, "epochs": a.epochs,
-        "batch_size": a.batch_size, "lr": a.lr, "folds": 5, "fold": 0, "time_budget": a.time_budget,
+        "batch_size": a.batch_size, "lr": a.lr, "ema_decay": 0.95, "folds": 5, "fold": 0, "time_budget": a.time_budget,
         "num_workers": 0, "amp": "off",
     }, workdir, a.timeout)
     t_infer = run_notebook(ROOT / "build/infer/infer.ipynb", out / "infer.out.ipynb", {
