@@ -43,10 +43,11 @@ print("platform:", detect_platform(), "| data:", root, "| output:", out.resolve(
 
 # %%
 cfg = TrainConfig(
-    data=str(root), out=str(out), model=model_name, model_kwargs=dict(model_kwargs), epochs=epochs,
-    batch_size=batch_size, lr=lr, ema_decay=ema_decay, amp=amp, folds=folds, fold=fold, time_budget=time_budget, seed=seed,
-    max_train_samples=max_train_samples, max_val_samples=max_val_samples, flip_prob=flip_prob,
-    num_workers=num_workers,
+    data=str(root), out=str(out), model=model_name, model_kwargs=dict(model_kwargs),
+    epochs=epochs, batch_size=batch_size, lr=lr, ema_decay=ema_decay, amp=amp,
+    folds=folds, fold=fold, time_budget=time_budget, seed=seed,
+    max_train_samples=max_train_samples, max_val_samples=max_val_samples,
+    flip_prob=flip_prob, num_workers=num_workers,
 )
 result = train(cfg)
 print("stopped:", result["stopped_reason"], "| best validation MAE:", round(result["best_val_mae"], 2), "m/s")
