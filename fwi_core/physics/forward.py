@@ -431,7 +431,8 @@ class ForwardModel(torch.nn.Module):
 
 
 def simulate_host_style(velocity: ArrayLike, nt: int = 1000, **kw) -> np.ndarray:
-    """The straightforward host-style propagator (``torch.roll`` on the padded grid).
+    """The straightforward host-style propagator: ``torch.roll`` on the padded grid, the
+    shots of one map propagated together, a fresh tensor per operation and step.
 
     Slow; kept as the readable statement of the scheme and as the benchmark baseline.
     Takes (B,1,H,W) or (B,H,W) m/s, returns numpy (B, n_sources, nt, W).
@@ -446,19 +447,20 @@ def simulate_host_style(velocity: ArrayLike, nt: int = 1000, **kw) -> np.ndarray
     c2 = torch.tensor(C2)
     c3 = torch.tensor(C3)
     sz, rz = geom.source_row + nbc, geom.receiver_row + nbc
-    out = np.zeros((b, len(geom.source_columns), nt, w), np.float32)
+    sx = torch.tensor([int(c) + nbc for c in geom.source_columns])
+    shots = torch.arange(len(sx))
+    out = np.zeros((b, len(sx), nt, w), np.float32)
     r = torch.roll
     with torch.no_grad():
         for i in range(b):
             t1, t2, al = co["temp1"][i], co["temp2"][i], co["alpha"][i]
-            for j, sc in enumerate(geom.source_columns):
-                p0 = torch.zeros_like(t1)
-                p1 = torch.zeros_like(t1)
-                for it in range(nt):
-                    lap = (c2 * (r(p1, 1, 1) + r(p1, -1, 1) + r(p1, 1, 0) + r(p1, -1, 0))
-                           + c3 * (r(p1, 2, 1) + r(p1, -2, 1) + r(p1, 2, 0) + r(p1, -2, 0)))
-                    p = t1 * p1 - t2 * p0 + al * lap
-                    p[sz, sc + nbc] += co["beta"][i, sz, sc + nbc] * wav[it]
-                    out[i, j, it] = p[rz, nbc:nbc + w].numpy()
-                    p0, p1 = p1, p
+            p0 = torch.zeros(len(sx), *t1.shape)
+            p1 = torch.zeros_like(p0)
+            for it in range(nt):
+                lap = (c2 * (r(p1, 1, 2) + r(p1, -1, 2) + r(p1, 1, 1) + r(p1, -1, 1))
+                       + c3 * (r(p1, 2, 2) + r(p1, -2, 2) + r(p1, 2, 1) + r(p1, -2, 1)))
+                p = t1 * p1 - t2 * p0 + al * lap
+                p[shots, sz, sx] += co["beta"][i, sz, sx] * wav[it]
+                out[i, :, it] = p[:, rz, nbc:nbc + w].numpy()
+                p0, p1 = p1, p
     return out
