@@ -100,6 +100,29 @@ def predict_batch(models: Models, x: torch.Tensor, flip_tta: bool = False,
     return out
 
 
+@torch.no_grad()
+def predict_mc_dropout(models: Models, x: torch.Tensor, passes: int = 8, flip_tta: bool = False):
+    """Monte Carlo dropout (Gal & Ghahramani 2016): ``passes`` stochastic forward passes
+    of each model with only its dropout layers active. Returns (mean, variance) in m/s,
+    each (B,1,70,70); the models are put back in eval mode afterwards."""
+    from .models import enable_mc_dropout
+
+    if passes < 2:
+        raise ValueError(f"predict_mc_dropout: need at least 2 passes, got {passes}")
+    ms = _as_list(models)
+    samples = []
+    try:
+        for m in ms:
+            enable_mc_dropout(m)
+        for _ in range(passes):
+            samples.append(to_velocity(predict_batch(ms, x, flip_tta)))
+    finally:
+        for m in ms:
+            m.eval()
+    stack = torch.stack(samples)
+    return stack.mean(0), stack.var(0, unbiased=True)
+
+
 def to_velocity(pred: torch.Tensor) -> torch.Tensor:
     """Normalised prediction -> m/s, clipped to the competition's range."""
     return denormalize_velocity(pred.float()).clamp_(VEL_MIN, VEL_MAX)
@@ -136,21 +159,50 @@ def predict_test_set(models: Models, root: Union[str, os.PathLike], out_csv: Uni
 @torch.no_grad()
 def predict_dataset(models: Models, dataset: FWIDataset, batch_size: int = 16,
                     device: Optional[torch.device] = None, flip_tta: bool = False,
-                    num_workers: int = 0, progress: bool = True) -> Dict[str, np.ndarray]:
+                    num_workers: int = 0, progress: bool = True, mc_passes: int = 0) -> Dict[str, np.ndarray]:
     """Predictions (m/s) for a labelled dataset: dict with ``pred``, ``true`` (B,1,70,70)
-    float32 and ``family`` (B,) str."""
+    float32 and ``family`` (B,) str; with ``mc_passes`` >= 2, ``pred`` is the MC-dropout
+    mean and ``var`` its variance (m/s squared)."""
     device = device or default_device()
     ms = [m.to(device).eval() for m in _as_list(models)]
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    preds, trues, fams = [], [], []
+    preds, trues, fams, variances = [], [], [], []
     bar = progress_bar(total=len(dataset), desc="predict", unit="sample", disable=not progress)
     for x, y, fam in loader:
-        preds.append(to_velocity(predict_batch(ms, x.to(device), flip_tta)).cpu().numpy())
+        if mc_passes:
+            mean, var = predict_mc_dropout(ms, x.to(device), mc_passes, flip_tta)
+            preds.append(mean.cpu().numpy())
+            variances.append(var.cpu().numpy())
+        else:
+            preds.append(to_velocity(predict_batch(ms, x.to(device), flip_tta)).cpu().numpy())
         trues.append(denormalize_velocity(y.float()).numpy())
         fams.extend(fam)
         bar.update(len(fam))
     bar.close()
-    return {"pred": np.concatenate(preds), "true": np.concatenate(trues), "family": np.array(fams)}
+    out = {"pred": np.concatenate(preds), "true": np.concatenate(trues), "family": np.array(fams)}
+    if variances:
+        out["var"] = np.concatenate(variances)
+    return out
+
+
+def score_uncertainty(mean: np.ndarray, var: np.ndarray, true: np.ndarray,
+                      families: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """Calibration of a predicted mean and variance per family (and 'all'): Gaussian NLL,
+    coverage of the 90% interval (0.9 when calibrated) and the calibration error (mean
+    gap between expected and observed coverage over levels)."""
+    from . import metrics
+
+    var = np.maximum(var, 1e-6)  # MC samples that all agree give zero variance
+    per_sample = {
+        "nll": metrics.gaussian_nll(mean, var, true),
+        "coverage90": metrics.interval_coverage(mean, var, true, level=0.9),
+        "calibration_error": metrics.calibration_error(mean, var, true),
+    }
+    table: Dict[str, Dict[str, float]] = {}
+    for name, vals in per_sample.items():
+        for fam, v in metrics.per_family(vals, list(families)).items():
+            table.setdefault(fam, {})[name] = float(v)
+    return table
 
 
 def score_predictions(pred: np.ndarray, true: np.ndarray, families: Sequence[str]) -> Dict[str, Dict[str, float]]:

@@ -85,3 +85,25 @@ def test_crf_config_round_trip_and_checkpoint_discovery(tmp_path):
     assert isinstance(crf, ContinuousCRF) and json.loads((ck.parent / "crf.json").read_text()) == cfg
     v = torch.full((1, 1, 70, 70), 2500.0)
     torch.testing.assert_close(crf(v), v)
+
+
+def test_mc_dropout_gives_mean_and_positive_variance_and_restores_eval():
+    from fwi_core.inference import predict_mc_dropout, score_uncertainty
+
+    class Drop(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = torch.nn.Dropout(0.5)
+
+        def forward(self, x):
+            return torch.tanh(self.drop(x.mean(dim=(1, 2))[:, None, None, :].expand(-1, 1, 70, 70) + 0.3))
+
+    m = Drop().eval()
+    x = torch.randn(2, 5, 1000, 70)
+    mean, var = predict_mc_dropout(m, x, passes=16)
+    assert mean.shape == var.shape == (2, 1, 70, 70) and (var > 0).any() and not m.training
+    assert not m.drop.training
+    with pytest.raises(ValueError, match="at least 2"):
+        predict_mc_dropout(m, x, passes=1)
+    table = score_uncertainty(mean.numpy(), var.numpy(), mean.numpy(), ["a", "b"])
+    assert table["all"]["coverage90"] == 1.0  # the truth is the mean: always inside

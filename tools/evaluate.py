@@ -1,12 +1,15 @@
 """Score a checkpoint on any labelled dataset in the competition's train_samples layout.
 
     python -m tools.evaluate --data DIR --checkpoint FILE [--batch-size 16] [--flip-tta]
-                             [--max-samples N] [--families F ...] [--physics N] [--json OUT]
+                             [--max-samples N] [--families F ...] [--physics N] [--crf]
+                             [--mc-dropout T] [--json OUT]
 
 Prints MAE (overall and per family) with the competition's MAE (odd columns), RMSE, SSIM
 and boundary IoU; ``--physics N`` adds the physical-consistency score (normalised seismic
 misfit of the predicted maps, simulated with the exact forward model) on N samples;
-``--crf`` also scores the predictions after a continuous-CRF pass.
+``--crf`` also scores the predictions after a continuous-CRF pass; ``--mc-dropout T``
+predicts with T Monte Carlo dropout passes and reports the uncertainty's calibration
+(Gaussian NLL, 90% interval coverage, calibration error).
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--physics", type=int, default=0, metavar="N",
                     help="physical-consistency score on the first N samples (about 0.2-0.6 s each)")
     ap.add_argument("--crf", action="store_true", help="also score after a default continuous-CRF pass")
+    ap.add_argument("--mc-dropout", type=int, default=0, metavar="T",
+                    help="predict with T Monte Carlo dropout passes and score the uncertainty's calibration")
     ap.add_argument("--json", type=Path, default=None, help="write the table as JSON here")
     a = ap.parse_args(argv)
 
@@ -50,11 +55,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.max_samples:
         ds = ds.subset(np.linspace(0, len(ds) - 1, min(a.max_samples, len(ds))).astype(int))
     models = [load_model(c, weights=a.weights) for c in a.checkpoint]
-    res = predict_dataset(models, ds, batch_size=a.batch_size, flip_tta=a.flip_tta)
+    res = predict_dataset(models, ds, batch_size=a.batch_size, flip_tta=a.flip_tta, mc_passes=a.mc_dropout)
     table = score_predictions(res["pred"], res["true"], res["family"])
     print(f"{len(ds)} samples, {len(models)} checkpoint(s){', flip TTA' if a.flip_tta else ''}")
     print(format_table(table))
     out = {"metrics": table}
+    if a.mc_dropout:
+        from fwi_core.inference import score_uncertainty
+
+        unc = score_uncertainty(res["pred"], res["var"], res["true"], res["family"])
+        print(f"\nMC dropout ({a.mc_dropout} passes): uncertainty calibration")
+        print(format_table(unc))
+        out["uncertainty"] = unc
     if a.crf:
         import torch
 

@@ -18,7 +18,7 @@ def checkpoint(fake_root, tmp_path):
 def test_evaluate_prints_metrics_per_family(fake_root, checkpoint, tmp_path, capsys):
     out = tmp_path / "metrics.json"
     assert evaluate.main(["--data", str(fake_root), "--checkpoint", checkpoint, "--json", str(out),
-                          "--flip-tta", "--crf", "--physics", "1", "--batch-size", "4"]) == 0
+                          "--flip-tta", "--crf", "--physics", "1", "--batch-size", "4", "--mc-dropout", "3"]) == 0
     text = capsys.readouterr().out
     assert "12 samples, 1 checkpoint(s), flip TTA" in text
     for fam in ("CurveFault_B", "FlatVel_A", "Style_A", "all"):
@@ -27,6 +27,8 @@ def test_evaluate_prints_metrics_per_family(fake_root, checkpoint, tmp_path, cap
     assert set(data["metrics"]["all"]) == {"mae", "competition_mae", "rmse", "ssim", "boundary_iou"}
     assert data["metrics"]["all"]["mae"] > 0
     assert set(data["crf_mae"]) >= {"all"} and set(data["physical_consistency"]) >= {"all"}
+    unc = data["uncertainty"]["all"]
+    assert set(unc) == {"nll", "coverage90", "calibration_error"} and 0 <= unc["coverage90"] <= 1
 
 
 def test_evaluate_reports_missing_inputs(fake_root, tmp_path, capsys):
