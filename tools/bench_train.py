@@ -80,8 +80,8 @@ def _engine(ds, model_kwargs, epochs, batch, lr, device, seed, out):
     return [b - a for a, b in zip(stamps, stamps[1:])], total
 
 
-def run(width: float = 0.25, samples: int = 48, epochs: int = 3, batch_size: int = 8,
-        device: str = "auto", rounds: int = 2) -> str:
+def run(width: float = 0.25, samples: int = 128, epochs: int = 3, batch_size: int = 8,
+        device: str = "auto", rounds: int = 4) -> str:
     """Run the two loops ``rounds`` times each in ABBA order (bare, engine, engine, bare,
     ...: slow drifts in machine load cancel) and return the markdown report."""
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else

@@ -225,6 +225,10 @@ def _compiled_step():
     """``torch.compile`` of :func:`_step_fused`, built once per process (None if compiling
     is not possible here, e.g. no C++ compiler)."""
     if "step" not in _COMPILED:
+        import logging
+
+        # on CPU-only machines torch logs "No CUDA runtime is found" while compiling
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         try:
             fn = torch.compile(_step_fused, dynamic=False)
             # compile and check on a tiny problem before trusting it
