@@ -61,7 +61,7 @@ def kernel_id(kernel: str, build_dir: Path = ROOT / "build") -> str:
     meta = build_dir / kernel / "kernel-metadata.json"
     if not meta.is_file():
         raise KaggleCLIError(f"{meta} does not exist: run `make build` first")
-    return json.loads(meta.read_text())["id"]
+    return personalise(meta)
 
 
 def run_cli(args: List[str]) -> int:
@@ -72,6 +72,32 @@ def run_cli(args: List[str]) -> int:
     return subprocess.call(cmd)
 
 
+#: the user name the shipped kernel-metadata files carry until you put yours there
+TEMPLATE_USER = "your-kaggle-username"
+
+
+def personalise(meta_path: Path, env=None) -> str:
+    """Replace the template user name in a built kernel-metadata.json (its ``id`` and
+    ``kernel_sources``) with ``KAGGLE_USERNAME``; returns the kernel id. Raises
+    KaggleCLIError when the template is still there and no user name is known."""
+    env = os.environ if env is None else env
+    meta = json.loads(meta_path.read_text())
+    if not meta["id"].startswith(TEMPLATE_USER + "/"):
+        return meta["id"]
+    user = env.get("KAGGLE_USERNAME")
+    if not user:
+        raise KaggleCLIError(f"{meta_path.name}: the kernel id is still {meta['id']!r}; write your Kaggle user "
+                             f"name into kernel-metadata/*.json or set KAGGLE_USERNAME")
+
+    def swap(ref: str) -> str:
+        return user + ref[len(TEMPLATE_USER):] if ref.startswith(TEMPLATE_USER + "/") else ref
+
+    meta["id"] = swap(meta["id"])
+    meta["kernel_sources"] = [swap(r) for r in meta.get("kernel_sources", [])]
+    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return meta["id"]
+
+
 def push(kernel: str, build_dir: Path = ROOT / "build", accelerator: Optional[str] = None,
          root: Path = ROOT) -> int:
     """Build ``kernel`` from ``root`` into ``build_dir`` and push it; returns the CLI's exit code."""
@@ -79,6 +105,7 @@ def push(kernel: str, build_dir: Path = ROOT / "build", accelerator: Optional[st
 
     _require_credentials()
     build([kernel], build_dir, root)
+    print("kernel id:", personalise(build_dir / kernel / "kernel-metadata.json"))
     args = ["kernels", "push", "-p", str(build_dir / kernel)]
     if accelerator:
         args += ["--accelerator", accelerator]

@@ -93,6 +93,8 @@ def test_real_infer_kernel_push_via_make_target_entry(tmp_path, kaggle_stub):
     assert "successfully pushed" in r.stdout
     (_, body), = [c for c in kaggle_stub if c[0].endswith("SaveKernel")]
     meta = json.loads((ROOT / "build/infer/kernel-metadata.json").read_text())
+    # the template user name in kernel-metadata/ is replaced by KAGGLE_USERNAME
+    assert meta["id"] == "someone/fwi-toolkit-infer" and meta["kernel_sources"] == ["someone/fwi-toolkit-train"]
     assert body["slug"] == meta["id"] and body["newTitle"] == meta["title"]
     assert body["enableInternet"] is False and body["competitionDataSources"] == ["waveform-inversion"]
     sent = nbformat.reads(body["text"], as_version=4)
@@ -128,3 +130,12 @@ def test_credentials_sources(tmp_path):
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "kaggle.json").write_text("{}")
     assert kaggle_cli.credentials_source({**env, "KAGGLE_CONFIG_DIR": str(tmp_path / "cfg")}).endswith("kaggle.json")
+
+
+def test_template_user_without_username_is_a_clear_error(tmp_path):
+    meta = tmp_path / "kernel-metadata.json"
+    meta.write_text(json.dumps({"id": "your-kaggle-username/x-kernel", "kernel_sources": []}))
+    with pytest.raises(kaggle_cli.KaggleCLIError, match="write your Kaggle user name"):
+        kaggle_cli.personalise(meta, env={})
+    assert kaggle_cli.personalise(meta, env={"KAGGLE_USERNAME": "me"}) == "me/x-kernel"
+    assert kaggle_cli.personalise(meta, env={}) == "me/x-kernel"  # already personal
