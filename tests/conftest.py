@@ -2,6 +2,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,8 +15,33 @@ REFERENCE = SHARED / "reference" / "openfwi_forward_reference.npz"
 
 @pytest.fixture(scope="session")
 def reference():
-    import numpy as np
-
     if not REFERENCE.exists():
         pytest.fail(f"reference data missing: {REFERENCE} (the shared/ folder sits next to the checkout)")
     return dict(np.load(REFERENCE))
+
+
+def _write(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, arr)
+
+
+@pytest.fixture
+def fake_root(tmp_path):
+    """A small competition-layout tree with random seismic (fast, no simulation):
+    FlatVel_A (2 files x 3), CurveFault_B (1 file x 4), Style_A (1 file x 2), 3 test files."""
+    from fwi_core.physics import generate
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "waveform-inversion"
+    ts = root / "train_samples"
+    for fam, files, names in [
+        ("FlatVel_A", [3, 3], [("data/data1.npy", "model/model1.npy"), ("data/data2.npy", "model/model2.npy")]),
+        ("CurveFault_B", [4], [("seis6_1_0.npy", "vel6_1_0.npy")]),
+        ("Style_A", [2], [("data/data1.npy", "model/model1.npy")]),
+    ]:
+        for n, (s, v) in zip(files, names):
+            _write(ts / fam / s, rng.standard_normal((n, 5, 1000, 70)).astype(np.float32))
+            _write(ts / fam / v, generate(fam, n, seed=n))
+    for oid in ["000039dca2", "0a1b2c3d4e", "ffffffffff"]:
+        _write(root / "test" / f"{oid}.npy", rng.standard_normal((5, 1000, 70)).astype(np.float32))
+    return root

@@ -1,6 +1,5 @@
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -8,8 +7,6 @@ from fwi_core.crf import ContinuousCRF
 from fwi_core.data import FWIDataset, index_train, list_test, validate_submission
 from fwi_core.inference import (find_checkpoints, format_table, load_crf, predict_batch, predict_dataset,
                                 predict_test_set, save_crf_config, score_predictions, to_velocity)
-
-from tests.data.conftest import fake_root  # noqa: F401  (fixture)
 
 
 class Tiny(torch.nn.Module):

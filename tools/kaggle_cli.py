@@ -42,8 +42,8 @@ def credentials_source(env=None) -> Optional[str]:
 
 
 def _kaggle_exe() -> str:
-    exe = shutil.which("kaggle") or (str(Path(sys.executable).with_name("kaggle"))
-                                     if Path(sys.executable).with_name("kaggle").exists() else None)
+    beside = Path(sys.executable).with_name("kaggle")  # the venv's own CLI
+    exe = str(beside) if beside.exists() else shutil.which("kaggle")
     if not exe:
         raise KaggleCLIError("the kaggle CLI is not installed: run `make venv` (or pip install kaggle six)")
     return exe

@@ -5,7 +5,6 @@ from collections import defaultdict
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from torch.utils.data import Sampler
 
 

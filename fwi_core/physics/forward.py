@@ -22,7 +22,7 @@ wrapper), plus :class:`Geometry` and :func:`damping_profile`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional, Sequence, Union
 
 import numpy as np

@@ -3,7 +3,6 @@ import json
 import pytest
 
 from fwi_core.train import TrainConfig, train
-from tests.data.conftest import fake_root  # noqa: F401  (fixture)
 from tools import evaluate
 
 

@@ -2,7 +2,6 @@
 sends every call to http://localhost:80/api/v1/...)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
