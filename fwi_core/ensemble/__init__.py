@@ -1,0 +1,27 @@
+"""Ensembles: members with weights that are data, weights from validation, a family
+classifier, a meta-learner, MC-dropout uncertainty, distillation and OOF fitting.
+
+    from fwi_core.ensemble import Ensemble, Member, EnsembleWeights
+    ens = Ensemble.from_checkpoints(paths, config="ensemble.json")
+    mean, var = ens.predict(x_norm, flip_tta=True, mc_passes=8)
+
+Modules: :mod:`.weights` (EnsembleWeights, JSON), :mod:`.config` (the ensemble file),
+:mod:`.ensemble` (Ensemble, Member), :mod:`.optimize` (static / optimised weights and
+their comparison), :mod:`.uncertainty` (MC dropout, inverse-variance weights, CRF
+confidence).
+"""
+from .config import EnsembleConfig, MemberSpec
+from .ensemble import Ensemble, Member, member_name_for
+from .errors import EnsembleConfigError
+from .optimize import (compare_weightings, format_comparison, member_family_mae, optimize_weights,
+                       weights_from_validation)
+from .uncertainty import (crf_confidence, inverse_variance_weights, mc_dropout_predict, mixture_variance,
+                          uncertainty_map)
+from .weights import EnsembleWeights
+
+__all__ = [
+    "Ensemble", "Member", "EnsembleWeights", "EnsembleConfig", "MemberSpec", "EnsembleConfigError",
+    "member_name_for", "weights_from_validation", "optimize_weights", "compare_weightings",
+    "format_comparison", "member_family_mae", "mc_dropout_predict", "inverse_variance_weights",
+    "mixture_variance", "uncertainty_map", "crf_confidence",
+]
