@@ -81,20 +81,27 @@ SECTIONS = {
 }
 
 
+def _split_sections(text: str) -> "dict":
+    """``## Title`` -> that section's text (up to the next ``## `` heading)."""
+    out, title, buf = {}, None, []
+    for line in text.splitlines(keepends=True):
+        if line.startswith("## "):
+            if title is not None:
+                out[title] = "".join(buf)
+            title, buf = line[3:].strip(), [line]
+        elif title is not None:
+            buf.append(line)
+    if title is not None:
+        out[title] = "".join(buf)
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS))
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     a = ap.parse_args(argv)
     os.environ.setdefault("FWI_PROGRESS", "0")
-    parts = []
-    for key in a.sections:
-        title, fn = SECTIONS[key]
-        print(f"== {title}", flush=True)
-        t = time.perf_counter()
-        body = fn()
-        print(body, flush=True)
-        parts.append(f"## {title}\n\n{body}\n\n_section took {time.perf_counter() - t:.0f} s_\n")
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip()
@@ -102,12 +109,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         commit = ""
     cmd = "make bench" if a.sections == list(SECTIONS) else \
         f"python -m tools.bench --sections {' '.join(a.sections)}"
-    head = (f"# Benchmarks\n\nProduced by `{cmd}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
-            f"{f' at commit {commit}' if commit else ''}.\n\nMachine: {machine()}.\n\n"
-            "Timings are wall-clock minima of a few runs on a shared 2-core VM; expect +-15% noise between "
-            "runs.\n\n")
+    stamp = (f"`{cmd}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+             f"{f', commit {commit}' if commit else ''}; {machine()}")
+    # sections not run this time keep their previous text (each names its own command and machine)
+    previous = _split_sections(a.out.read_text()) if a.out.is_file() else {}
+    fresh = {}
+    for key in a.sections:
+        title, fn = SECTIONS[key]
+        print(f"== {title}", flush=True)
+        t = time.perf_counter()
+        body = fn()
+        print(body, flush=True)
+        fresh[title] = (f"## {title}\n\n_Measured by {stamp}. Section took "
+                        f"{time.perf_counter() - t:.0f} s._\n\n{body}\n\n")
+    order = [title for title, _ in SECTIONS.values()]
+    parts = [fresh.get(t) or previous.get(t) for t in order]
+    parts += [text for t, text in previous.items() if t not in order and t not in fresh]
+    head = ("# Benchmarks\n\nWritten by `make bench` (all sections) or `python -m tools.bench --sections ...` "
+            "(those sections; the others keep their text). Each section names the command, date, commit and "
+            "machine that produced it. Timings on the shared 2-core VM drift by 25% or more between runs: "
+            "compare figures within one section, not across sections.\n\n")
     from fwi_core.utils import atomic_write_text
-    atomic_write_text(a.out, head + "\n".join(parts))
+    atomic_write_text(a.out, head + "".join(p for p in parts if p))
     print(f"wrote {a.out}")
     return 0
 

@@ -1,6 +1,6 @@
 """Data layer: the Kaggle layout, datasets, normalisation, balancing, folds,
 augmentation and submissions."""
-from .augment import hflip
+from .augment import add_noise, hflip, scale_amplitude
 from .dataset import FWIDataset, TestDataset
 from .errors import DataError, DataFormatError, LayoutError, MissingPairError, SubmissionError
 from .io import SEIS_SHAPE, VEL_SHAPE, open_npy
@@ -12,7 +12,7 @@ from .submission import (HEADER, ODD_COLUMNS, SubmissionWriter, load_solution, s
                          validate_submission, write_submission)
 
 __all__ = [
-    "hflip", "FWIDataset", "TestDataset", "DataError", "DataFormatError", "LayoutError",
+    "hflip", "scale_amplitude", "add_noise", "FWIDataset", "TestDataset", "DataError", "DataFormatError", "LayoutError",
     "MissingPairError", "SubmissionError", "SEIS_SHAPE", "VEL_SHAPE", "open_npy", "FilePair",
     "find_competition_root", "index_train", "list_test", "load_test_sample",
     "normalize_seismic", "denormalize_seismic", "normalize_velocity", "denormalize_velocity",

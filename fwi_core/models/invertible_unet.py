@@ -177,7 +177,14 @@ class InvertibleUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, y = self.forward_features(x)                                    # (B, C, 70, 70)
+        self._last_y = y if self.training else None
         return torch.tanh(y[:, :1])                                        # (B, 1, 70, 70)
+
+    def auxiliary_losses(self, family_idx=None) -> dict:
+        """Training terms of the last forward in train mode: ``{"latent":
+        latent_penalty(y)}``; the engine adds it weighted by ``latent_weight``."""
+        y = getattr(self, "_last_y", None)
+        return {} if y is None else {"latent": self.latent_penalty(y)}
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """Exact inverse of the flow: y (B, C, 70, 70) -> z (B, C, 70, 70)."""

@@ -37,8 +37,12 @@ checkpoints are interchangeable):
   embedding for the textured Style maps (zero at the other inits).
 
 ``num_families > 0`` adds per-family bias terms (a bottleneck embedding and a depth
-profile before tanh, both zero at init); ``forward(x, family_idx)`` with a LongTensor (B,)
-applies them.
+profile before tanh, both zero at init) and a family head (a linear classifier on the
+pooled bottleneck). ``forward(x, family_idx)`` with a LongTensor (B,) applies the terms of
+the given families (training: the true family); ``forward(x)`` applies the mixture of the
+terms weighted by the head's predicted family probabilities (inference, where the family
+is unknown). The training engine passes the true family index, and adds the head's
+cross-entropy (``auxiliary_losses``) weighted by ``family_loss_weight``.
 """
 from __future__ import annotations
 
@@ -208,6 +212,8 @@ class SpecProjUNet(nn.Module):
             self.family_embed = nn.Embedding(num_families, chs[-1])
             self.family_depth_bias = nn.Parameter(torch.zeros(num_families, 70))
             nn.init.zeros_(self.family_embed.weight)
+            self.family_head = nn.Linear(chs[-1], num_families)
+        self.last_family_logits: Optional[torch.Tensor] = None
         self._init_family(family_init)
 
     @torch.no_grad()
@@ -242,15 +248,27 @@ class SpecProjUNet(nn.Module):
             x = stage(x)                              # (B, w, 72, 72) ... (B, 8w, 9, 9)
             feats.append(x)
         bottleneck = feats[-1] + self.style_code      # (B, 8w, 9, 9)
-        if family_idx is not None:
-            bottleneck = bottleneck + self.family_embed(family_idx)[:, :, None, None]
+        weights = None
+        if self.num_families:
+            logits = self.family_head(bottleneck.mean((2, 3)))        # (B, num_families)
+            self.last_family_logits = logits
+            weights = (F.one_hot(family_idx, self.num_families).to(logits.dtype)
+                       if family_idx is not None else torch.softmax(logits, dim=1))
+            bottleneck = bottleneck + (weights @ self.family_embed.weight.to(logits.dtype))[:, :, None, None]
         feats[-1] = bottleneck
         x = self.decoder(feats)                       # (B, w, 72, 72)
         x = center_crop(self.head(x))                 # (B, 1, 70, 70)
         x = x + self.out_bias
-        if family_idx is not None:
-            x = x + self.family_depth_bias[family_idx][:, None, :, None]
+        if weights is not None:
+            x = x + (weights @ self.family_depth_bias.to(weights.dtype))[:, None, :, None]
         return torch.tanh(self.out_gain * x)          # (B, 1, 70, 70)
+
+    def auxiliary_losses(self, family_idx: Optional[torch.Tensor] = None) -> dict:
+        """Training terms of the last forward: ``{"family": cross-entropy of the family
+        head against family_idx}`` (empty without families or targets)."""
+        if not self.num_families or family_idx is None or self.last_family_logits is None:
+            return {}
+        return {"family": F.cross_entropy(self.last_family_logits.float(), family_idx)}
 
     def _check_family_idx(self, family_idx: torch.Tensor, batch: int) -> None:
         if not self.num_families:

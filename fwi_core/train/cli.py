@@ -31,7 +31,9 @@ _HELP = {
     "model_kwargs": "model arguments as a JSON object",
     "batch_size": "global batch (split across DDP processes)",
     "time_budget": "seconds before a clean stop (default: the platform's; 0: none)",
-    "resume": "checkpoint file, run folder, or 'auto'",
+    "resume": "checkpoint file, run folder, or 'auto' (the default when the flag is given bare)",
+    "epochs": "passes over the data; 0: train until --time-budget (the schedule spans the budget)",
+    "scale_range": "low and high factor of the amplitude-scaling augmentation",
 }
 
 
@@ -74,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
             kw["type"] = _optional_float
         elif t == Optional[str]:
             kw["type"] = _optional_str
+            if f.name == "resume":
+                kw.update(nargs="?", const="auto")
+        elif f.name == "scale_range":
+            kw.update(type=float, nargs=2, metavar=("LOW", "HIGH"))
         if f.name in _CHOICES:
             kw["choices"] = _CHOICES[f.name]
         p.add_argument(flag, **kw)

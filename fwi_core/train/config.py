@@ -9,14 +9,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from .errors import ConfigError
 
 AMP_MODES = ("off", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "onecycle", "cosine_restarts")
 OPTIMIZERS = ("adamw", "adam", "sgd")
-MONITORS = ("mae", "mae_raw", "mae_ema", "family_mae")
+MONITORS = ("mae", "mae_raw", "mae_ema", "family_mae", "boundary_iou", "ssim")
+#: Monitors that improve upwards (the others are errors, minimised).
+MAXIMISED = ("boundary_iou", "ssim")
 
 
 @dataclass
@@ -34,16 +36,30 @@ class TrainConfig:
         model: a name from :func:`fwi_core.models.list_models`; model_kwargs: its arguments.
         sync_bn: convert BatchNorm to SyncBatchNorm under DDP (GPU).
     Optimisation:
-        epochs; batch_size: the *global* batch (split across DDP processes, so a config
+        epochs: passes over the training set; 0 trains until the time budget runs out,
+            with the schedule spanning the budget (progress = elapsed / budget, so the
+            learning rate reaches its minimum near the deadline; needs a budget: the
+            platform's on Kaggle/Colab or ``time_budget``). batch_size: the *global* batch (split across DDP processes, so a config
             trains the same on 1 or N GPUs); grad_accum: micro-batches per batch (doubles
             on CUDA out-of-memory); optimizer (adamw|adam|sgd), lr, weight_decay;
             amp (off|bf16|fp16); grad_clip (max gradient norm, 0: off).
         schedule: constant|cosine|onecycle|cosine_restarts, stepped every optimizer step;
             warmup_steps: linear warm-up (onecycle: its rising phase); min_lr: the floor of
             the cosine schedules; restart_epochs: cycle length of cosine_restarts (a weight
-            snapshot is saved at each cycle end, for snapshot ensembles).
+            snapshot is saved at each cycle end, at the learning-rate minimum, for snapshot
+            ensembles); restart_cycles: the number of cycles when epochs=0 (the budget is
+            split into that many equal cycles).
         ema_decay: EMA of the weights (0: off), evaluated beside the raw weights.
         boundary_weight: weight of the L1 penalty on spatial velocity gradients.
+        family_loss_weight: weight of the cross-entropy of a model's own family head
+            (models with ``num_families`` > 0, e.g. SpecProjUNet): such models get the
+            true family index while training and predict it themselves when validating.
+        latent_weight: weight of a model's ``latent_penalty`` (the invertible UNet's
+            auxiliary channels; models without it ignore the setting).
+        scale_prob, scale_range: probability of multiplying a sample's raw gathers by one
+            factor drawn log-uniformly from ``scale_range`` (source-strength variation).
+        noise_prob, noise_std: probability of adding Gaussian noise to a sample's raw
+            gathers, with a standard deviation of ``noise_std`` times the sample's RMS.
         flip_prob: probability of the horizontal flip per training sample.
         balance_families: draw every family equally often in each epoch.
     Validation and stopping:
@@ -81,8 +97,15 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr: float = 0.0
     restart_epochs: int = 1
+    restart_cycles: int = 3
     ema_decay: float = 0.999
     boundary_weight: float = 0.0
+    family_loss_weight: float = 0.1
+    latent_weight: float = 0.01
+    scale_prob: float = 0.0
+    scale_range: Tuple[float, float] = (0.5, 2.0)
+    noise_prob: float = 0.0
+    noise_std: float = 0.05
     flip_prob: float = 0.0
     balance_families: bool = False
     folds: int = 5
@@ -102,6 +125,10 @@ class TrainConfig:
     device: str = "auto"
     sync_bn: bool = False
     log_every: int = 50
+
+    def __post_init__(self):
+        if isinstance(self.scale_range, list):   # from JSON
+            self.scale_range = tuple(self.scale_range)
 
     # ----------------------------------------------------------------- conversion
     @classmethod
@@ -148,10 +175,10 @@ class TrainConfig:
             raise ConfigError(f"unknown model {self.model!r}; registered models: {', '.join(list_models())}")
         if not isinstance(self.model_kwargs, dict):
             raise ConfigError(f"model_kwargs must be a dict (JSON object), got {type(self.model_kwargs).__name__}")
-        for name in ("epochs", "batch_size", "grad_accum", "restart_epochs", "log_every"):
+        for name in ("batch_size", "grad_accum", "restart_epochs", "restart_cycles", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "patience", "max_steps", "keep_last", "checkpoint_every",
+        for name in ("epochs", "warmup_steps", "patience", "max_steps", "keep_last", "checkpoint_every",
                      "max_train_samples", "max_val_samples", "num_workers", "folds"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -163,8 +190,16 @@ class TrainConfig:
             raise ConfigError(f"ema_decay must be in [0, 1) (0 turns EMA off), got {self.ema_decay}")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ConfigError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
-        if self.boundary_weight < 0:
-            raise ConfigError(f"boundary_weight must be >= 0, got {self.boundary_weight}")
+        for name in ("boundary_weight", "family_loss_weight", "latent_weight", "noise_std"):
+            if not float(getattr(self, name)) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("scale_prob", "noise_prob"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        lo_hi = tuple(self.scale_range) if isinstance(self.scale_range, (list, tuple)) else ()
+        if len(lo_hi) != 2 or not 0 < float(lo_hi[0]) <= float(lo_hi[1]):
+            raise ConfigError(f"scale_range must be two factors 0 < low <= high, got {self.scale_range!r}")
+        self.scale_range = (float(lo_hi[0]), float(lo_hi[1]))
         if self.folds >= 2 and not 0 <= self.fold < self.folds:
             raise ConfigError(f"fold must be in 0..{self.folds - 1} for folds={self.folds}, got {self.fold}")
         if self.time_budget is not None and self.time_budget < 0:

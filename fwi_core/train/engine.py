@@ -30,20 +30,20 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import fwi_core
-from fwi_core.data import (FWIDataset, denormalize_velocity, family_kfold, find_competition_root,
-                           hflip, index_train)
-from fwi_core.metrics import mae, per_family
+from fwi_core.data import (FWIDataset, add_noise, denormalize_velocity, family_kfold,
+                           find_competition_root, hflip, index_train, scale_amplitude)
+from fwi_core.metrics import boundary_iou, mae, per_family, ssim
 from fwi_core.utils import atomic_path, atomic_write_text, progress_bar
 
 from .checkpoint import (FORMAT, CheckpointManager, git_commit, load_checkpoint, now_iso, plain,
                          resolve_resume, rng_state, set_rng_state)
-from .config import TrainConfig
+from .config import MAXIMISED, TrainConfig
 from .distributed import (DistInfo, EpochSampler, all_gather_objects, any_rank, barrier,
                           init_distributed, mean_over_ranks)
 from .errors import ConfigError, TrainError
 from .logs import CSVLog, save_curves
 from .losses import velocity_loss
-from .optim import autocast, build_optimizer, build_scheduler, make_scaler, resolve_amp
+from .optim import autocast, build_optimizer, build_scheduler, make_scaler, resolve_amp, schedule_of
 from .platform import detect_platform, process_age
 
 log = logging.getLogger("fwi_core.train")
@@ -53,6 +53,10 @@ CLOSE_RESERVE = 1.0   # seconds kept for closing work besides validation and che
 # Config keys that may change between a run and its resumption without breaking exactness.
 _RESUME_FREE = {"data", "out", "resume", "time_budget", "max_steps", "num_workers", "device",
                 "log_every", "patience", "min_delta", "keep_last", "checkpoint_every", "epochs"}
+
+
+class _AgreedOOM(RuntimeError):
+    """Some DDP rank ran out of memory in a forward pass; every rank raises this together."""
 
 
 # --------------------------------------------------------------------------- data helpers
@@ -97,6 +101,12 @@ def _limit(ds: Dataset, n: int, seed: int) -> Dataset:
     return ds.subset(pos) if isinstance(ds, FWIDataset) else Subset(ds, pos.tolist())
 
 
+def _ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample SSIM of m/s maps (data range 3000 m/s), the window shrunk for small maps."""
+    win = min(11, min(pred.shape[-2:]) - (1 - min(pred.shape[-2:]) % 2))
+    return ssim(pred, target, data_range=3000.0, win_size=max(3, win))
+
+
 def _cat(arrays: List[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros(0, np.float32)
 
@@ -121,13 +131,16 @@ def _mix(*parts: int) -> int:
     return h >> 1
 
 
-def summarize(families: Sequence[str], maes: Dict[str, np.ndarray]) -> Dict[str, Any]:
+def summarize(families: Sequence[str], maes: Dict[str, np.ndarray],
+              scores: Optional[Dict[str, Dict[str, np.ndarray]]] = None) -> Dict[str, Any]:
     """Validation metrics from per-sample MAEs (m/s) of each weight source ("raw", "ema").
 
     Returns ``mae_<source>`` (mean over samples), ``source`` (the better source overall)
     and ``mae`` (its MAE), ``per_family`` = {family: {<source>: MAE, "best": min,
     "source": the better source for that family, "n": count}} and ``family_mae`` (the
-    mean over families of the per-family best).
+    mean over families of the per-family best). With ``scores`` ({"boundary_iou": {source:
+    per-sample values}, "ssim": {...}}; higher is better), also ``<score>_<source>``,
+    ``<score>`` (the better source's, by MAE) and ``per_family[f]["<score>_<source>"]``.
     """
     out: Dict[str, Any] = {}
     fam_means = {}
@@ -143,6 +156,13 @@ def summarize(families: Sequence[str], maes: Dict[str, np.ndarray]) -> Dict[str,
         entry = {src: fam_means[src][fam] for src in maes}
         best = min(maes, key=lambda s: entry[s])
         table[fam] = {**entry, "best": entry[best], "source": best, "n": counts[fam]}
+    for name, by_source in (scores or {}).items():
+        for src, v in by_source.items():
+            out[f"{name}_{src}"] = float(np.mean(v)) if len(v) else float("nan")
+            for fam, value in per_family(np.asarray(v, dtype=np.float64), families).items():
+                if fam in table:
+                    table[fam][f"{name}_{src}"] = value
+        out[name] = out.get(f"{name}_{source}", float("nan"))
     out["per_family"] = table
     out["family_mae"] = float(np.mean([e["best"] for e in table.values()])) if table else float("nan")
     return out
@@ -196,7 +216,12 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(self.train_ds)} training "
                               "samples: lower batch_size")
-        self.total_steps = cfg.epochs * self.steps_per_epoch
+        # epochs=0: train until the budget, the schedule spanning it (time mode)
+        self.time_mode = cfg.epochs == 0
+        if self.time_mode and not self.budget:
+            raise ConfigError("epochs=0 trains until the time budget runs out: set time_budget to a number "
+                              "of seconds (--time-budget S), or give epochs >= 1")
+        self.total_steps = 0 if self.time_mode else cfg.epochs * self.steps_per_epoch
 
         from fwi_core.models import create_model
         self.raw = create_model(cfg.model, **cfg.model_kwargs).to(self.device)
@@ -214,7 +239,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.raw.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps,
                                          self.steps_per_epoch, cfg.warmup_steps, cfg.min_lr,
-                                         cfg.restart_epochs)
+                                         cfg.restart_epochs, cfg.restart_cycles)
+        self.schedule = schedule_of(self.scheduler)
+        self.family_names = self._family_vocabulary()
+        self.aux_weights = {"family": cfg.family_loss_weight, "latent": cfg.latent_weight}
 
         # bookkeeping (all of it is checkpointed)
         self.epoch, self.batch, self.step = 0, 0, 0
@@ -233,6 +261,8 @@ class Trainer:
         self.loss_count = 0
         self.step_time, self.val_time, self.save_time = 0.0, None, None
         self._improved = False
+        self.progress0 = 0.0          # time mode: schedule progress when this process started
+        self.cycle = 0                # cosine_restarts: the cycle of the last optimizer step
 
         rng = None
         if resume_path is not None:
@@ -252,6 +282,32 @@ class Trainer:
                 log.warning("resuming on %d processes from a checkpoint of %d: RNG streams differ",
                             d.world_size, len(rng))
         barrier(d)
+
+    def _family_vocabulary(self) -> Optional[List[str]]:
+        """Family names indexed by the model's per-family terms (models with
+        ``num_families`` > 0): the competition's 10 families, or the sorted training
+        families when the data uses other names; None for models without them."""
+        n = int(getattr(self.raw, "num_families", 0) or 0)
+        if n <= 0:
+            return None
+        from fwi_core.physics.families import FAMILIES
+
+        seen = sorted(set(_families(self.train_ds)))
+        names = list(FAMILIES) if set(seen) <= set(FAMILIES) else seen
+        if len(names) > n:
+            raise ConfigError(f"model {self.cfg.model!r} has num_families={n} but the data has {len(names)} "
+                              f"families ({', '.join(names)}): set model_kwargs num_families >= {len(names)}")
+        return names
+
+    def _family_index(self, families) -> Optional[torch.Tensor]:
+        if self.family_names is None or families is None:
+            return None
+        pos = {f: i for i, f in enumerate(self.family_names)}
+        try:
+            return torch.tensor([pos[str(f)] for f in families], dtype=torch.long, device=self.device)
+        except KeyError as exc:
+            raise TrainError(f"family {exc.args[0]!r} is not one of the model's families "
+                             f"{self.family_names}") from None
 
     def _datasets(self, datasets):
         cfg = self.cfg
@@ -292,9 +348,11 @@ class Trainer:
             "folds": cfg.folds, "epoch": self.epoch, "step": self.step,
             "position": {"epoch": self.epoch, "batch": self.batch, "steps_per_epoch": self.steps_per_epoch},
             "metrics": metrics,
-            "best": {"monitor": cfg.monitor, "value": None if math.isinf(self.best_value) else self.best_value,
+            "best": {"monitor": cfg.monitor, "value": None if math.isinf(self.best_value) else
+                     (-self.best_value if cfg.monitor in MAXIMISED else self.best_value),
                      "step": self.best_step},
-            "family_best": self.family_best, "platform": self.platform.name,
+            "family_best": self.family_best, "family_names": self.family_names,
+            "time_mode": self.time_mode, "platform": self.platform.name,
             "world_size": self.dist.world_size, "amp": self.amp, "git_commit": self.git,
             "fwi_core_version": fwi_core.__version__, "torch_version": torch.__version__,
             "wall_time": self.wall_time, "created": now_iso(), "stopped_reason": self.stopped_reason,
@@ -321,6 +379,7 @@ class Trainer:
                 "history": plain(self.history), "family_best": plain(self.family_best),
                 "last_metrics": plain(self.last_metrics), "best_metrics": plain(self.best_metrics),
                 "oom_events": self.oom_events, "wall_time": self.wall_time,
+                "progress": float(self.schedule._progress(self.step)), "cycle": self.cycle,
             }
         return p
 
@@ -346,14 +405,11 @@ class Trainer:
             raise ConfigError(f"resume={path}: a weights-only checkpoint (best/snapshot); resume "
                               "from a ckpt-*.pt file or the run folder")
         old = ckpt["metadata"].get("config", {})
-        changed = sorted(k for k, v in self.cfg.to_dict().items()
+        changed = sorted(k for k, v in plain(self.cfg.to_dict()).items()
                          if k not in _RESUME_FREE and k in old and old[k] != v)
         if changed:
             log.warning("resuming %s with changed settings %s: the result will differ from an "
                         "uninterrupted run", path, changed)
-        if self.cfg.epochs != old.get("epochs", self.cfg.epochs) and self.cfg.schedule != "constant":
-            log.warning("epochs changed from %s to %s: the schedule keeps its original length",
-                        old.get("epochs"), self.cfg.epochs)
         s = ckpt["state"]
         self.raw.load_state_dict(ckpt["model"])
         if self.ema is not None:
@@ -363,6 +419,7 @@ class Trainer:
             self.ema.n_averaged.fill_(s["ema_n_averaged"])
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
+        self._rebase_schedule(old, s)
         self.scaler.load_state_dict(s["scaler"])
         self.epoch, self.batch, self.step, self.accum = s["epoch"], s["batch"], s["step"], s["accum"]
         self.best_value, self.best_step, self.bad_evals = s["best_value"], s["best_step"], s["bad_evals"]
@@ -378,6 +435,33 @@ class Trainer:
         self.loss_count = mine["loss_count"]
         return [r["rng"] for r in s["ranks"]]
 
+    def _rebase_schedule(self, old_cfg: Dict[str, Any], state: Dict[str, Any]) -> None:
+        """After loading the scheduler of a run of another length (epochs changed, or a
+        time-mode run resumed with a new budget): go on from the current step and
+        learning rate over the new length instead of crashing or climbing back up."""
+        fn = self.schedule
+        step = int(state["step"])
+        progress = float(state.get("progress", fn._progress(step)))
+        self.cycle = int(state.get("cycle", 0))
+        old_total = fn.total
+        if self.time_mode:
+            # progress goes on from where it stopped to 1 over the new budget
+            self.progress0 = progress
+            fn.progress = progress
+            if old_total:     # was a step-mode run: anneal from the current rate
+                fn.rebase(step, 0, fn(step), progress)
+                log.info("resumed a %d-step schedule in time mode: annealing over the new budget", old_total)
+            return
+        if old_total != self.total_steps:
+            factor = fn(step)
+            fn.rebase(step, self.total_steps, factor, progress)
+            for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                g["lr"] = base * fn(step)
+            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+            log.info("schedule length changed from %s to %d steps (epochs %s -> %d): continuing from step %d "
+                     "at %.3g of the learning rate", old_total or "time budget", self.total_steps,
+                     old_cfg.get("epochs"), self.cfg.epochs, step, factor)
+
     # ------------------------------------------------------------------ one step
     def _flip(self, x: torch.Tensor, y: torch.Tensor, epoch: int, batch: int):
         """Horizontal flips drawn for the whole global batch (seeded by epoch and batch),
@@ -390,17 +474,72 @@ class Trainer:
             x[mask], y[mask] = hflip(x[mask], y[mask])
         return x, y
 
-    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, epoch: int, batch: int) -> torch.Tensor:
+        """Amplitude scaling and additive noise on the gathers (``scale_prob``,
+        ``noise_prob``), drawn for the whole global batch from a generator seeded by
+        (seed, epoch, batch) like the flips, so resumed and DDP runs draw the same."""
+        cfg = self.cfg
+        n = cfg.batch_size
+        g = torch.Generator().manual_seed(_mix(cfg.seed, epoch, batch, 2))
+        pick = slice(self.dist.rank, None, self.dist.world_size)
+        if cfg.scale_prob > 0:
+            lo, hi = (math.log(v) for v in cfg.scale_range)
+            use = (torch.rand(n, generator=g) < cfg.scale_prob)[pick][: x.shape[0]]
+            f = torch.exp(lo + (hi - lo) * torch.rand(n, generator=g))[pick][: x.shape[0]]
+            if bool(use.any()):
+                x = x.clone()
+                x[use.to(x.device)] = scale_amplitude(x[use.to(x.device)], f[use])
+        if cfg.noise_prob > 0:
+            use = (torch.rand(n, generator=g) < cfg.noise_prob)[pick][: x.shape[0]]
+            if bool(use.any()):
+                x = x.clone()
+                x[use.to(x.device)] = add_noise(x[use.to(x.device)], cfg.noise_std, generator=g)
+        return x
+
+    def _forward(self, xc: torch.Tensor, fam_idx: Optional[torch.Tensor]) -> torch.Tensor:
+        """Forward pass under autocast. Under DDP the ranks agree on out-of-memory: a rank
+        that runs out of memory in its forward pass tells the others (one all-reduce of a
+        flag per micro-batch), and every rank raises :class:`_AgreedOOM` together, so all
+        of them halve the micro-batch in step (no rank is left waiting in a collective)."""
+        kwargs = {"family_idx": fam_idx} if fam_idx is not None else {}
+        failed = False
+        pred = None
+        try:
+            with autocast(self.amp, self.device):
+                pred = self.model(xc, **kwargs)
+        except _OOM:
+            if not self.dist.enabled:
+                raise
+            failed = True
+        if self.dist.enabled and any_rank(failed, self.dist):
+            pred = None
+            raise _AgreedOOM(f"out of memory in a forward pass on {'this' if failed else 'another'} rank")
+        return pred
+
+    def _loss(self, pred: torch.Tensor, yc: torch.Tensor, fam_idx: Optional[torch.Tensor]) -> torch.Tensor:
+        """L1 (+ boundary term) plus the model's own auxiliary terms (``auxiliary_losses``:
+        the family head's cross-entropy, the invertible UNet's latent penalty), weighted by
+        ``family_loss_weight`` / ``latent_weight``."""
+        loss = velocity_loss(pred, yc, self.cfg.boundary_weight)
+        aux = getattr(self.raw, "auxiliary_losses", None)
+        if aux is not None:
+            for name, value in aux(fam_idx).items():
+                loss = loss + self.aux_weights.get(name, 1.0) * value.float()
+        return loss
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor,
+                          fam_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         n = x.shape[0]
-        parts = list(zip(x.tensor_split(self.accum), y.tensor_split(self.accum))) if self.accum > 1 else [(x, y)]
+        chunks = [t.tensor_split(self.accum) if t is not None else [None] * self.accum
+                  for t in (x, y, fam_idx)] if self.accum > 1 else [[x], [y], [fam_idx]]
+        parts = list(zip(*chunks))
         total = torch.zeros((), device=x.device)
-        for i, (xc, yc) in enumerate(parts):
+        for i, (xc, yc, fc) in enumerate(parts):
             last = i == len(parts) - 1
             sync = self.model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
             with sync:
-                with autocast(self.amp, self.device):
-                    pred = self.model(xc)
-                loss = velocity_loss(pred, yc, self.cfg.boundary_weight) * (xc.shape[0] / n)
+                pred = self._forward(xc, fc)
+                loss = self._loss(pred, yc, fc) * (xc.shape[0] / n)
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         if self.cfg.grad_clip > 0:
@@ -414,22 +553,29 @@ class Trainer:
             self.ema.update_parameters(self.raw)
         return total
 
-    def _train_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _train_batch(self, x: torch.Tensor, y: torch.Tensor,
+                     fam_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One optimizer step; on out-of-memory, halve the micro-batch (doubling the
-        accumulation, so the effective batch is unchanged) and retry."""
+        accumulation, so the effective batch is unchanged) and retry. Under DDP this
+        works for a forward pass that runs out of memory on any rank (the ranks agree);
+        running out of memory in the backward pass under DDP raises a TrainError that
+        says what to set."""
         while True:
             try:
-                return self._forward_backward(x, y)
-            except _OOM as exc:
+                return self._forward_backward(x, y, fam_idx)
+            except (_OOM, _AgreedOOM) as exc:
+                agreed = isinstance(exc, _AgreedOOM)
                 message = str(exc).splitlines()[0] if str(exc) else "out of memory"
             # outside the except block, so the traceback (and the activations it holds) is freed
             self.optimizer.zero_grad(set_to_none=True)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             micro = -(-x.shape[0] // self.accum)
-            if self.dist.enabled:
-                raise TrainError(f"{message} under DDP (micro-batch {micro}): lower batch_size or raise "
-                                 "grad_accum; automatic halving runs in single-process training only")
+            if self.dist.enabled and not agreed:
+                raise TrainError(
+                    f"{message} in the backward pass under DDP (micro-batch {micro}, rank {self.dist.rank}): "
+                    f"restart with grad_accum={2 * self.accum} (--grad-accum {2 * self.accum}) or a smaller "
+                    "batch_size, and --resume to go on from the last checkpoint")
             if micro <= 1:
                 raise TrainError(f"{message} with a micro-batch of 1: use a smaller model, "
                                  "amp=bf16/fp16, or a larger GPU")
@@ -467,7 +613,7 @@ class Trainer:
             log.warning("out of memory while validating: evaluation batch -> %d", self.eval_batch)
         parts = all_gather_objects(local, self.dist)   # every rank gets every rank's share
         order = np.argsort(_cat([a for p in parts for a in p[0]]), kind="stable")
-        maes = {k: _cat([a for p in parts for a in p[1][k]])[order] for k in sources}
+        maes = {k: _cat([a for p in parts for a in p[1][k]])[order] for k in parts[0][1]}
         if keep:
             return (maes, _cat([a for p in parts for a in p[2]])[order],
                     _cat([a for p in parts for a in p[3]])[order])
@@ -477,7 +623,8 @@ class Trainer:
     def _predict_local(self, sources: Dict[str, torch.nn.Module], keep: Optional[str]):
         for m in sources.values():
             m.eval()
-        pos, maes = [], {k: [] for k in sources}
+        pos = []
+        maes = {k: [] for name in sources for k in (name, f"biou_{name}", f"ssim_{name}")}
         preds, targets = [], []
         try:
             for idx, x, y, _ in self._val_loader():
@@ -489,12 +636,20 @@ class Trainer:
                         p = m(x)
                     p_ms = denormalize_velocity(p.float())
                     maes[name].append(mae(p_ms, y_ms).cpu().numpy())
+                    maes[f"biou_{name}"].append(boundary_iou(p_ms, y_ms).cpu().numpy())
+                    maes[f"ssim_{name}"].append(_ssim(p_ms, y_ms).cpu().numpy())
                     if name == keep:
                         preds.append(p_ms[:, 0].cpu().numpy().astype(np.float32))
                         targets.append(y_ms[:, 0].cpu().numpy().astype(np.float32))
         finally:
             self.raw.train()
         return pos, maes, preds, targets
+
+    def _monitor_value(self, metrics: Dict[str, Any]) -> float:
+        """The monitored metric as a quantity to minimise (scores that grow, boundary IoU
+        and SSIM, are negated)."""
+        value = float(metrics[self.cfg.monitor])
+        return -value if self.cfg.monitor in MAXIMISED else value
 
     def _sources(self) -> Dict[str, torch.nn.Module]:
         return {"raw": self.raw, **({"ema": self.ema.module} if self.ema is not None else {})}
@@ -513,12 +668,15 @@ class Trainer:
         metrics = None
         if self.val_ds is not None:
             start = time.perf_counter()
-            maes, _, _ = self._predict(self._sources())
+            values, _, _ = self._predict(self._sources())
             self.val_time = time.perf_counter() - start
-            metrics = summarize(self.val_families, maes)
+            maes = {k: v for k, v in values.items() if k in self._sources()}
+            scores = {name: {src: values[f"{short}_{src}"] for src in maes}
+                      for name, short in (("boundary_iou", "biou"), ("ssim", "ssim"))}
+            metrics = summarize(self.val_families, maes, scores)
             metrics.update(epoch=row["epoch"], step=self.step)
             self.last_metrics = metrics
-            value = metrics[self.cfg.monitor]
+            value = self._monitor_value(metrics)
             improved = value < self.best_value - self.cfg.min_delta
             if improved:
                 self.best_value, self.best_step, self.best_metrics = value, self.step, metrics
@@ -533,8 +691,12 @@ class Trainer:
             row.update(val_mae=metrics["mae"], family_mae=metrics["family_mae"])
             for src in maes:
                 row[f"val_mae_{src}"] = metrics[f"mae_{src}"]
+                row[f"val_biou_{src}"] = metrics[f"boundary_iou_{src}"]
+                row[f"val_ssim_{src}"] = metrics[f"ssim_{src}"]
                 for fam, e in metrics["per_family"].items():
                     row[f"mae_{src}/{fam}"] = e[src]
+                    row[f"biou_{src}/{fam}"] = e[f"boundary_iou_{src}"]
+                    row[f"ssim_{src}/{fam}"] = e[f"ssim_{src}"]
         row.update(time=round(self.wall_time, 2), partial=int(partial))
         self.history.append(row)
         self._improved = improved
@@ -549,13 +711,10 @@ class Trainer:
                           generator=torch.Generator().manual_seed(_mix(self.cfg.seed, epoch, 1)),
                           worker_init_fn=_worker_init)
 
-    def _out_of_time(self) -> bool:
-        """Would one more step, then the closing work (a validation of every weight source,
-        the out-of-fold pass with one source, two checkpoint writes, the curves) overrun
-        the budget?"""
-        if self.budget is None:
-            return False
-        elapsed = time.perf_counter() - self.t0
+    def _reserve(self) -> float:
+        """Seconds kept for one more step and the closing work: a validation of every
+        weight source, the out-of-fold pass with one source, two checkpoint writes, the
+        curves."""
         n_sources = 2 if self.ema is not None else 1
         if self.val_ds is None:
             per_source = 0.0
@@ -565,8 +724,38 @@ class Trainer:
             n_batches = -(-len(self.val_ds) // (self.dist.world_size * self.eval_batch))
             per_source = n_batches * self.step_time * 0.4 * self.eval_batch / self.per_rank
         save = self.save_time if self.save_time is not None else 0.5
-        reserve = self.step_time + per_source * (n_sources + 1) + 2 * save + CLOSE_RESERVE
-        return any_rank(elapsed + reserve > self.budget, self.dist)
+        return self.step_time + per_source * (n_sources + 1) + 2 * save + CLOSE_RESERVE
+
+    def _out_of_time(self) -> bool:
+        """Would one more step, then the closing work, overrun the budget?"""
+        if self.budget is None:
+            return False
+        elapsed = time.perf_counter() - self.t0
+        return any_rank(elapsed + self._reserve() > self.budget, self.dist)
+
+    def _update_progress(self) -> None:
+        """Time mode: the schedule's progress = elapsed / (budget - closing reserve),
+        going on from where a resumed run stopped; never moves backwards. The same value
+        on every rank (rank 0's)."""
+        elapsed = time.perf_counter() - self.t0
+        horizon = max(1e-6, self.budget - self._reserve())
+        p = self.progress0 + (1.0 - self.progress0) * elapsed / horizon
+        if self.dist.enabled:
+            t = torch.tensor([p], dtype=torch.float64,
+                             device=self.device if torch.distributed.get_backend() == "nccl" else "cpu")
+            torch.distributed.broadcast(t, 0)
+            p = float(t.item())
+        self.schedule.progress = min(1.0, max(self.schedule.progress, p))
+        for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            g["lr"] = base * self.schedule(self.step)
+
+    def _restart_snapshot(self) -> None:
+        """cosine_restarts in time mode: when the next step starts a new cycle, save the
+        weights that ended the previous one (trained at its learning-rate minimum)."""
+        k = self.schedule.cycle_index(self.step)
+        if k > self.cycle:
+            self._save(snapshot=self.cycle + 1)
+            self.cycle = k
 
     def _postfix(self, bar) -> None:
         loss = float(self.loss_sum / max(1, self.loss_count))
@@ -581,22 +770,30 @@ class Trainer:
 
     def fit(self) -> Dict[str, Any]:
         cfg = self.cfg
-        bar = progress_bar(total=self.total_steps, initial=self.step, desc=f"{cfg.model} fold {cfg.fold}",
-                           unit="step", disable=not self.dist.is_main)
+        restarts = cfg.schedule == "cosine_restarts"
+        bar = progress_bar(total=self.total_steps or None, initial=self.step,
+                           desc=f"{cfg.model} fold {cfg.fold}", unit="step", disable=not self.dist.is_main)
         reason = None
         self.raw.train()
         try:
-            while self.epoch < cfg.epochs and reason is None:
-                for x, y, *_ in self._train_loader(self.epoch, self.batch):
+            while (self.time_mode or self.epoch < cfg.epochs) and reason is None:
+                for x, y, *rest in self._train_loader(self.epoch, self.batch):
                     if self._out_of_time():
                         reason = "time_budget"
                         break
+                    if self.time_mode:
+                        self._update_progress()
+                        if restarts:
+                            self._restart_snapshot()
                     start = time.perf_counter()
                     x = x.to(self.device, non_blocking=True)
                     y = y.to(self.device, non_blocking=True)
+                    fam_idx = self._family_index(rest[0]) if rest else None
                     if cfg.flip_prob > 0:
                         x, y = self._flip(x, y, self.epoch, self.batch)
-                    self.loss_sum += self._train_batch(x, y)
+                    if cfg.scale_prob > 0 or cfg.noise_prob > 0:
+                        x = self._augment(x, self.epoch, self.batch)
+                    self.loss_sum += self._train_batch(x, y, fam_idx)
                     self.loss_count += 1
                     self.step += 1
                     self.batch += 1
@@ -618,16 +815,19 @@ class Trainer:
                 self.epoch, self.batch = self.epoch + 1, 0
                 self._evaluate(partial=False)
                 snapshot = None
-                if cfg.schedule == "cosine_restarts" and self.epoch % cfg.restart_epochs == 0:
-                    snapshot = self.epoch // cfg.restart_epochs
+                if restarts and not self.time_mode and self.epoch % cfg.restart_epochs == 0:
+                    snapshot = self.epoch // cfg.restart_epochs   # the cycle ended on this step
+                    self.cycle = snapshot
                 if cfg.patience and self.val_ds is not None and self.bad_evals >= cfg.patience:
                     reason = "early_stopping"
                 elif cfg.max_steps and self.step >= cfg.max_steps:
                     reason = "max_steps"
-                elif self.epoch >= cfg.epochs:
+                elif not self.time_mode and self.epoch >= cfg.epochs:
                     reason = "completed"
                 if reason is None and self._out_of_time():
                     reason = "time_budget"
+                if self.time_mode and restarts and reason == "time_budget":
+                    snapshot = self.cycle + 1   # the budget's end closes the last cycle
                 self.stopped_reason = reason
                 self._save(best=self._improved, snapshot=snapshot)
                 if self.dist.is_main:
@@ -636,7 +836,8 @@ class Trainer:
             self.stopped_reason = reason
             if self.batch:     # stopped mid-epoch: evaluate what we have, checkpoint resumably
                 self._evaluate(partial=True)
-                self._save(best=self._improved)
+                snapshot = self.cycle + 1 if (self.time_mode and restarts and reason == "time_budget") else None
+                self._save(best=self._improved, snapshot=snapshot)
                 if self.dist.is_main:
                     self.csv.append(self.history[-1])
         finally:
@@ -674,7 +875,8 @@ class Trainer:
         from fwi_core.models import create_model
         model = create_model(self.cfg.model, **self.cfg.model_kwargs).to(self.device)
         model.load_state_dict(ckpt["ema"] if source == "ema" else ckpt["model"])
-        maes, pred, target = self._predict({source: model}, keep=source)
+        values, pred, target = self._predict({source: model}, keep=source)
+        maes = {source: values[source]}
         path = self.out / f"oof_fold{self.cfg.fold}.npz"
         if self.dist.is_main:
             with atomic_path(path, suffix=".npz") as tmp:

@@ -1,15 +1,34 @@
 """Optimiser, learning-rate schedule and mixed precision for the engine.
 
-Schedules are torch's, stepped once per optimizer step: ``cosine``
-(CosineAnnealingLR), ``cosine_restarts`` (CosineAnnealingWarmRestarts, one cycle per
-``restart_epochs``: the snapshot-ensemble schedule of Huang et al. 2017), ``onecycle``
-(OneCycleLR, whose rising phase is the warm-up) and ``constant``; all but onecycle get a
-linear warm-up over ``warmup_steps`` through SequentialLR + LinearLR.
+Schedules (``constant``, ``cosine``, ``onecycle``, ``cosine_restarts``) are multiplicative
+factors of the base learning rate written as functions of *progress*, run by torch's
+``LambdaLR`` and stepped once per optimizer step. Progress is either the step count over
+the run's length in steps (``epochs > 0``), or the elapsed time over the time budget
+(``epochs = 0``: the schedule spans the budget, so cosine and OneCycle reach their minimum
+near the deadline and the last warm-restart cycle ends on it). torch's own schedulers
+count steps against a length fixed at construction, which can do neither this nor a
+resume with a different length, hence :class:`LRSchedule`:
+
+- ``cosine``: linear warm-up over ``warmup_steps`` from 1% of the rate, then a half cosine
+  down to ``min_lr``, reached at the last step;
+- ``onecycle``: OneCycle (Smith 2018, torch's ``OneCycleLR`` shape): cosine rise from
+  1/25 of the rate to the peak at ``warmup_steps`` (30% of the run without warm-up), then
+  a cosine down to 1/25/1e4 of it;
+- ``cosine_restarts``: cycles of ``restart_epochs`` epochs (or, in time mode,
+  ``restart_cycles`` equal slices of the budget), each a half cosine from the rate down
+  to ``min_lr`` at its last step, the warm-up inside the first cycle: the snapshot saved
+  at each cycle end is taken at the learning-rate minimum (Huang et al. 2017);
+- ``constant``: the rate (after the optional warm-up).
+
+Resuming with another length (more epochs, a new budget) rebases the schedule at the
+current step: from the rate it has reached, it anneals over the new remainder instead of
+jumping (``LRSchedule.rebase``).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -20,7 +39,10 @@ from .errors import ConfigError
 
 log = logging.getLogger("fwi_core.train")
 
-WARMUP_START = 0.01   # warm-up starts at 1% of the learning rate
+WARMUP_START = 0.01          # warm-up starts at 1% of the learning rate
+ONECYCLE_DIV = 25.0          # OneCycle starts at rate / 25 (torch's div_factor)
+ONECYCLE_FINAL_DIV = 1e4     # and ends at rate / 25 / 1e4 (final_div_factor)
+ONECYCLE_PCT = 0.3           # rising part without warm-up (torch's pct_start)
 
 
 def build_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -33,31 +55,152 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.
     raise ConfigError(f"optimizer={name!r} is not one of {', '.join(OPTIMIZERS)}")
 
 
+def _cos(q: float) -> float:
+    """Half cosine from 1 (q = 0) to 0 (q = 1), clamped outside."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, q))))
+
+
+class LRSchedule:
+    """The learning-rate factor as a function of the step (``LambdaLR``'s ``lr_lambda``).
+
+    Step mode (``total_steps`` > 0): step ``i`` (0-based) runs at factor ``f(i)`` with
+    progress ``i / (total_steps - 1)``. Time mode (``total_steps`` = 0): the engine sets
+    :attr:`progress` (elapsed / budget, in [0, 1]) before each step and the factor follows
+    it; warm-up still counts steps. All state is plain attributes, so ``LambdaLR`` saves
+    it in its ``state_dict`` and a resumed run continues where it stopped.
+
+    Args:
+        name: constant | cosine | onecycle | cosine_restarts.
+        total_steps: the run's length in optimizer steps, or 0 for time mode.
+        warmup_steps: linear warm-up steps (onecycle: the rising phase).
+        min_ratio: ``min_lr / lr``, the floor of the cosine schedules.
+        cycle_steps: cosine_restarts cycle length in steps (step mode).
+        cycles: cosine_restarts number of cycles over the budget (time mode).
+    """
+
+    def __init__(self, name: str, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0,
+                 cycle_steps: int = 0, cycles: int = 1):
+        if name not in SCHEDULES:
+            raise ConfigError(f"schedule={name!r} is not one of {', '.join(SCHEDULES)}")
+        self.name = name
+        self.total = max(0, int(total_steps))
+        self.warmup = max(0, int(warmup_steps))
+        if self.total:
+            self.warmup = min(self.warmup, self.total - 1)
+        self.min_ratio = float(min_ratio)
+        self.cycle_steps = int(cycle_steps)
+        self.cycles = max(1, int(cycles))
+        if name == "cosine_restarts" and self.total and self.cycle_steps < 2:
+            raise ConfigError(f"cosine_restarts: a cycle of {self.cycle_steps} optimizer step(s) cannot anneal; "
+                              "raise restart_epochs or lower batch_size (2 steps per cycle at least)")
+        self.progress = 0.0      # time mode: set by the engine
+        self.step_offset = 0     # rebase: the step and factor a resumed run starts from
+        self.base_factor: Optional[float] = None
+        self.base_progress = 0.0
+
+    @property
+    def time_mode(self) -> bool:
+        return self.total == 0
+
+    # ------------------------------------------------------------------ progress
+    def _progress(self, step: int) -> float:
+        if self.time_mode:
+            return min(1.0, max(0.0, self.progress))
+        return min(1.0, step / max(1, self.total - 1))
+
+    def _shape(self, step: int, p: float) -> float:
+        """The schedule's own factor at ``step`` / progress ``p`` (no rebase)."""
+        if self.name == "onecycle":
+            peak = self.warmup if self.warmup else None
+            start = 1.0 / ONECYCLE_DIV
+            final = start / ONECYCLE_FINAL_DIV
+            if peak is not None:
+                if step < peak:
+                    return start + (1.0 - start) * (1.0 - _cos(step / peak))
+                p_peak = peak / max(1, self.total - 1) if not self.time_mode else 0.0
+            else:
+                p_peak = ONECYCLE_PCT
+                if p < p_peak:
+                    return start + (1.0 - start) * (1.0 - _cos(p / p_peak))
+            return final + (1.0 - final) * _cos((p - p_peak) / max(1e-12, 1.0 - p_peak))
+        if step < self.warmup:
+            return WARMUP_START + (1.0 - WARMUP_START) * step / self.warmup
+        if self.name == "constant":
+            return 1.0
+        lo = self.min_ratio
+        if self.name == "cosine":
+            if self.time_mode:
+                q = p
+            else:
+                q = (step - self.warmup) / max(1, self.total - 1 - self.warmup)
+            return lo + (1.0 - lo) * _cos(q)
+        # cosine_restarts: position within the cycle; the first cycle holds the warm-up
+        if self.time_mode:
+            k = min(self.cycles - 1, int(p * self.cycles))
+            q = p * self.cycles - k
+            if k == 0 and self.warmup:
+                q = max(0.0, q)   # warm-up is step-based, then the cosine from where q has got to
+            return lo + (1.0 - lo) * _cos(q)
+        k, i = divmod(step, self.cycle_steps)
+        if k == 0:
+            q = (i - self.warmup) / max(1, self.cycle_steps - 1 - self.warmup)
+        else:
+            q = i / (self.cycle_steps - 1)
+        return lo + (1.0 - lo) * _cos(q)
+
+    def cycle_index(self, step: int) -> int:
+        """cosine_restarts: the 0-based cycle that optimizer step ``step`` belongs to."""
+        if self.time_mode:
+            return min(self.cycles - 1, int(self._progress(step) * self.cycles))
+        return step // max(1, self.cycle_steps)
+
+    def __call__(self, step: int) -> float:
+        p = self._progress(step)
+        if self.base_factor is None or self.name in ("constant", "cosine_restarts"):
+            return self._shape(step, p)
+        # rebased (resumed with another length): from the factor reached at the resume
+        # point, anneal along the schedule's remaining shape over the new remainder
+        if self.time_mode:
+            q = (p - self.base_progress) / max(1e-12, 1.0 - self.base_progress)
+        else:
+            q = (step - self.step_offset) / max(1, self.total - 1 - self.step_offset)
+        lo = self.min_ratio if self.name == "cosine" else 1.0 / ONECYCLE_DIV / ONECYCLE_FINAL_DIV
+        return lo + (self.base_factor - lo) * _cos(q)
+
+    def rebase(self, step: int, total_steps: int, factor: float, progress: float) -> None:
+        """Continue from ``step``, where the factor was ``factor`` and the progress
+        ``progress``, with a new length ``total_steps`` (0: time mode, in which the
+        engine's progress goes on from ``progress`` to 1 over the new budget)."""
+        new_total = max(0, int(total_steps))
+        if self.name == "cosine_restarts" and new_total and self.cycle_steps < 2:
+            raise ConfigError("cosine_restarts: a cycle needs 2 optimizer steps at least")
+        rising = step < self.warmup or (self.name == "onecycle" and (
+            step <= self.warmup if self.warmup else progress < ONECYCLE_PCT))
+        self.total = new_total
+        if self.total:
+            self.warmup = min(self.warmup, self.total - 1)
+        if rising or self.name in ("constant", "cosine_restarts"):
+            # nothing annealed yet, or fixed-length cycles: the schedule itself goes on
+            return
+        self.step_offset = int(step)
+        self.base_factor = float(factor)
+        self.base_progress = float(progress)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int,
                     steps_per_epoch: int, warmup_steps: int = 0, min_lr: float = 0.0,
-                    restart_epochs: int = 1) -> sched.LRScheduler:
-    """A per-step schedule over ``total_steps`` optimizer steps (see the module docstring)."""
-    total_steps = max(1, int(total_steps))
-    warmup = min(int(warmup_steps), total_steps - 1)
-    if name == "onecycle":
-        max_lr = [g["lr"] for g in optimizer.param_groups]
-        pct = (warmup + 1) / total_steps if warmup else 0.3   # peak at step `warmup`, as LinearLR
-        return sched.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
-                                pct_start=min(pct, 1.0), anneal_strategy="cos",
-                                cycle_momentum=False)
-    if name == "cosine":
-        main = sched.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup), eta_min=min_lr)
-    elif name == "cosine_restarts":
-        main = sched.CosineAnnealingWarmRestarts(optimizer, T_0=max(1, restart_epochs * steps_per_epoch),
-                                                 eta_min=min_lr)
-    elif name == "constant":
-        main = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    else:
-        raise ConfigError(f"schedule={name!r} is not one of {', '.join(SCHEDULES)}")
-    if not warmup:
-        return main
-    ramp = sched.LinearLR(optimizer, start_factor=WARMUP_START, end_factor=1.0, total_iters=warmup)
-    return sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+                    restart_epochs: int = 1, restart_cycles: int = 1) -> sched.LambdaLR:
+    """A per-step schedule (see the module docstring); ``total_steps = 0`` selects time
+    mode, in which the caller sets ``scheduler.lr_lambdas[0].progress`` before each step."""
+    base = optimizer.param_groups[0]["lr"]
+    fn = LRSchedule(name, total_steps, warmup_steps, min_lr / base if base > 0 else 0.0,
+                    cycle_steps=restart_epochs * steps_per_epoch, cycles=restart_cycles)
+    return sched.LambdaLR(optimizer, fn)
+
+
+def schedule_of(scheduler: sched.LambdaLR) -> LRSchedule:
+    """The :class:`LRSchedule` behind a scheduler made by :func:`build_scheduler`."""
+    return scheduler.lr_lambdas[0]
 
 
 def _autocast_works(device_type: str, dtype: torch.dtype) -> bool:
