@@ -186,3 +186,76 @@ class UNetDecoder(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, skips[i] if i < len(skips) else None)
         return x
+
+
+def check_prior(prior: Optional[torch.Tensor], batch: int, model_name: str) -> None:
+    """Raise ``ValueError`` unless ``prior`` is None or a float tensor (batch, 1, 70, 70):
+    a backbone's normalised velocity prediction, given to members trained on residuals."""
+    if prior is None:
+        return
+    shape = (batch, 1) + VELOCITY_SHAPE
+    if not torch.is_tensor(prior) or tuple(prior.shape) != shape or not prior.is_floating_point():
+        got = (f"{tuple(prior.shape)} {prior.dtype}" if torch.is_tensor(prior) else type(prior).__name__)
+        raise ValueError(f"{model_name}: prior must be the backbone's normalised velocity, a float "
+                         f"tensor of shape {shape} = (batch, 1, depth, x), got {got}")
+
+
+def prior_channels(prior: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Two channels for a prior-aware member: ``[prior, 1]`` with a prior, ``[0, 0]`` without
+    (the indicator tells "no prior" from a prior of 0, i.e. 3000 m/s).
+
+    Args:
+        prior: (B, 1, 70, 70) or None.
+        like: (B, C, H, W) tensor whose batch, size, dtype and device the result takes
+            (the prior is resized bilinearly when (H, W) != (70, 70)).
+    Returns:
+        (B, 2, H, W).
+    """
+    b, _, h, w = like.shape
+    if prior is None:
+        return like.new_zeros(b, 2, h, w)
+    p = prior.to(like.dtype)
+    if tuple(p.shape[-2:]) != (h, w):
+        p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+    return torch.cat([p, torch.ones_like(p)], dim=1)
+
+
+def interpolation_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) matrix of 1-D linear interpolation with ``align_corners=False``
+    (the same sample positions as ``F.interpolate(mode='linear')``); rows sum to 1."""
+    eye = torch.eye(n_in, dtype=torch.float64).unsqueeze(0)               # (1, n_in, n_in)
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.float()
+
+
+class GatherToGrid(nn.Module):
+    """Encoder from shot gathers to a feature grid on the velocity map's 70 x 70 cells.
+
+    Convs along time at stride (2, 1) squeeze 1000 samples to 125 (as InversionNet's
+    first blocks), a 3x3 conv mixes neighbouring receivers, then a learned linear map along
+    the time axis (125 -> 70 depth rows, shared by every channel and receiver column,
+    initialised as linear interpolation) turns time into depth, and a 3x3 conv follows.
+
+    Args:
+        width: channels w of the time convs (w, w, 2w).
+        out_channels: channels of the output grid.
+        act: activation name (:func:`act_layer`).
+
+    Shapes: (B, 5, 1000, 70) -> (B, w, 500, 70) -> (B, w, 250, 70) -> (B, 2w, 125, 70)
+    -> time-to-depth (B, 2w, 70, 70) -> (B, out_channels, 70, 70).
+    """
+
+    def __init__(self, width: int = 32, out_channels: int = 64, act: str = "relu"):
+        super().__init__()
+        w = width
+        self.time_convs = nn.Sequential(
+            ConvBnAct(5, w, (7, 1), stride=(2, 1), padding=(3, 0), act=act),
+            ConvBnAct(w, w, (3, 1), stride=(2, 1), padding=(1, 0), act=act),
+            ConvBnAct(w, 2 * w, (3, 1), stride=(2, 1), padding=(1, 0), act=act),
+            ConvBnAct(2 * w, 2 * w, 3, act=act))
+        self.time_to_depth = nn.Parameter(interpolation_matrix(125, VELOCITY_SHAPE[0]))
+        self.out = ConvBnAct(2 * w, out_channels, 3, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.time_convs(x)                                             # (B, 2w, 125, 70)
+        x = torch.einsum("bctx,dt->bcdx", x, self.time_to_depth.to(x.dtype))  # (B, 2w, 70, 70)
+        return self.out(x)                                                 # (B, C, 70, 70)

@@ -22,9 +22,10 @@ TINY = {
     "caformer_unet*": dict(backbone_kwargs=dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)),
                            decoder_channels=(16, 8, 8)),
     "invertible_unet*": dict(width=4, latent_channels=4, hidden=8, blocks_per_level=1),
+    "egnn*": dict(hidden=16, layers=2, trace_dim=8, trace_width=8, decoder_dim=8, heads=2),
 }
 EXPECTED = {"inversionnet", "inversionnet_small", "specproj_unet", "convnext_unet",
-            "caformer_unet", "invertible_unet"}
+            "caformer_unet", "invertible_unet", "egnn"}
 
 
 def tiny(name, **overrides):
@@ -119,6 +120,28 @@ def test_package_imports_without_timm():
             "m.create_model('inversionnet', width=0.125)\n"
             "try:\n    m.create_model('convnext_unet')\n"
             "except ImportError as e:\n    assert 'pip install timm' in str(e); print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+@pytest.mark.parametrize("blocked, names, hint", [
+    ("torch_geometric", ["egnn"], "pip install torch-geometric"),
+])
+def test_package_imports_without_graph_libraries(blocked, names, hint):
+    """The registry lists the graph members without their optional library; building one
+    raises an ImportError that says what to install, here and on Kaggle."""
+    code = (f"import sys; sys.modules[{blocked!r}] = None\n"
+            "import fwi_core.models as m\n"
+            f"assert set({names!r}) <= set(m.list_models())\n"
+            "m.create_model('inversionnet', width=0.125)\n"
+            f"for name in {names!r}:\n"
+            "    try:\n        m.create_model(name)\n"
+            "    except ImportError as e:\n"
+            f"        assert {hint!r} in str(e) and 'Kaggle' in str(e) and 'wheels dataset' in str(e), e\n"
+            "    else:\n        raise AssertionError(name + ' built without ' + sys.argv[0])\n"
+            "print('ok')\n")
     env = dict(os.environ, PYTHONPATH=REPO)
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
