@@ -22,10 +22,11 @@ TINY = {
     "caformer_unet*": dict(backbone_kwargs=dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)),
                            decoder_channels=(16, 8, 8)),
     "invertible_unet*": dict(width=4, latent_channels=4, hidden=8, blocks_per_level=1),
+    "residual_stacker*": dict(width=4),
     "egnn*": dict(hidden=16, layers=2, trace_dim=8, trace_width=8, decoder_dim=8, heads=2),
 }
 EXPECTED = {"inversionnet", "inversionnet_small", "specproj_unet", "convnext_unet",
-            "caformer_unet", "invertible_unet", "egnn"}
+            "caformer_unet", "invertible_unet", "egnn", "residual_stacker"}
 
 
 def tiny(name, **overrides):
