@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
-__all__ = ["ContinuousCRF", "tune_crf"]
+__all__ = ["ContinuousCRF", "tune_crf", "default_crf_ms"]
 
 #: Names of the CRF's positive hyper-parameters (learned when ``trainable=True``).
 PARAMETER_NAMES = ("lambda_spatial", "lambda_feature", "temperature", "theta_spatial",
@@ -236,6 +236,20 @@ class ContinuousCRF(nn.Module):
 
 
 # ------------------------------------------------------------------------------ tuning
+#: The default ``temperature`` (0.05) is in normalised velocity units ([-1, 1] for
+#: 1500..4500 m/s); one normalised unit is 1500 m/s.
+MS_PER_NORMALISED_UNIT = 1500.0
+
+
+def default_crf_ms(**overrides) -> "ContinuousCRF":
+    """The default CRF for predictions in m/s: the default ``temperature`` converted from
+    normalised units (x 1500 m/s), so it smooths m/s maps exactly as the default CRF
+    smooths the same maps normalised."""
+    kwargs = {"temperature": 0.05 * MS_PER_NORMALISED_UNIT}
+    kwargs.update(overrides)
+    return ContinuousCRF(**kwargs)
+
+
 def _robust_scale(x: torch.Tensor) -> float:
     """Median absolute difference between horizontal and vertical neighbours (all channels)."""
     d = torch.cat([(x[..., 1:, :] - x[..., :-1, :]).abs().flatten(),

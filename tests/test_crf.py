@@ -1,3 +1,4 @@
+import sys
 """Tests for fwi_core.crf: monotone energy, denoising of a layered map, fixed points,
 training through the unrolled iterations, and tuning."""
 import math
@@ -163,18 +164,38 @@ def test_tune_crf_grid_improves_on_cnn():
     assert math.isclose(mae(refined, truth).mean().item(), res["crf_mae"], rel_tol=1e-4)
 
 
-def test_tune_crf_custom_grid_and_optuna_fallback():
+def test_tune_crf_custom_grid_and_optuna_fallback(monkeypatch):
     torch.manual_seed(1)
     truth = layered_map(24).repeat(2, 1, 1, 1)
     preds = truth + 30.0 * torch.randn_like(truth)
     grid = {"temperature": [1.0, 60.0]}
     res = tune_crf(preds, truth, guides=preds, grid=grid, base_config={"iterations": 5})
     assert res["best_config"]["temperature"] == pytest.approx(60.0)
-    try:
-        import optuna  # noqa: F401
-        res = tune_crf(preds, truth, n_trials=4, base_config={"iterations": 3})
-        assert len(res["trials"]) == 4
-    except ImportError:
-        with pytest.warns(UserWarning, match="optuna"):
-            res = tune_crf(preds, truth, grid=grid, n_trials=4, base_config={"iterations": 3})
-        assert len(res["trials"]) == 2
+    # the optuna branch (optuna is a dev requirement): TPE samples the documented ranges
+    pytest.importorskip("optuna")
+    res = tune_crf(preds, truth, n_trials=6, base_config={"iterations": 3})
+    assert len(res["trials"]) == 6
+    thetas = {round(cfg["theta_feature"], 6) for cfg, _ in res["trials"]}
+    assert len(thetas) == 6 and all(0.5 <= t <= 4.0 for t in thetas)      # sampled, not a grid
+    assert all("lambda_spatial" in cfg and cfg["iterations"] == 3 for cfg, _ in res["trials"])
+    best_cfg, best = min(res["trials"], key=lambda t: t[1])
+    assert res["crf_mae"] == best and res["best_config"]["theta_feature"] == pytest.approx(best_cfg["theta_feature"])
+    assert res["crf_mae"] < res["cnn_mae"]
+    # without optuna: a warning and the grid
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    with pytest.warns(UserWarning, match="optuna"):
+        res = tune_crf(preds, truth, grid=grid, n_trials=4, base_config={"iterations": 3})
+    assert len(res["trials"]) == 2
+
+
+def test_default_crf_ms_matches_the_default_crf_on_normalised_maps():
+    from fwi_core.crf import default_crf_ms
+    from fwi_core.data import denormalize_velocity, normalize_velocity
+
+    torch.manual_seed(2)
+    truth = layered_map(24).repeat(2, 1, 1, 1)
+    preds = (truth + 40.0 * torch.randn_like(truth)).clamp(1500, 4500)
+    want = denormalize_velocity(ContinuousCRF()(normalize_velocity(preds)))
+    got = default_crf_ms()(preds)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-2)
+    assert (got - preds).abs().mean() > 5.0          # it does smooth m/s maps

@@ -7,7 +7,8 @@
 Prints MAE (overall and per family) with the competition's MAE (odd columns), RMSE, SSIM
 and boundary IoU; ``--physics N`` adds the physical-consistency score (normalised seismic
 misfit of the predicted maps, simulated with the exact forward model) on N samples;
-``--crf`` also scores the predictions after a continuous-CRF pass; ``--mc-dropout T``
+``--crf`` also scores the predictions after a continuous-CRF pass (the tuned ``crf.json``
+beside the checkpoint when there is one, else the default CRF with its temperature in m/s); ``--mc-dropout T``
 predicts with T Monte Carlo dropout passes and reports the uncertainty's calibration
 (Gaussian NLL, 90% interval coverage, calibration error).
 """
@@ -33,7 +34,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--families", nargs="*", default=None)
     ap.add_argument("--physics", type=int, default=0, metavar="N",
                     help="physical-consistency score on the first N samples (about 0.2-0.6 s each)")
-    ap.add_argument("--crf", action="store_true", help="also score after a default continuous-CRF pass")
+    ap.add_argument("--crf", action="store_true",
+                    help="also score after a continuous-CRF pass: the tuned crf.json beside the checkpoint, "
+                         "else the default CRF in m/s units")
     ap.add_argument("--mc-dropout", type=int, default=0, metavar="T",
                     help="predict with T Monte Carlo dropout passes and score the uncertainty's calibration")
     ap.add_argument("--json", type=Path, default=None, help="write the table as JSON here")
@@ -70,15 +73,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.crf:
         import torch
 
-        from fwi_core.crf import ContinuousCRF
+        from fwi_core.crf import default_crf_ms
+        from fwi_core.inference import load_crf
         from fwi_core.metrics import mae, per_family
 
-        crf = ContinuousCRF()
+        # the CRF the train kernel tuned (crf.json beside the checkpoint) if there is one,
+        # else the default CRF with its temperature converted to m/s: predictions are in m/s
+        crf = load_crf(a.checkpoint)
+        source = "tuned crf.json" if crf is not None else "default, m/s units"
+        crf = crf if crf is not None else default_crf_ms()
         with torch.no_grad():
             refined = crf(torch.from_numpy(res["pred"]).float()).numpy()
         crf_mae = per_family(mae(refined, res["true"]), list(res["family"]))
-        print("\nMAE after CRF:", ", ".join(f"{k} {v:.2f}" for k, v in crf_mae.items()))
+        print(f"\nMAE after CRF ({source}):", ", ".join(f"{k} {v:.2f}" for k, v in crf_mae.items()))
         out["crf_mae"] = crf_mae
+        out["crf"] = {"source": source, "config": crf.config()}
     if a.physics:
         from fwi_core.metrics import per_family, physical_consistency
 

@@ -29,7 +29,7 @@ exactly invertible for every dropout draw.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -197,7 +197,7 @@ class InvertibleUNet(nn.Module):
         return y[:, 1:].pow(2).mean()
 
     def inverse_consistency(self, x: torch.Tensor, drop_aux: bool = True,
-                            eps: float = 1e-6) -> torch.Tensor:
+                            eps: float = 1e-6, velocity: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-sample score (B,): ``||flow^-1(y') - z|| / ||z||``.
 
         With ``drop_aux`` (default), y' = (atanh of the predicted velocity, clamped inside
@@ -205,11 +205,20 @@ class InvertibleUNet(nn.Module):
         prediction does not explain. It grows when tanh saturates and, for a model trained
         with :meth:`latent_penalty`, when an input leaves the training distribution: use
         it as a metric and flag predictions above a threshold set on validation data.
+        With ``velocity`` (normalised (B, 1, 70, 70), e.g. the ensemble's prediction after
+        the CRF) that map replaces the model's own velocity channel: the score then says
+        how consistent the final map is with the latent of the input's gathers.
         With ``drop_aux=False``, y' = y: the round-trip error of the flow, about 1e-7 in
         float32 (a numerical-health check).
         """
         z, y = self.forward_features(x)
-        if drop_aux:
+        if velocity is not None:
+            if tuple(velocity.shape) != (x.shape[0], 1, *y.shape[-2:]):
+                raise ValueError(f"inverse_consistency: velocity must be ({x.shape[0]}, 1, "
+                                 f"{y.shape[-2]}, {y.shape[-1]}) normalised, got {tuple(velocity.shape)}")
+            v = velocity.to(y.dtype).clamp(-1 + eps, 1 - eps)
+            y = torch.cat([torch.atanh(v), torch.zeros_like(y[:, 1:])], dim=1)
+        elif drop_aux:
             v = torch.tanh(y[:, :1]).clamp(-1 + eps, 1 - eps)
             y = torch.cat([torch.atanh(v), torch.zeros_like(y[:, 1:])], dim=1)
         err = (self.inverse(y) - z).flatten(1).norm(dim=1)

@@ -8,14 +8,14 @@ platform defaults.
 
 Command line: ``python -m fwi_core.train --help`` (also under ``torchrun``).
 """
-from .checkpoint import CheckpointManager, load_checkpoint, load_model, read_metadata
+from .checkpoint import CheckpointManager, family_sources, load_checkpoint, load_model, read_metadata
 from .config import AMP_MODES, MONITORS, OPTIMIZERS, SCHEDULES, TrainConfig
 from .engine import summarize, train
 from .errors import CheckpointError, ConfigError, TrainError
 from .losses import boundary_loss, velocity_loss
 from .platform import Platform, detect_platform
 
-__all__ = ["TrainConfig", "train", "load_model", "detect_platform", "Platform", "read_metadata",
+__all__ = ["TrainConfig", "train", "load_model", "family_sources", "detect_platform", "Platform", "read_metadata",
            "load_checkpoint", "CheckpointManager", "summarize", "boundary_loss", "velocity_loss",
            "TrainError", "ConfigError", "CheckpointError", "AMP_MODES", "SCHEDULES", "OPTIMIZERS",
            "MONITORS"]

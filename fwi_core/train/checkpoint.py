@@ -189,8 +189,17 @@ def resolve_resume(resume: Optional[str], out_dir: PathLike) -> Optional[Path]:
 
 
 # ------------------------------------------------------------------------- loading models
+def family_sources(path: PathLike) -> Dict[str, str]:
+    """Per family, the weights ("raw" or "ema") that validated better in the evaluation
+    saved with the checkpoint (``metadata["metrics"]["per_family"]``); empty when the
+    checkpoint holds no validation metrics."""
+    meta = read_metadata(path)
+    table = (meta.get("metrics") or {}).get("per_family") or {}
+    return {fam: e["source"] for fam, e in table.items() if e.get("source") in ("raw", "ema")}
+
+
 def load_model(path: PathLike, weights: str = "auto", device: Union[str, torch.device] = "cpu",
-               strict: bool = True) -> torch.nn.Module:
+               strict: bool = True, family: Optional[str] = None) -> torch.nn.Module:
     """Rebuild a trained model from a checkpoint, ready for inference.
 
     The architecture comes from the metadata (``create_model(model, **model_kwargs)``).
@@ -199,8 +208,13 @@ def load_model(path: PathLike, weights: str = "auto", device: Union[str, torch.d
         path: a checkpoint (``best.pt``, ``ckpt-*.pt``, ``snapshot-*.pt``).
         weights: "raw", "ema", or "auto": the weights that validated better overall
             (``metadata["metrics"]["source"]``; EMA when no metrics were recorded and EMA
-            weights exist).
+            weights exist), or, with ``family``, the better ones for that family.
         device: where to put the model.
+        family: a family name: with ``weights="auto"``, load the weights (raw or EMA) that
+            validated better on that family at this checkpoint (:func:`family_sources`);
+            a family the validation did not see falls back to the overall choice. Use it
+            when the family of the inputs is known or predicted (one model per family);
+            an ensemble can hold both weights as two members instead.
 
     Returns:
         The model in eval mode, with the checkpoint's metadata as ``model.fwi_metadata``
@@ -213,13 +227,22 @@ def load_model(path: PathLike, weights: str = "auto", device: Union[str, torch.d
     if weights not in ("auto", "raw", "ema"):
         raise ValueError(f"load_model: weights must be 'auto', 'raw' or 'ema', got {weights!r}")
     if weights == "auto":
-        source = (meta.get("metrics") or {}).get("source")
+        per_family = ((meta.get("metrics") or {}).get("per_family") or {}).get(family or "", {})
+        source = per_family.get("source") or (meta.get("metrics") or {}).get("source")
         weights = source or ("ema" if ckpt.get("ema") is not None else "raw")
     state = ckpt["ema"] if weights == "ema" else ckpt["model"]
     if state is None:
         raise CheckpointError(f"{path}: holds no EMA weights (trained with ema_decay=0); use weights='raw'")
-    model = create_model(meta["model"], **meta.get("model_kwargs", {}))
-    model.load_state_dict(state, strict=strict)
+    try:
+        model = create_model(meta["model"], **meta.get("model_kwargs", {}))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:   # RuntimeError: unknown model
+        raise CheckpointError(f"{path}: cannot rebuild model {meta.get('model')!r} from its metadata "
+                              f"({type(exc).__name__}: {exc})") from exc
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"{path}: the weights do not fit model {meta['model']!r} ({first})") from exc
     model.fwi_metadata = meta
     model.fwi_weights = weights
     return model.to(device).eval()

@@ -47,10 +47,13 @@ def _fmt(v):
 
 
 def save_curves(history: Sequence[Dict], path: os.PathLike) -> bool:
-    """Plot train loss and validation MAE (raw, EMA) against the epoch into ``path``
-    with :func:`fwi_core.plotting.plot_curves`; False when matplotlib is missing or the
+    """Plot train loss, validation MAE (raw, EMA) and the per-family validation MAE
+    against the epoch into ``path`` with :func:`fwi_core.plotting.plot_curves` (the same
+    three panels the train kernel shows); False when matplotlib is missing or the
     history holds nothing to plot."""
-    keys = [k for k in ("train_loss", "val_mae_raw", "val_mae_ema") if any(k in r for r in history)]
+    present = list(dict.fromkeys(k for r in history for k in r))
+    keys = [k for k in ("train_loss", "val_mae_raw", "val_mae_ema") if k in present]
+    keys += [k for k in present if k.startswith(("mae_raw/", "mae_ema/"))]   # the per-family panel
     if not history or not keys:
         return False
     try:

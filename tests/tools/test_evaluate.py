@@ -15,7 +15,17 @@ def checkpoint(fake_root, tmp_path):
 
 
 def test_evaluate_prints_metrics_per_family(fake_root, checkpoint, tmp_path, capsys):
+    import numpy as np
+    import torch
+
+    from fwi_core.crf import default_crf_ms
+    from fwi_core.data import FWIDataset, index_train
+    from fwi_core.inference import predict_dataset, score_predictions, score_uncertainty
+    from fwi_core.metrics import mae, per_family, physical_consistency
+    from fwi_core.train import load_model
+
     out = tmp_path / "metrics.json"
+    torch.manual_seed(0)
     assert evaluate.main(["--data", str(fake_root), "--checkpoint", checkpoint, "--json", str(out),
                           "--flip-tta", "--crf", "--physics", "1", "--batch-size", "4", "--mc-dropout", "3"]) == 0
     text = capsys.readouterr().out
@@ -23,11 +33,39 @@ def test_evaluate_prints_metrics_per_family(fake_root, checkpoint, tmp_path, cap
     for fam in ("CurveFault_B", "FlatVel_A", "Style_A", "all"):
         assert fam in text
     data = json.loads(out.read_text())
-    assert set(data["metrics"]["all"]) == {"mae", "competition_mae", "rmse", "ssim", "boundary_iou"}
-    assert data["metrics"]["all"]["mae"] > 0
-    assert set(data["crf_mae"]) >= {"all"} and set(data["physical_consistency"]) >= {"all"}
-    unc = data["uncertainty"]["all"]
-    assert set(unc) == {"nll", "coverage90", "calibration_error"} and 0 <= unc["coverage90"] <= 1
+    # the same numbers computed independently (same seed: the same dropout draws)
+    ds = FWIDataset(index_train(fake_root))
+    torch.manual_seed(0)
+    res = predict_dataset([load_model(checkpoint)], ds, batch_size=4, flip_tta=True, mc_passes=3, progress=False)
+    want = score_predictions(res["pred"], res["true"], res["family"])
+    for fam, row in want.items():
+        assert data["metrics"][fam] == pytest.approx(row, rel=1e-6), fam
+    unc = score_uncertainty(res["pred"], res["var"], res["true"], res["family"])
+    assert data["uncertainty"]["all"] == pytest.approx(unc["all"], rel=1e-6)
+    # no crf.json beside the checkpoint: the default CRF in m/s units
+    assert data["crf"]["source"] == "default, m/s units"
+    crf_mae = per_family(mae(default_crf_ms()(torch.from_numpy(res["pred"])).detach().numpy(), res["true"]),
+                         list(res["family"]))
+    assert data["crf_mae"] == pytest.approx(crf_mae, rel=1e-5)
+    obs = np.stack([ds.raw(0)[0]])
+    pc = physical_consistency(res["pred"][:1], obs)
+    assert data["physical_consistency"]["all"] == pytest.approx(float(np.mean(pc)), rel=1e-4)
+
+
+def test_evaluate_crf_uses_the_tuned_crf_json(fake_root, checkpoint, tmp_path, capsys):
+    from pathlib import Path
+
+    from fwi_core.inference import save_crf_config
+
+    cfg = {"window": 5, "iterations": 20, "lambda_feature": 4.0, "lambda_spatial": 1.0, "temperature": 400.0}
+    save_crf_config(cfg, Path(checkpoint).parent)
+    out = tmp_path / "m.json"
+    assert evaluate.main(["--data", str(fake_root), "--checkpoint", checkpoint, "--json", str(out), "--crf",
+                          "--batch-size", "4"]) == 0
+    data = json.loads(out.read_text())
+    assert data["crf"]["source"] == "tuned crf.json"
+    assert data["crf"]["config"]["temperature"] == 400.0 and data["crf"]["config"]["iterations"] == 20
+    assert "MAE after CRF (tuned crf.json)" in capsys.readouterr().out
 
 
 def test_evaluate_reports_missing_inputs(fake_root, tmp_path, capsys):
