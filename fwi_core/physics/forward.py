@@ -103,11 +103,12 @@ def scheme_coefficients(vel: torch.Tensor, geom: "Geometry") -> dict:
         vel: (B,H,W) float32 velocity.
     Returns:
         dict of (B,Hp,Wp) tensors ``temp1``, ``temp2``, ``alpha``, ``beta`` and the padded
-        velocity ``vp``.
+        velocity ``vp``; differentiable w.r.t. ``vel`` except through the sponge's min(v).
     """
     nbc = geom.nbc
     vp = torch.nn.functional.pad(vel[:, None], (nbc, nbc, nbc, nbc), mode="replicate")[:, 0]
-    damp = damping_profile(vp, nbc, geom.dx)
+    # the sponge depends on min(v) only; under autograd that min is a constant (detached)
+    damp = damping_profile(vp.detach(), nbc, geom.dx)
     alpha = (vp * geom.dt / geom.dx) ** 2
     kappa = damp * geom.dt
     c1 = torch.tensor(C1, dtype=torch.float32, device=vel.device)
@@ -347,6 +348,7 @@ def simulate(
     backend: Backend = "auto",
     flush_denormal: bool = True,
     progress: bool = False,
+    checkpoint_every: Optional[int] = None,
 ) -> ArrayLike:
     """Simulate shot gathers for a batch of velocity maps with the host's scheme.
 
@@ -375,11 +377,19 @@ def simulate(
             agreement with the host's data). The calling thread's previous mode is restored
             afterwards; worker threads that torch starts during the call may keep flushing,
             which only affects values below 1e-38.
-        progress: show a progress bar.
+        progress: show a progress bar (not used by the differentiable path).
+        checkpoint_every: differentiable path only: time steps between the wavefield
+            checkpoints kept for the backward pass (default 50, see :mod:`.adjoint`).
 
     Returns:
         float32 seismic of shape (B, n_sources, nt, n_receivers), a numpy array when the
         input was numpy, else a tensor on ``device``.
+
+    Gradients: when ``velocity`` is a tensor that requires grad and grad mode is on, the
+    result carries a ``grad_fn`` and back-propagates to ``velocity`` through the adjoint of
+    the discrete scheme with wavefield checkpointing (:mod:`fwi_core.physics.adjoint`):
+    about 180 MB per sample for nt=1000 at the default ``checkpoint_every=50``. The
+    sponge's min(v) is treated as a constant. The forward values are the fast path's.
     """
     if device is None:
         device = velocity.device if torch.is_tensor(velocity) else torch.device("cpu")
@@ -397,6 +407,7 @@ def simulate(
     if len(geom.source_columns) == 0:
         raise ValueError("simulate: source_columns is empty")
     _validate_range(v, geom, vmin, vmax)
+    chunk_given = batch_chunk is not None
     if batch_chunk is None:
         batch_chunk = 64 if device.type == "cuda" else 2
     if batch_chunk < 1:
@@ -405,6 +416,17 @@ def simulate(
         raise ValueError(f"simulate: backend must be 'auto', 'compile' or 'eager', got {backend!r}")
     if backend == "auto" and v.shape[0] * len(geom.source_columns) * geom.nt < AUTO_COMPILE_MIN_SHOT_STEPS:
         backend = "eager"
+    if torch.is_tensor(velocity) and velocity.requires_grad and torch.is_grad_enabled():
+        from .adjoint import simulate_differentiable
+
+        vg = velocity[:, 0] if velocity.dim() == 4 else velocity
+        if not vg.is_floating_point():
+            raise ValueError(f"simulate: velocity dtype {vg.dtype} cannot require grad")
+        if not chunk_given and device.type == "cuda":
+            batch_chunk = 16  # the backward keeps checkpoint_every fields per map of a chunk
+        return simulate_differentiable(vg.to(device=device, dtype=torch.float32), geom,
+                                       batch_chunk=int(batch_chunk), checkpoint_every=checkpoint_every,
+                                       backend=backend, flush_denormal=flush_denormal)
     restore = None
     if flush_denormal and device.type == "cpu":
         restore = denormals_flushed()
