@@ -20,28 +20,51 @@ class TinyNet(nn.Module):
     Args:
         drop: dropout probability (exercises the RNG in resume tests).
         oom_above: raise a (fake) out-of-memory error for batches larger than this.
+        oom_rank: with ``oom_above``, only the DDP process of this rank runs out of memory.
         delay: seconds to sleep per forward (for time-budget tests).
         bn: include a BatchNorm layer.
+        num_families: > 0 adds per-family output biases and a family head, like
+            SpecProjUNet: ``forward(x, family_idx)`` / ``auxiliary_losses(family_idx)``.
     """
 
     def __init__(self, hidden: int = 16, drop: float = 0.0, oom_above: int = 0, delay: float = 0.0,
-                 bn: bool = False):
+                 bn: bool = False, num_families: int = 0, oom_rank: int = -1):
         super().__init__()
         self.conv = nn.Conv2d(5, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4) if bn else nn.Identity()
         self.fc1 = nn.Linear(4 * T * R, hidden)
         self.fc2 = nn.Linear(hidden, H * W)
         self.drop = nn.Dropout(drop)
-        self.oom_above, self.delay = oom_above, delay
+        self.oom_above, self.delay, self.oom_rank = oom_above, delay, oom_rank
+        self.num_families = num_families
+        if num_families:
+            self.family_bias = nn.Parameter(torch.zeros(num_families, H * W))
+            self.family_head = nn.Linear(hidden, num_families)
+        self.seen_family_idx = []
 
-    def forward(self, x):
-        if self.oom_above and x.shape[0] > self.oom_above:
+    def forward(self, x, family_idx=None):
+        import os
+
+        if self.oom_above and x.shape[0] > self.oom_above and \
+                (self.oom_rank < 0 or int(os.environ.get("RANK", "0")) == self.oom_rank):
             raise torch.cuda.OutOfMemoryError(f"fake OOM: batch {x.shape[0]} > {self.oom_above}")
         if self.delay:
             time.sleep(self.delay)
         h = F.relu(self.bn(self.conv(x))).flatten(1)
         h = self.drop(F.relu(self.fc1(h)))
-        return torch.tanh(self.fc2(h)).view(-1, 1, H, W)
+        out = self.fc2(h)
+        if self.num_families:
+            self.last_family_logits = self.family_head(h)
+            w = (F.one_hot(family_idx, self.num_families).float() if family_idx is not None
+                 else torch.softmax(self.last_family_logits, 1))
+            out = out + w @ self.family_bias
+            self.seen_family_idx.append(None if family_idx is None else family_idx.tolist())
+        return torch.tanh(out).view(-1, 1, H, W)
+
+    def auxiliary_losses(self, family_idx=None):
+        if not self.num_families or family_idx is None:
+            return {}
+        return {"family": F.cross_entropy(self.last_family_logits, family_idx)}
 
 
 if not is_model("tiny_fwi"):
