@@ -8,11 +8,14 @@ classifier, a meta-learner, MC-dropout uncertainty, distillation and OOF fitting
 Modules: :mod:`.weights` (EnsembleWeights, JSON), :mod:`.config` (the ensemble file),
 :mod:`.ensemble` (Ensemble, Member), :mod:`.optimize` (static / optimised weights and
 their comparison), :mod:`.uncertainty` (MC dropout, inverse-variance weights, CRF
-confidence).
+confidence), :mod:`.family` (FamilyClassifier), :mod:`.meta` (MetaLearner).
 """
 from .config import EnsembleConfig, MemberSpec
 from .ensemble import Ensemble, Member, member_name_for
 from .errors import EnsembleConfigError
+from .family import FamilyClassifier, train_family_classifier
+from .meta import (MetaFeatureSpec, MetaLearner, evaluate_meta_learner, meta_features, physics_misfit,
+                   train_meta_learner)
 from .optimize import (compare_weightings, format_comparison, member_family_mae, optimize_weights,
                        weights_from_validation)
 from .uncertainty import (crf_confidence, inverse_variance_weights, mc_dropout_predict, mixture_variance,
@@ -23,5 +26,7 @@ __all__ = [
     "Ensemble", "Member", "EnsembleWeights", "EnsembleConfig", "MemberSpec", "EnsembleConfigError",
     "member_name_for", "weights_from_validation", "optimize_weights", "compare_weightings",
     "format_comparison", "member_family_mae", "mc_dropout_predict", "inverse_variance_weights",
-    "mixture_variance", "uncertainty_map", "crf_confidence",
+    "mixture_variance", "uncertainty_map", "crf_confidence", "FamilyClassifier", "train_family_classifier",
+    "MetaFeatureSpec", "MetaLearner", "meta_features", "physics_misfit", "train_meta_learner",
+    "evaluate_meta_learner",
 ]

@@ -1,0 +1,227 @@
+"""A small family classifier on the seismic: which geological family (FlatVel_A,
+CurveFault_B, ...) a sample comes from, to pick per-family ensemble weights on the test
+set (whose families are unknown) and as a meta-learner feature.
+
+    clf = train_family_classifier(train_ds, epochs=3, val_dataset=val_ds)
+    clf.predict_proba(x_norm)   # (B, F) probabilities, columns in clf.families order
+    clf.predict(x_norm)         # B family names
+    clf.save("family_classifier.pt"); FamilyClassifier.load("family_classifier.pt")
+
+The network downsamples the normalised gathers (B, S, T, R) by adaptive average pooling
+of the signal and of its magnitude (so oscillating wavelets do not cancel) to
+(2S, time_size, receiver_size), then runs four strided ConvBnAct blocks, global average
+pooling and a linear layer to F logits. It accepts any (T, R).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PathLike = Union[str, os.PathLike]
+FORMAT = "fwi_core.ensemble.family_classifier/1"
+
+__all__ = ["FamilyClassifier", "train_family_classifier"]
+
+
+class FamilyClassifier(nn.Module):
+    """Seismic -> family logits.
+
+    Args:
+        families: the class names (column order of the probabilities).
+        in_channels: sources S of the input (5).
+        width: channels of the first conv block (doubling twice).
+        time_size, receiver_size: the pooled input size.
+        drop_rate: dropout before the linear layer.
+
+    Shapes: ``forward(x (B, S, T, R)) -> logits (B, F)``.
+    """
+
+    def __init__(self, families: Sequence[str], in_channels: int = 5, width: int = 16,
+                 time_size: int = 128, receiver_size: int = 35, drop_rate: float = 0.1):
+        super().__init__()
+        from fwi_core.models.blocks import ConvBnAct
+
+        self.families: List[str] = [str(f) for f in families]
+        if len(self.families) < 2 or len(set(self.families)) != len(self.families):
+            raise ValueError(f"FamilyClassifier: need at least 2 distinct families, got {self.families}")
+        self.kwargs = dict(in_channels=int(in_channels), width=int(width), time_size=int(time_size),
+                           receiver_size=int(receiver_size), drop_rate=float(drop_rate))
+        w = int(width)
+        self.size = (int(time_size), int(receiver_size))
+        self.features = nn.Sequential(
+            ConvBnAct(2 * in_channels, w, 3, stride=(2, 1)),        # (B, w, T'/2, R')
+            ConvBnAct(w, 2 * w, 3, stride=2),                       # (B, 2w, T'/4, R'/2)
+            ConvBnAct(2 * w, 4 * w, 3, stride=2),                   # (B, 4w, T'/8, R'/4)
+            ConvBnAct(4 * w, 4 * w, 3, stride=2),                   # (B, 4w, T'/16, R'/8)
+        )
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(4 * w, len(self.families))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.kwargs["in_channels"]:
+            raise ValueError(f"FamilyClassifier: expected seismic (B, {self.kwargs['in_channels']}, T, R), "
+                             f"got {tuple(x.shape)}")
+        x = x.float()
+        h = torch.cat([F.adaptive_avg_pool2d(x, self.size), F.adaptive_avg_pool2d(x.abs(), self.size)], 1)
+        h = self.features(h).mean((2, 3))                           # (B, 4w)
+        return self.fc(self.drop(h))                                # (B, F)
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """(B, F) class probabilities (eval mode; on ``x``'s device)."""
+        was = self.training
+        self.eval()
+        dev = next(self.parameters()).device
+        try:
+            out = [F.softmax(self(x[i:i + batch_size].to(dev)), 1) for i in range(0, x.shape[0], batch_size)]
+        finally:
+            self.train(was)
+        return torch.cat(out).to(x.device)
+
+    def predict(self, x: torch.Tensor) -> List[str]:
+        """The most probable family of each sample."""
+        return [self.families[i] for i in self.predict_proba(x).argmax(1).tolist()]
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: PathLike) -> Path:
+        """Write families, constructor arguments and weights (atomic, weights_only-safe)."""
+        from fwi_core.utils import atomic_path
+
+        path = Path(path)
+        with atomic_path(path, suffix=".pt") as tmp:
+            torch.save({"format": FORMAT, "families": self.families, "kwargs": self.kwargs,
+                        "state": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+                        "report": getattr(self, "report", None)}, tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: PathLike, device: Union[str, torch.device] = "cpu") -> "FamilyClassifier":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: family classifier not found")
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{path}: not a readable family classifier ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a family classifier file (format {FORMAT!r} expected)")
+        clf = cls(d["families"], **d["kwargs"])
+        clf.load_state_dict(d["state"])
+        clf.report = d.get("report")
+        return clf.to(device).eval()
+
+
+def train_family_classifier(dataset, families: Optional[Sequence[str]] = None, epochs: int = 3,
+                            batch_size: int = 16, lr: float = 2e-3, weight_decay: float = 1e-4,
+                            val_dataset=None, device: Optional[Union[str, torch.device]] = None,
+                            seed: int = 0, num_workers: int = 0, progress: bool = True,
+                            **model_kwargs) -> FamilyClassifier:
+    """Train a :class:`FamilyClassifier` on labelled data.
+
+    Args:
+        dataset: yields ``(seismic_norm (S,T,R), velocity, family)`` (e.g. ``FWIDataset``).
+        families: class names (default: the sorted families of ``dataset``).
+        epochs, batch_size, lr, weight_decay: AdamW, cross-entropy, classes re-weighted by
+            inverse frequency (balanced families).
+        val_dataset: optional held-out data for the accuracy report.
+        **model_kwargs: :class:`FamilyClassifier` arguments (width, time_size, ...).
+
+    Returns:
+        The classifier in eval mode, with ``.report``: ``train_loss`` per epoch,
+        ``train_accuracy`` and (with ``val_dataset``) ``val_accuracy`` and
+        ``val_accuracy_per_family``, ``seconds``.
+    """
+    from torch.utils.data import DataLoader
+
+    from fwi_core.utils import progress_bar
+
+    start = time.perf_counter()
+    labels = _families_of(dataset)
+    fams = sorted(set(labels)) if families is None else [str(f) for f in families]
+    unknown = sorted(set(labels) - set(fams))
+    if unknown:
+        raise ValueError(f"train_family_classifier: dataset families {unknown} are not in families={fams}")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    x0 = dataset[0][0]
+    clf = FamilyClassifier(fams, in_channels=int(x0.shape[0]), **model_kwargs).to(dev)
+    index = {f: i for i, f in enumerate(fams)}
+    counts = np.bincount([index[f] for f in labels], minlength=len(fams)).astype(np.float64)
+    cw = torch.tensor(np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(fams), 0.0),
+                      dtype=torch.float32, device=dev)
+    opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=weight_decay)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(seed), drop_last=len(dataset) > batch_size)
+    history, correct, seen = [], 0, 0
+    bar = progress_bar(total=epochs * len(loader), desc="family classifier", unit="step", disable=not progress)
+    for _ in range(epochs):
+        clf.train()
+        total, n, correct, seen = 0.0, 0, 0, 0
+        for x, _, fam in loader:
+            y = torch.tensor([index[str(f)] for f in fam], device=dev)
+            logits = clf(x.to(dev))
+            loss = F.cross_entropy(logits, y, weight=cw)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(y)
+            n += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            bar.update(1)
+        history.append(total / max(n, 1))
+    bar.close()
+    _recalibrate_batchnorm(clf, loader, dev)
+    clf.eval()
+    report: Dict[str, Any] = {"train_loss": history, "train_accuracy": correct / max(seen, 1),
+                              "families": fams}
+    if val_dataset is not None:
+        acc, per = _accuracy(clf, val_dataset, batch_size, dev)
+        report.update(val_accuracy=acc, val_accuracy_per_family=per)
+    report["seconds"] = time.perf_counter() - start
+    clf.report = report
+    return clf
+
+
+@torch.no_grad()
+def _recalibrate_batchnorm(model: nn.Module, loader, dev) -> None:
+    """Recompute BatchNorm running statistics as exact averages over one pass of the
+    training data with the final weights (short trainings leave them lagging behind)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None            # cumulative moving average
+    model.train()
+    for x, _, _ in loader:
+        model(x.to(dev))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+
+
+def _families_of(ds) -> List[str]:
+    if hasattr(ds, "families"):
+        return [str(f) for f in ds.families()]
+    return [str(ds[i][2]) for i in range(len(ds))]
+
+
+@torch.no_grad()
+def _accuracy(clf: FamilyClassifier, ds, batch_size: int, dev) -> tuple:
+    from torch.utils.data import DataLoader
+
+    hits: Dict[str, List[bool]] = {}
+    for x, _, fam in DataLoader(ds, batch_size=batch_size):
+        pred = clf.predict(x.to(dev))
+        for p, f in zip(pred, fam):
+            hits.setdefault(str(f), []).append(p == str(f))
+    allhits = [h for v in hits.values() for h in v]
+    return float(np.mean(allhits)) if allhits else float("nan"), {f: float(np.mean(v)) for f, v in hits.items()}
