@@ -15,6 +15,7 @@ from .registry import UnknownModelError, create_model, is_model, list_models, re
 from . import inversionnet, invertible_unet, specproj_unet, timm_unet  # noqa: F401  (registration)
 from . import residual_stacker  # noqa: F401  (registration)
 from . import egnn  # noqa: F401  (registration; torch-geometric is imported when built)
+from . import heat_diffusion  # noqa: F401  (registration)
 
 __all__ = ["create_model", "list_models", "register_model", "is_model", "UnknownModelError",
            "enable_mc_dropout", "count_parameters"]

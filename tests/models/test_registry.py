@@ -24,9 +24,11 @@ TINY = {
     "invertible_unet*": dict(width=4, latent_channels=4, hidden=8, blocks_per_level=1),
     "residual_stacker*": dict(width=4),
     "egnn*": dict(hidden=16, layers=2, trace_dim=8, trace_width=8, decoder_dim=8, heads=2),
+    "heat_diffusion*": dict(width=4, channels=8, blocks=2, mlp_hidden=8),
 }
 EXPECTED = {"inversionnet", "inversionnet_small", "specproj_unet", "convnext_unet",
-            "caformer_unet", "invertible_unet", "egnn", "residual_stacker"}
+            "caformer_unet", "invertible_unet", "egnn", "residual_stacker",
+            "heat_diffusion"}
 
 
 def tiny(name, **overrides):
