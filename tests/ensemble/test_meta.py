@@ -34,15 +34,22 @@ def test_meta_learner_beats_static_where_it_should():
     assert tab["meta"] < 0.5 * min(tab["static"], tab["equal"]), tab
 
 
-def test_meta_learner_does_not_win_without_signal():
-    """Both members equally good everywhere and features without signal: early stopping
-    keeps the meta-learner at (or next to) the static weights."""
-    preds, t, fams, x, folds = two_kinds()
-    same = torch.stack([preds[0], t + (preds[0] - t).roll(1, 0)])      # same error law, no feature signal
-    feats = meta_features(MetaFeatureSpec(disagreement=False, prediction=False), same, torch.randn_like(x))
-    rep = evaluate_meta_learner(same, t, fams, feats, folds, hidden=0, epochs=30,
-                                optimize_kwargs={"iterations": 30})
-    assert abs(rep["gain"]) < 0.005 * rep["table"]["all"]["static"], rep
+def test_early_stopping_keeps_the_prior_when_training_only_hurts():
+    """Mirrored member errors: the equal prior is the exact answer, any other weights are
+    worse, so held-out early stopping must keep the prior (while unchecked training with
+    a wild learning rate leaves it)."""
+    _, t, fams, x, _ = two_kinds()
+    err = 0.1 * torch.randn(t.shape, generator=torch.Generator().manual_seed(4))
+    preds = torch.stack([t + err, t - err])
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    feats = meta_features(MetaFeatureSpec(disagreement=False, prediction=False), preds, noise)
+    prior = [0.5, 0.5]
+    meta = train_meta_learner(preds, t, feats, hidden=0, epochs=5, lr=50.0, prior=prior)
+    assert meta.report["best_epoch"] == 0
+    assert meta.report["val_mae"] == meta.report["prior_val_mae"]
+    assert torch.allclose(meta(feats), torch.tensor(prior).expand(len(t), 2))
+    wild = train_meta_learner(preds, t, feats, hidden=0, epochs=5, lr=50.0, prior=prior, val_fraction=0)
+    assert not torch.allclose(wild(feats), torch.tensor(prior).expand(len(t), 2), atol=1e-2)
 
 
 def test_untrained_meta_learner_returns_the_prior_and_round_trips(tmp_path):
