@@ -8,12 +8,14 @@ classifier, a meta-learner, MC-dropout uncertainty, distillation and OOF fitting
 Modules: :mod:`.weights` (EnsembleWeights, JSON), :mod:`.config` (the ensemble file),
 :mod:`.ensemble` (Ensemble, Member), :mod:`.optimize` (static / optimised weights and
 their comparison), :mod:`.uncertainty` (MC dropout, inverse-variance weights, CRF
-confidence), :mod:`.family` (FamilyClassifier), :mod:`.meta` (MetaLearner).
+confidence), :mod:`.family` (FamilyClassifier), :mod:`.meta` (MetaLearner), :mod:`.fit` (fit_ensemble:
+weights and meta-learner from the engine's out-of-fold files).
 """
 from .config import EnsembleConfig, MemberSpec
 from .ensemble import Ensemble, Member, member_name_for
 from .errors import EnsembleConfigError
 from .family import FamilyClassifier, train_family_classifier
+from .fit import fit_ensemble
 from .meta import (MetaFeatureSpec, MetaLearner, evaluate_meta_learner, meta_features, physics_misfit,
                    train_meta_learner)
 from .optimize import (compare_weightings, format_comparison, member_family_mae, optimize_weights,
@@ -28,5 +30,5 @@ __all__ = [
     "format_comparison", "member_family_mae", "mc_dropout_predict", "inverse_variance_weights",
     "mixture_variance", "uncertainty_map", "crf_confidence", "FamilyClassifier", "train_family_classifier",
     "MetaFeatureSpec", "MetaLearner", "meta_features", "physics_misfit", "train_meta_learner",
-    "evaluate_meta_learner",
+    "evaluate_meta_learner", "fit_ensemble",
 ]

@@ -223,10 +223,12 @@ class Ensemble:
                        variances: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, M) member weights for a batch: the meta-learner's when it applies (see
         :meth:`combine`), else the static weights of each sample's family."""
-        if self.meta_learner is not None and x_norm is not None and preds is not None:
-            w = self._meta_weights(list(names), preds, x_norm, variances)
-            if w is not None:
-                return w
+        if self.meta_learner is not None and preds is not None:
+            spec = self.meta_learner.spec
+            if x_norm is not None or not (spec.needs_seismic or spec.family):
+                w = self._meta_weights(list(names), preds, x_norm, variances)
+                if w is not None:
+                    return w
         if families is None and x_norm is not None:
             families = self.predict_families(x_norm)
         if families is not None and len(families) != batch:
@@ -250,7 +252,7 @@ class Ensemble:
         gv = None if variances is None else torch.stack([variances[idx[g]].mean(0) for g in meta.member_names])
         fam_proba = None
         if meta.spec.family:
-            if self.family_classifier is None:
+            if self.family_classifier is None or x_norm is None:
                 return None
             fam_proba = self.family_classifier.predict_proba(x_norm)
         gw = meta.predict_weights(gp, x_norm, family_proba=fam_proba, mc_var=gv)   # (B, G)
@@ -270,8 +272,9 @@ class Ensemble:
                 weights are renormalised over it).
             families: B family names (per-family static weights); None: predicted by the
                 family classifier when ``x_norm`` is given, else the default row.
-            x_norm: the normalised seismic (B,5,1000,70): enables the meta-learner (when the
-                ensemble has one covering exactly these members' groups) and the classifier.
+            x_norm: the normalised seismic (B,5,1000,70): enables the family classifier and
+                the meta-learner (used when the ensemble has one covering exactly these
+                members' groups, and ``x_norm`` is given or its features do not need it).
             variances: {member: (B,1,70,70) MC-dropout variance, normalised units}.
             inverse_variance: per-pixel weights ``w_m / var_m`` (renormalised) instead.
 

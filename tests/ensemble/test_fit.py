@@ -1,0 +1,150 @@
+"""fit_ensemble: OOF files of several models and folds -> aligned, weighted, JSON written
+beside the runs and loadable; meta-learner written when it wins; engine end to end."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fwi_core.ensemble import Ensemble, EnsembleConfig
+from fwi_core.ensemble.fit import align_oof, find_oof_files, fit_ensemble
+
+from .helpers import H, W, make_checkpoint
+
+
+def write_run(root, name, fold, indices, pred, target, families, source="raw", checkpoint=True):
+    run = root / name
+    run.mkdir(parents=True, exist_ok=True)
+    np.savez(run / f"oof_fold{fold}.npz", indices=np.asarray(indices), pred=pred.astype(np.float32),
+             target=target.astype(np.float32), family=np.asarray(families, dtype=str),
+             mae=np.abs(pred - target).mean((1, 2)), fold=np.int64(fold), source=np.asarray(source))
+    if checkpoint:
+        make_checkpoint(run / "best.pt", seed=fold)
+    return run
+
+
+def good_and_bad(root, n=20, seed=0, shift=None):
+    """Models "good" (noise 10 m/s) and "bad" (noise 80 m/s + bias), folds 0 and 1."""
+    rng = np.random.default_rng(seed)
+    for fold in (0, 1):
+        idx = np.arange(n) + fold * n
+        t = rng.uniform(1500, 4500, (n, H, W))
+        fams = ["FlatVel_A", "Style_B"] * (n // 2)
+        write_run(root, f"good-fold{fold}", fold, idx, t + rng.normal(0, 10, t.shape), t, fams)
+        write_run(root, f"bad_fold{fold}", fold, idx, t + rng.normal(0, 80, t.shape) + 50, t, fams, source="ema")
+
+
+def test_fit_writes_a_loadable_ensemble(tmp_path):
+    runs = tmp_path / "runs"
+    good_and_bad(runs)
+    rep = fit_ensemble([runs], method="projected_gradient", iterations=60)
+    path = rep["config"]
+    assert path == runs / "ensemble.json"
+    cfg = EnsembleConfig.load(path)
+    assert [m.name for m in cfg.members] == ["bad_fold0", "bad_fold1", "good-fold0", "good-fold1"]
+    assert {m.group for m in cfg.members} == {"bad", "good"}
+    assert [m.weights for m in cfg.members] == ["ema", "ema", "raw", "raw"]
+    assert cfg.members[2].checkpoint == "good-fold0/best.pt" and cfg.members[0].kind == "fold"
+    w = cfg.weights
+    for fam in ["default"] + w.families:
+        row = w.rows[fam]
+        assert sum(row.values()) == pytest.approx(1.0)
+        assert row["good-fold0"] == pytest.approx(row["good-fold1"])          # shared within the model
+        assert row["good-fold0"] + row["good-fold1"] > 0.8
+    tab = rep["comparison"]["table"]
+    assert rep["comparison"]["cross_fitted"] and tab["all"]["n"] == 40
+    assert tab["all"]["optimised"] < 0.5 * tab["all"]["equal"]
+    assert rep["selected"] in ("optimised", "static") and rep["selected"] == rep["comparison"]["best"]
+    data = json.loads(path.read_text())
+    assert data["report"]["selected"] == rep["selected"] and "FlatVel_A" in data["report"]["comparison"]
+    ens = Ensemble.from_checkpoints([], config=path, device="cpu")
+    assert len(ens) == 4 and ens.members["good-fold1"].group == "good"
+
+
+def test_align_by_fold_and_index(tmp_path):
+    rng = np.random.default_rng(1)
+    t = rng.uniform(1500, 4500, (6, H, W))
+    fams = ["A"] * 6
+    # model b predicted the samples in another order and one more; a only 5 of them
+    write_run(tmp_path, "a-fold0", 0, [0, 1, 2, 3, 4], t[:5] + 1, t[:5], fams[:5], checkpoint=False)
+    order = [5, 3, 1, 0, 2, 4]
+    write_run(tmp_path, "b-fold0", 0, order, t[order] + 2, t[order], fams, checkpoint=False)
+    with pytest.warns(UserWarning, match="using the 5 samples every model predicted"):
+        groups, preds, targets, _, folds, _, keys = align_oof(find_oof_files([tmp_path]))
+    assert groups == ["a", "b"] and keys == [(0, i) for i in range(5)]
+    np.testing.assert_allclose(preds[0] - t[:5], 1, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(preds[1] - t[:5], 2, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(targets, t[:5], rtol=1e-6)
+
+
+def test_errors(tmp_path):
+    t = np.full((2, H, W), 3000.0)
+    write_run(tmp_path / "dup", "m-fold0", 0, [0, 1], t, t, ["A", "A"], checkpoint=False)
+    write_run(tmp_path / "dup" / "again", "m-fold0", 0, [0, 1], t, t, ["A", "A"], checkpoint=False)
+    with pytest.raises(ValueError, match="model 'm' has two predictions of fold 0 sample 0"):
+        fit_ensemble([tmp_path / "dup"])
+    write_run(tmp_path / "disjoint", "a-fold0", 0, [0, 1], t, t, ["A", "A"], checkpoint=False)
+    write_run(tmp_path / "disjoint", "b-fold1", 1, [2, 3], t, t, ["A", "A"], checkpoint=False)
+    with pytest.raises(ValueError, match="share no"):
+        fit_ensemble([tmp_path / "disjoint"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no oof_fold"):
+        fit_ensemble([tmp_path / "empty"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        fit_ensemble([tmp_path / "nowhere"])
+    bad = tmp_path / "bad" / "x-fold0"
+    bad.mkdir(parents=True)
+    np.savez(bad / "oof_fold0.npz", pred=t)
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['indices', 'target', 'family', 'fold'\]"):
+        fit_ensemble([tmp_path / "bad"])
+
+
+def test_meta_learner_written_when_it_wins(tmp_path):
+    """One family; model "lo" is accurate on slow maps and poor on fast ones, "hi" the
+    reverse; the map's mean (a prediction feature) tells which: meta beats static."""
+    rng = np.random.default_rng(0)
+    runs = tmp_path / "runs"
+    for fold in (0, 1, 2):
+        n = 30
+        fast = np.arange(n) % 2 == 1
+        t = np.where(fast[:, None, None], 4000.0, 2000.0) + rng.normal(0, 50, (n, H, W))
+        small, big = rng.normal(0, 5, t.shape), rng.normal(0, 150, t.shape) + 100
+        f = fast[:, None, None]
+        idx = np.arange(n) + fold * n
+        write_run(runs, f"lo-fold{fold}", fold, idx, t + np.where(f, big, small), t, ["A"] * n)
+        write_run(runs, f"hi-fold{fold}", fold, idx, t + np.where(f, small, big), t, ["A"] * n)
+    rep = fit_ensemble([runs], runs / "ens.json", method="projected_gradient", iterations=40, meta=True,
+                       meta_kwargs={"hidden": 16, "epochs": 60, "lr": 2e-2})
+    assert rep["meta"]["beats_static"] and rep["meta_written"]
+    assert rep["meta"]["table"]["all"]["meta"] < 0.5 * rep["meta"]["table"]["all"]["static"]
+    cfg = EnsembleConfig.load(runs / "ens.json")
+    assert cfg.meta_learner == "meta_learner.pt" and (runs / "meta_learner.pt").is_file()
+    ens = Ensemble.from_checkpoints([], config=runs / "ens.json", device="cpu")
+    assert ens.meta_learner is not None and ens.meta_learner.member_names == ["hi", "lo"]
+    # combining the models' fold-0 OOF maps: the meta-learner's weights beat the static ones
+    from fwi_core.data.normalize import normalize_velocity
+    oof = {g: np.load(runs / f"{g}-fold0" / "oof_fold0.npz") for g in ("lo", "hi")}
+    truth = normalize_velocity(torch.from_numpy(oof["lo"]["target"])).unsqueeze(1)
+    preds = {name: normalize_velocity(torch.from_numpy(oof[m.group]["pred"])).unsqueeze(1)
+             for name, m in ens.members.items()}
+    static = Ensemble(list(ens.members.values()), ens.weights)
+    meta_err = (ens.combine(preds) - truth).abs().mean()
+    static_err = (static.combine(preds) - truth).abs().mean()
+    assert meta_err < 0.5 * static_err, (meta_err, static_err)
+
+
+def test_engine_oof_end_to_end(tmp_path):
+    from fwi_core.train import train
+    from tests.train.helpers import datasets, tiny_cfg
+
+    runs = tmp_path / "runs"
+    for name, hidden in (("wide-fold0", 32), ("narrow-fold0", 4)):
+        train(tiny_cfg(tmp_path, out=str(runs / name), model_kwargs={"hidden": hidden}, epochs=1,
+                       ema_decay=0.0), datasets=datasets(16, 8))
+    rep = fit_ensemble([runs], method="projected_gradient", iterations=20)
+    ens = Ensemble.from_checkpoints([], config=rep["config"], device="cpu")
+    assert sorted(ens.member_names) == ["narrow-fold0", "wide-fold0"]
+    x = datasets(16, 8)[1].x[:3]
+    mean, var = ens.predict(x)
+    assert mean.shape == (3, 1, H, W) and var is None
+    assert rep["n_samples"] == 8
