@@ -513,6 +513,11 @@ class Trainer:
             failed = True
         if self.dist.enabled and any_rank(failed, self.dist):
             pred = None
+            # the ranks whose forward pass succeeded expect its backward: reset DDP's reducer
+            # on every rank ("forward can run despite previous backward not succeeding")
+            reducer = getattr(self.model, "reducer", None)
+            if reducer is not None and hasattr(reducer, "_reset_state"):
+                reducer._reset_state()
             raise _AgreedOOM(f"out of memory in a forward pass on {'this' if failed else 'another'} rank")
         return pred
 

@@ -113,3 +113,23 @@ def test_family_bias_terms():
             model(x, bad)
     with pytest.raises(ValueError, match="num_families=0"):
         create_model("specproj_unet", width=4)(x, idx)
+
+
+def test_family_head_predicts_the_family_at_inference():
+    torch.manual_seed(0)
+    model = create_model("specproj_unet", width=4, num_families=3).eval()
+    x = torch.randn(2, 5, T, R) / 3
+    with torch.no_grad():
+        model.family_depth_bias[2].fill_(0.5)
+        model.family_head.weight.zero_()
+        model.family_head.bias.copy_(torch.tensor([0.0, 0.0, 20.0]))   # the head says: family 2
+        two = torch.full((2,), 2, dtype=torch.long)
+        torch.testing.assert_close(model(x), model(x, two), rtol=1e-5, atol=1e-6)
+        model.family_head.bias.copy_(torch.tensor([20.0, 0.0, 0.0]))   # now: family 0
+        torch.testing.assert_close(model(x), model(x, torch.zeros(2, dtype=torch.long)), rtol=1e-5, atol=1e-6)
+    model.train()
+    out = model(x, two)
+    aux = model.auxiliary_losses(two)
+    assert set(aux) == {"family"} and aux["family"].item() > 5.0      # the head (favouring 0) is wrong
+    (out.mean() + aux["family"]).backward()
+    assert model.family_head.weight.grad.abs().sum() > 0

@@ -95,3 +95,14 @@ def test_cli_under_torchrun_two_cpu_processes(tmp_path):
     meta = read_metadata(out / "best.pt")
     assert meta["world_size"] == 2 and meta["step"] == 1
     assert np.load(out / "oof_fold0.npz")["pred"].shape == (4, 70, 70)
+
+
+def test_bare_resume_means_auto_and_epochs_zero_and_scale_range():
+    from fwi_core.train.cli import config_from_args
+
+    cfg = config_from_args(["--model", "inversionnet", "--resume", "--epochs", "0", "--time-budget", "3600",
+                            "--scale-range", "0.8", "1.25", "--scale-prob", "0.5"])
+    assert cfg.resume == "auto" and cfg.epochs == 0 and cfg.time_budget == 3600.0
+    assert cfg.scale_range == (0.8, 1.25) and cfg.scale_prob == 0.5
+    assert config_from_args(["--resume", "runs/x"]).resume == "runs/x"
+    assert config_from_args([]).resume is None

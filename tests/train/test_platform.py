@@ -26,8 +26,27 @@ def test_local_and_fwi_data_override():
     assert detect_platform({"KAGGLE_KERNEL_RUN_TYPE": "Interactive", "FWI_DATA": "/d"}).data_dir == "/d"
 
 
-def test_real_environment_is_detected_without_error():
-    assert detect_platform().name in ("kaggle", "colab", "sagemaker", "local")
+def test_real_environment_reads_os_environ(monkeypatch, tmp_path):
+    """Without an explicit mapping, detect_platform reads os.environ (and looks for the
+    google.colab module); each platform's variable switches it."""
+    import fwi_core.train.platform as platform
+
+    for var in ("KAGGLE_KERNEL_RUN_TYPE", "COLAB_RELEASE_TAG", "SM_MODEL_DIR", "SM_CHANNEL_TRAINING",
+                "SM_OUTPUT_DATA_DIR", "FWI_DATA"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(platform, "_has_module", lambda name: False)
+    assert detect_platform().name == "local"
+    monkeypatch.setattr(platform, "_has_module", lambda name: name == "google.colab")
+    assert detect_platform().name == "colab"
+    monkeypatch.setattr(platform, "_has_module", lambda name: False)
+    monkeypatch.setenv("SM_MODEL_DIR", "/opt/ml/model")
+    assert detect_platform().out_dir == "/opt/ml/model"
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    (tmp_path / "train_samples").mkdir()
+    (tmp_path / "test").mkdir()
+    monkeypatch.setenv("FWI_DATA", str(tmp_path))
+    p = detect_platform()
+    assert (p.name, p.data_dir, p.time_budget) == ("kaggle", str(tmp_path), KAGGLE_BUDGET)
 
 
 def test_process_age_and_platform_budget(tmp_path, monkeypatch):
