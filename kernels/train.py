@@ -10,10 +10,13 @@
 data_root = None  # None: find the competition data (Kaggle mounts, $FWI_DATA)
 output_dir = "."  # where checkpoints, logs and plots go (/kaggle/working on Kaggle)
 model_name = "inversionnet_small"
-model_kwargs = {}
-epochs = 10
+model_kwargs = {}  # e.g. {"family_init": "flatvel", "num_families": 10} for specproj_unet
+epochs = None  # None: on Kaggle 0 = train until the time budget, the schedule spanning it; elsewhere 10
 batch_size = 16
 lr = 1e-3
+schedule = "cosine"  # cosine | onecycle | cosine_restarts (a snapshot per cycle) | constant
+restart_epochs = 1  # cosine_restarts with epochs >= 1: epochs per cycle
+restart_cycles = 3  # cosine_restarts with epochs = 0: cycles over the budget
 ema_decay = 0.999  # EMA of the weights, evaluated beside the raw ones (0: off)
 amp = "fp16"  # off | bf16 | fp16 (fp16 on Kaggle T4; degrades gracefully on CPU)
 folds = 5
@@ -23,6 +26,10 @@ seed = 0
 max_train_samples = 0  # 0: all
 max_val_samples = 0  # 0: all
 flip_prob = 0.5
+scale_prob = 0.0  # amplitude scaling of the gathers (source strength), factor in scale_range
+scale_range = (0.5, 2.0)
+noise_prob = 0.0  # additive Gaussian noise, noise_std x the sample's RMS
+noise_std = 0.05
 num_workers = 2
 show_samples = 4
 
@@ -34,20 +41,26 @@ import numpy as np
 from fwi_core.data import find_competition_root
 from fwi_core.inference import format_table, score_predictions
 from fwi_core.plotting import plot_curves, plot_predictions, show
-from fwi_core.train import TrainConfig, detect_platform, train
+from fwi_core.train import TrainConfig, default_epochs, detect_platform, train
 
 root = find_competition_root(data_root)
 out = Path(output_dir)
 out.mkdir(parents=True, exist_ok=True)
-print("platform:", detect_platform(), "| data:", root, "| output:", out.resolve())
+platform = detect_platform()
+print("platform:", platform, "| data:", root, "| output:", out.resolve())
+if epochs is None:  # on Kaggle: train until the session's budget, the schedule spanning it
+    epochs = default_epochs(platform, time_budget)
+print("epochs:", epochs or "until the time budget (time-mode schedule)")
 
 # %%
 cfg = TrainConfig(
     data=str(root), out=str(out), model=model_name, model_kwargs=dict(model_kwargs),
-    epochs=epochs, batch_size=batch_size, lr=lr, ema_decay=ema_decay, amp=amp,
+    epochs=epochs, batch_size=batch_size, lr=lr, ema_decay=ema_decay, amp=amp, schedule=schedule,
+    restart_epochs=restart_epochs, restart_cycles=restart_cycles,
     folds=folds, fold=fold, time_budget=time_budget, seed=seed,
     max_train_samples=max_train_samples, max_val_samples=max_val_samples,
-    flip_prob=flip_prob, num_workers=num_workers,
+    flip_prob=flip_prob, num_workers=num_workers, scale_prob=scale_prob, scale_range=tuple(scale_range),
+    noise_prob=noise_prob, noise_std=noise_std,
 )
 result = train(cfg)
 print("stopped:", result["stopped_reason"], "| best validation MAE:", round(result["best_val_mae"], 2), "m/s")

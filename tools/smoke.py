@@ -83,8 +83,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     t_train = run_notebook(ROOT / "build/train/train.ipynb", out / "train.out.ipynb", {
         "data_root": str(data), "output_dir": str(out), "model_name": a.model, "epochs": a.epochs,
         "batch_size": a.batch_size, "lr": a.lr, "ema_decay": 0.95, "folds": 5, "fold": 0,
-        "time_budget": a.time_budget,
-        "num_workers": 0, "amp": "off",
+        "time_budget": a.time_budget, "schedule": "cosine_restarts", "restart_epochs": max(1, a.epochs // 3),
+        "num_workers": 0, "amp": "off", "scale_prob": 0.3, "noise_prob": 0.3,
     }, workdir, a.timeout)
     t_infer = run_notebook(ROOT / "build/infer/infer.ipynb", out / "infer.out.ipynb", {
         "data_root": str(data), "checkpoints": [], "checkpoint_dirs": [str(out)], "output_dir": str(out),

@@ -13,9 +13,9 @@ from .config import AMP_MODES, MONITORS, OPTIMIZERS, SCHEDULES, TrainConfig
 from .engine import summarize, train
 from .errors import CheckpointError, ConfigError, TrainError
 from .losses import boundary_loss, velocity_loss
-from .platform import Platform, detect_platform
+from .platform import Platform, default_epochs, detect_platform
 
-__all__ = ["TrainConfig", "train", "load_model", "family_sources", "detect_platform", "Platform", "read_metadata",
+__all__ = ["TrainConfig", "train", "load_model", "family_sources", "detect_platform", "default_epochs", "Platform", "read_metadata",
            "load_checkpoint", "CheckpointManager", "summarize", "boundary_loss", "velocity_loss",
            "TrainError", "ConfigError", "CheckpointError", "AMP_MODES", "SCHEDULES", "OPTIMIZERS",
            "MONITORS"]

@@ -93,3 +93,10 @@ def detect_platform(environ: Optional[Mapping[str, str]] = None) -> Platform:
         return Platform("sagemaker", fwi_data or env.get("SM_CHANNEL_TRAINING"),
                         env.get("SM_MODEL_DIR") or env.get("SM_OUTPUT_DATA_DIR") or "/opt/ml/model", None)
     return Platform("local", fwi_data, "runs", None)
+
+
+def default_epochs(platform: Platform, time_budget: Optional[float] = None, local: int = 10) -> int:
+    """The train kernel's default for ``epochs``: 0 (train until the budget, the schedule
+    spanning it) where a session limit stops runs (Kaggle, Colab) or a budget was given,
+    else ``local``."""
+    return 0 if (time_budget or (time_budget is None and platform.time_budget)) else int(local)

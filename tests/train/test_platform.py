@@ -67,3 +67,12 @@ def test_process_age_and_platform_budget(tmp_path, monkeypatch):
     res = train(tiny_cfg(tmp_path, time_budget=None, epochs=3), datasets=datasets())
     assert res["platform"] == "kaggle" and res["stopped_reason"] == "time_budget" and res["step"] == 0
     assert res["time_budget"] < 1e-2
+
+
+def test_default_epochs_is_time_mode_where_sessions_end():
+    from fwi_core.train import default_epochs
+
+    kaggle = detect_platform({"KAGGLE_KERNEL_RUN_TYPE": "Batch"})
+    local = detect_platform({})
+    assert default_epochs(kaggle) == 0 and default_epochs(kaggle, time_budget=0) == 10
+    assert default_epochs(local) == 10 and default_epochs(local, time_budget=600.0) == 0
