@@ -56,18 +56,53 @@ def load_crf(checkpoint_dirs: Sequence[Union[str, os.PathLike]]):
     return None
 
 
-def find_checkpoints(dirs: Sequence[Union[str, os.PathLike]], pattern: str = "best*.pt") -> List[Path]:
-    """Checkpoint files matching ``pattern`` under ``dirs`` (recursively), sorted; raises
-    FileNotFoundError saying where it looked if there are none."""
+CHECKPOINT_KINDS = ("best", "snapshot", "last", "all")
+
+
+def find_checkpoints(dirs: Sequence[Union[str, os.PathLike]], pattern: Optional[str] = None,
+                     kind: str = "best") -> List[Path]:
+    """Checkpoint files under ``dirs`` (searched recursively), sorted.
+
+    Args:
+        dirs: folders to search, or checkpoint files (returned as they are).
+        pattern: a glob for file names; overrides ``kind``.
+        kind: which checkpoints the training engine wrote to find: "best"
+            (``best*.pt``, the default), "snapshot" (``snapshot-<k>.pt``, one per cycle
+            of a ``cosine_restarts`` run), "last" (the newest rolling ``ckpt-<step>.pt``
+            of each run folder: the last weights), or "all" (best, snapshots and last).
+
+    Raises:
+        ValueError: an unknown ``kind``.
+        FileNotFoundError: nothing found (the message says where it looked).
+    """
+    import re
+
+    if kind not in CHECKPOINT_KINDS:
+        raise ValueError(f"find_checkpoints: kind must be one of {', '.join(CHECKPOINT_KINDS)}, got {kind!r}")
+    globs = [pattern] if pattern is not None else \
+        {"best": ["best*.pt"], "snapshot": ["snapshot-*.pt"], "last": [], "all": ["best*.pt", "snapshot-*.pt"]}[kind]
+    want_last = pattern is None and kind in ("last", "all")
+    step = re.compile(r"^ckpt-(\d+)\.pt$")
     found: List[Path] = []
     for d in dirs:
         d = Path(d)
         if d.is_file():
             found.append(d)
         elif d.is_dir():
-            found.extend(sorted(p for p in d.rglob(pattern) if p.is_file()))
+            for g in globs:
+                found.extend(p for p in d.rglob(g) if p.is_file())
+            if want_last:
+                newest: Dict[Path, Path] = {}
+                for p in d.rglob("ckpt-*.pt"):
+                    m = step.match(p.name)
+                    if m and p.is_file():
+                        cur = newest.get(p.parent)
+                        if cur is None or int(m.group(1)) > int(step.match(cur.name).group(1)):
+                            newest[p.parent] = p
+                found.extend(newest.values())
     if not found:
-        raise FileNotFoundError(f"no checkpoints matching {pattern!r} under {', '.join(map(str, dirs))}; "
+        what = repr(pattern) if pattern is not None else f"kind {kind!r}"
+        raise FileNotFoundError(f"no checkpoints matching {what} under {', '.join(map(str, dirs))}; "
                                 "pass checkpoint paths explicitly or attach the training output")
     return sorted(dict.fromkeys(found))
 

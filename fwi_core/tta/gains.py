@@ -1,0 +1,248 @@
+"""The gains table: how much each stage lowered the validation MAE (``stage_gains.json``).
+
+The planner ranks stages by expected gain per second: the gain (m/s of MAE removed) comes
+from this table, measured on validation predictions; the seconds are measured on the
+test files at run time.
+
+    {"format": "fwi_core.stage_gains/1",
+     "gains": {"member:run/best": 180.4, "member:run/snapshot-01": 0.9, "flip": 0.6, "crf": 0.3},
+     "mae": {"member:run/best": 31.2, ...},                  # validation MAE after each stage
+     "member_mae": {"run/best": 31.2, "run/snapshot-01": 33.0},   # each member alone
+     "per_family": {"flip": {"FlatVel_A": 0.1, ...}, ...},
+     "samples": 500}
+
+A stage's gain is looked up by its name (``member:<name>``, ``flip``...), then by its
+kind (``member``, ``flip``, ``crf``, ``mc_dropout``, ``refine``...), then the stage's
+own default (:data:`DEFAULT_GAINS` for the built-in ones). A gain <= 0 (the stage made
+validation worse) means the planner skips the stage.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from ..utils import atomic_write_text
+
+PathLike = Union[str, os.PathLike]
+FORMAT = "fwi_core.stage_gains/1"
+GAINS_FILE = "stage_gains.json"
+#: Built-in defaults (m/s of validation MAE removed): a further member, flip TTA (about
+#: 0.6 MAE in a top write-up, FACTS section 7), the tuned CRF, MC-dropout averaging.
+DEFAULT_GAINS = {"member": 1.0, "flip": 0.6, "crf": 0.2, "mc_dropout": 0.05}
+#: A member is "good" when its validation MAE is within this factor of the best member's.
+GOOD_MEMBER_FACTOR = 1.1
+
+__all__ = ["StageGains", "compute_stage_gains", "measure_stage_gains", "find_stage_gains",
+           "DEFAULT_GAINS", "GAINS_FILE", "GOOD_MEMBER_FACTOR"]
+
+
+def _number_map(obj: Any, where: str, source: str) -> Dict[str, float]:
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{source}: {where} must be an object of numbers, got {type(obj).__name__}")
+    out = {}
+    for k, v in obj.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise ValueError(f"{source}: {where}.{k} must be a finite number, got {v!r}")
+        out[str(k)] = float(v)
+    return out
+
+
+@dataclass
+class StageGains:
+    """Expected validation-MAE decrease per stage (see the module doc).
+
+    Attributes:
+        gains: stage name or kind -> m/s.
+        mae: stage name -> validation MAE after it (cumulative, informative).
+        member_mae: member name -> its own validation MAE (picks the cheapest good
+            member to run first).
+        per_family: stage name -> {family: gain}.
+        samples: number of validation samples measured.
+    """
+
+    gains: Dict[str, float] = field(default_factory=dict)
+    mae: Dict[str, float] = field(default_factory=dict)
+    member_mae: Dict[str, float] = field(default_factory=dict)
+    per_family: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    samples: int = 0
+
+    def gain(self, stage) -> float:
+        """Expected gain of a :class:`~fwi_core.tta.stages.Stage` (name, kind, default)."""
+        if stage.name in self.gains:
+            return self.gains[stage.name]
+        if stage.kind in self.gains:
+            return self.gains[stage.kind]
+        return float(DEFAULT_GAINS.get(stage.kind, stage.default_gain))
+
+    def source_of(self, stage) -> str:
+        """Where :meth:`gain` took the number from: "table" or "default"."""
+        return "table" if stage.name in self.gains or stage.kind in self.gains else "default"
+
+    def member_order(self, members: Sequence[str], cost: Mapping[str, float]) -> list:
+        """Members with the cheapest good one first (good: validation MAE within
+        ``GOOD_MEMBER_FACTOR`` of the best known; all members count as good when the
+        table has no member MAE), then the rest in the given order."""
+        members = list(members)
+        if not members:
+            return []
+        known = {m: self.member_mae[m] for m in members if m in self.member_mae}
+        good = [m for m in members if not known or (m in known and known[m] <= GOOD_MEMBER_FACTOR * min(known.values()))]
+        first = min(good, key=lambda m: (cost.get(m, math.inf), members.index(m)))
+        return [first] + [m for m in members if m != first]
+
+    # -- files ---------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return {"format": FORMAT, "gains": self.gains, "mae": self.mae, "member_mae": self.member_mae,
+                "per_family": self.per_family, "samples": self.samples}
+
+    def save(self, path: PathLike) -> Path:
+        """Write the table as JSON (atomic); a folder gets ``stage_gains.json``."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / GAINS_FILE
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def load(cls, path: PathLike) -> "StageGains":
+        """Read and validate a table; raises ValueError naming the file and field."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read the stage gains table ({e})") from e
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a stage gains table (format {FORMAT!r} expected)")
+        per_family = d.get("per_family", {})
+        if not isinstance(per_family, Mapping):
+            raise ValueError(f"{path}: per_family must be an object")
+        samples = d.get("samples", 0)
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            raise ValueError(f"{path}: samples must be a non-negative integer, got {samples!r}")
+        return cls(gains=_number_map(d.get("gains", {}), "gains", str(path)),
+                   mae=_number_map(d.get("mae", {}), "mae", str(path)),
+                   member_mae=_number_map(d.get("member_mae", {}), "member_mae", str(path)),
+                   per_family={k: _number_map(v, f"per_family.{k}", str(path)) for k, v in per_family.items()},
+                   samples=samples)
+
+
+def find_stage_gains(dirs: Sequence[PathLike]) -> Optional[StageGains]:
+    """The ``stage_gains.json`` in the first of ``dirs`` holding one (a checkpoint file
+    means its folder), or None (the planner then uses the defaults)."""
+    for d in dirs:
+        d = Path(d)
+        f = (d.parent if d.is_file() else d) / GAINS_FILE
+        if f.is_file():
+            return StageGains.load(f)
+    return None
+
+
+def _mae(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    from ..metrics import mae
+    return np.asarray(mae(np.asarray(pred, dtype=np.float32).reshape(len(true), 70, 70),
+                          np.asarray(true, dtype=np.float32).reshape(len(true), 70, 70)))
+
+
+def compute_stage_gains(true: np.ndarray, cumulative: Mapping[str, np.ndarray],
+                        families: Optional[Sequence[str]] = None,
+                        members: Optional[Mapping[str, np.ndarray]] = None,
+                        baseline: float = 3000.0) -> StageGains:
+    """The gains table from validation predictions.
+
+    Args:
+        true: (N,1,70,70) or (N,70,70) true velocities, m/s.
+        cumulative: stage name -> (N,...) prediction (m/s) after that stage and every
+            stage before it, in the order the stages ran (a dict keeps it).
+        families: N family names (adds per-family gains).
+        members: member name -> its own (N,...) prediction (m/s), for ``member_mae``.
+        baseline: the first stage's gain is measured against this constant map (the
+            sample submission's 3000 m/s).
+
+    Returns:
+        A :class:`StageGains`: gain of stage k = MAE before it - MAE after it.
+    """
+    true = np.asarray(true, dtype=np.float32)
+    n = len(true)
+    if n == 0:
+        raise ValueError("compute_stage_gains: no validation samples")
+    if families is not None and len(families) != n:
+        raise ValueError(f"compute_stage_gains: {n} samples but {len(families)} families")
+    fams = np.asarray(families) if families is not None else None
+
+    def per_family(err: np.ndarray) -> Dict[str, float]:
+        return {} if fams is None else {str(f): float(err[fams == f].mean()) for f in np.unique(fams)}
+
+    prev = _mae(np.full_like(true, baseline), true)
+    out = StageGains(samples=n)
+    for name, pred in cumulative.items():
+        if len(pred) != n:
+            raise ValueError(f"compute_stage_gains: stage {name!r} has {len(pred)} predictions for {n} samples")
+        err = _mae(pred, true)
+        out.gains[name] = float(prev.mean() - err.mean())
+        out.mae[name] = float(err.mean())
+        if fams is not None:
+            before, after = per_family(prev), per_family(err)
+            out.per_family[name] = {f: before[f] - after[f] for f in after}
+        prev = err
+    for name, pred in (members or {}).items():
+        out.member_mae[name] = float(_mae(pred, true).mean())
+    return out
+
+
+def measure_stage_gains(ensemble, seismic, true: np.ndarray, families: Optional[Sequence[str]] = None,
+                        stages: Sequence[Any] = ("members", "flip", "crf", "mc_dropout"), crf=None,
+                        batch_size: int = 16, device=None, mc_passes: int = 8, state_dir: Optional[PathLike] = None,
+                        progress: bool = False) -> StageGains:
+    """Run the stages over validation samples (every stage, in order, no deadline) and
+    turn the prediction after each into :func:`compute_stage_gains`.
+
+    Args:
+        ensemble: a :class:`~fwi_core.ensemble.Ensemble`.
+        seismic: (N,5,1000,70) raw validation gathers (array, memmap, or a callable
+            ``seismic(i)`` with ``len(true)`` samples, e.g. ``lambda i: ds.raw(i)[0]``).
+        true: (N,1,70,70) true velocities, m/s.
+        families: N family names.
+        stages, crf, mc_passes: as for :class:`~fwi_core.tta.planner.BudgetedInference`.
+        state_dir: scratch folder (default: a temporary folder, removed afterwards).
+
+    Returns:
+        The table (save it beside the checkpoints with ``.save(folder)``).
+    """
+    import tempfile
+
+    from .planner import BudgetedInference
+    from .source import ArraySource
+    from .stages import member_array
+    from ..inference import to_velocity
+
+    import torch
+
+    true = np.asarray(true, dtype=np.float32)
+    n = len(true)
+    source = ArraySource(seismic, n=n if callable(seismic) else None)
+    cumulative: Dict[str, np.ndarray] = {}
+
+    def grab(name, read_rows):
+        cumulative[name] = read_rows(0, n).copy()
+
+    with tempfile.TemporaryDirectory(dir=state_dir) as tmp:
+        planner = BudgetedInference(ensemble, source, None, stages=stages, crf=crf, batch_size=batch_size,
+                                    device=device, mc_passes=mc_passes, state_dir=Path(tmp) / "state",
+                                    select=False, keep_state=True, progress=progress, on_stage_end=grab,
+                                    log=None)
+        planner.run()
+        members = {}
+        for m in ensemble.member_names:
+            if planner.ctx.avail.get(member_array(m), 0) >= n:
+                arr = planner.store.array(member_array(m)).read(0, n).astype(np.float32)
+                members[m] = to_velocity(torch.from_numpy(arr)).numpy()
+        planner.store.remove()
+    return compute_stage_gains(true, cumulative, families, members)

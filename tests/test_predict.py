@@ -1,0 +1,184 @@
+"""``python -m fwi_core.predict``: exit codes, the budget from the process start, strict
+mode, ensemble configs, kill -9 and resume; ``find_checkpoints(kind=...)``."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fwi_core.train.platform as platform_mod
+from fwi_core.data import list_test, validate_submission
+from fwi_core.inference import find_checkpoints
+from fwi_core.predict import main
+from tests.tta_helpers import tiny_checkpoint, write_test_root
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    root = write_test_root(tmp_path / "data", 7)
+    ck = [tiny_checkpoint(tmp_path / "runs" / "r" / "best.pt", 0),
+          tiny_checkpoint(tmp_path / "runs" / "r" / "snapshot-01.pt", 1)]
+    return root, ck
+
+
+def age(monkeypatch, seconds):
+    monkeypatch.setattr(platform_mod, "process_age", lambda: float(seconds))
+
+
+def test_cli_writes_a_complete_valid_csv_with_two_members(setup, tmp_path, monkeypatch, capsys):
+    root, _ = setup
+    age(monkeypatch, 0.0)
+    out = tmp_path / "sub.csv"
+    rc = main(["--data", str(root), "--checkpoints", str(tmp_path / "runs"), "--checkpoint-kind", "all",
+               "--time-budget", "600", "--out", str(out), "--batch-size", "4", "--mc-passes", "2"])
+    assert rc == 0
+    oids = [o for o, _ in list_test(root)]
+    assert validate_submission(out, oids) == {"oids": 7, "rows": 490}
+    summary = json.loads((tmp_path / "sub_summary.json").read_text())
+    ran = [s["name"] for s in summary["stages"] if s["status"] == "complete"]
+    assert ran == ["member:r/best", "member:r/snapshot-01", "flip", "mc_dropout"] or \
+        ran == ["member:r/snapshot-01", "member:r/best", "flip", "mc_dropout"]
+    crf = [s for s in summary["stages"] if s["name"] == "crf"][0]
+    assert crf["status"] == "skipped" and "crf.json" in crf["note"]
+    assert summary["uncertainty"]["all"]["files"] == 7
+    assert not (tmp_path / ".sub.csv.state").exists()
+    assert "plan:" in capsys.readouterr().out
+
+
+def test_cli_budget_counts_from_the_process_start(setup, tmp_path, monkeypatch, capsys):
+    root, ck = setup
+    age(monkeypatch, 100.0)     # the process has already used 100 of the 90 s
+    out = tmp_path / "sub.csv"
+    rc = main(["--data", str(root), "--checkpoints", str(ck[0]), "--time-budget", "90", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "too small" in err and "needs about" in err and "per file measured on the first batch" in err
+    assert not out.exists()
+    age(monkeypatch, 0.0)
+    assert main(["--data", str(root), "--checkpoints", str(ck[0]), "--time-budget", "90", "--out", str(out),
+                 "--stages", "members"]) == 0
+    assert validate_submission(out)["oids"] == 7
+
+
+def test_cli_corrupted_file_fallback_and_strict(setup, tmp_path, monkeypatch, capsys):
+    root, ck = setup
+    age(monkeypatch, 0.0)
+    bad = sorted((root / "test").glob("*.npy"))[3]
+    np.save(bad, np.zeros((5, 1000, 69), np.float32))
+    out = tmp_path / "sub.csv"
+    with pytest.warns(UserWarning, match=bad.stem):
+        rc = main(["--data", str(root), "--checkpoints", str(ck[0]), "--time-budget", "600", "--out", str(out),
+                   "--stages", "members"])
+    assert rc == 0 and validate_submission(out)["oids"] == 7
+    summary = json.loads((tmp_path / "sub_summary.json").read_text())
+    assert list(summary["bad_files"]) == [bad.stem] and "(5, 1000, 69)" in summary["bad_files"][bad.stem]
+    assert bad.stem in capsys.readouterr().out
+    rc = main(["--data", str(root), "--checkpoints", str(ck[0]), "--time-budget", "600",
+               "--out", str(tmp_path / "strict.csv"), "--strict"])
+    err = capsys.readouterr().err
+    assert rc == 1 and bad.stem in err and "strict" in err and not (tmp_path / "strict.csv").exists()
+
+
+def test_cli_bad_inputs_exit_2(setup, tmp_path, monkeypatch, capsys):
+    root, ck = setup
+    age(monkeypatch, 0.0)
+    base = ["--time-budget", "600", "--out", str(tmp_path / "x.csv")]
+    assert main(["--data", str(tmp_path / "nowhere"), "--checkpoints", str(ck[0])] + base) == 2
+    assert "not a competition root" in capsys.readouterr().err
+    assert main(["--data", str(root), "--checkpoints", str(tmp_path / "empty")] + base) == 2
+    assert "no checkpoints" in capsys.readouterr().err
+    assert main(["--data", str(root), "--checkpoints", str(ck[0]), "--stages", "members", "rotate"] + base) == 2
+    assert "unknown stage 'rotate'" in capsys.readouterr().err
+    assert main(["--data", str(root), "--checkpoints", str(ck[0]), "--time-budget", "-5"]) == 2
+
+
+def test_cli_ensemble_config_weights(setup, tmp_path, monkeypatch):
+    root, ck = setup
+    age(monkeypatch, 0.0)
+    cfg = tmp_path / "runs" / "ensemble.json"
+    cfg.write_text(json.dumps({"format": "fwi_core.ensemble/1",
+                               "members": [{"name": "a", "checkpoint": "r/best.pt"},
+                                           {"name": "b", "checkpoint": "r/snapshot-01.pt"}],
+                               "weights": {"default": {"a": 1.0, "b": 0.0}}}))
+    out = tmp_path / "cfg.csv"
+    assert main(["--data", str(root), "--checkpoints", str(tmp_path / "runs"), "--ensemble-config", str(cfg),
+                 "--time-budget", "600", "--out", str(out), "--stages", "members"]) == 0
+    only_a = tmp_path / "a.csv"
+    assert main(["--data", str(root), "--checkpoints", str(ck[0]), "--time-budget", "600", "--out", str(only_a),
+                 "--stages", "members"]) == 0
+    assert out.read_bytes() == only_a.read_bytes()      # b weighs 0: the ensemble is member a
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    from fwi_core.tta.store import PredictionStore
+    orig = PredictionStore.commit
+    count = [0]
+    def commit(self, progress):
+        count[0] += 1
+        if count[0] == {nth}:            # rows of this batch are written, progress is not
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig(self, progress)
+    PredictionStore.commit = commit
+    from fwi_core.predict import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nth", [4, 11, 17])   # in the first pass, the second member, the flip
+def test_kill_9_and_resume_gives_the_same_bytes(setup, tmp_path, nth):
+    root, _ = setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FWI_PROGRESS": "0"}
+    args = ["--data", str(root), "--checkpoints", str(tmp_path / "runs"), "--checkpoint-kind", "all",
+            "--time-budget", "3000", "--batch-size", "3", "--mc-passes", "2"]
+    full = subprocess.run([sys.executable, "-m", "fwi_core.predict", *args, "--out", str(tmp_path / "full.csv")],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT.format(root=str(ROOT), nth=nth))
+    out = tmp_path / "cut.csv"
+    killed = subprocess.run([sys.executable, str(script), *args, "--out", str(out)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    state = json.loads((tmp_path / ".cut.csv.state" / "progress.json").read_text())
+    assert state["running"] and not state["finished"]
+    resumed = subprocess.run([sys.executable, "-m", "fwi_core.predict", *args, "--out", str(out), "--resume"],
+                             cwd=ROOT, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resum" in resumed.stdout
+    assert out.read_bytes() == (tmp_path / "full.csv").read_bytes()
+
+
+def test_find_checkpoints_kinds(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("best.pt", "snapshot-01.pt", "snapshot-02.pt", "ckpt-00000010.pt", "ckpt-00000020.pt", "other.pt"):
+        (run / name).write_bytes(b"x")
+    assert find_checkpoints([tmp_path]) == [run / "best.pt"]
+    assert find_checkpoints([tmp_path], kind="snapshot") == [run / "snapshot-01.pt", run / "snapshot-02.pt"]
+    assert find_checkpoints([tmp_path], kind="last") == [run / "ckpt-00000020.pt"]
+    assert find_checkpoints([tmp_path], kind="all") == [run / "best.pt", run / "ckpt-00000020.pt",
+                                                       run / "snapshot-01.pt", run / "snapshot-02.pt"]
+    assert find_checkpoints([tmp_path], "other*.pt") == [run / "other.pt"]
+    assert find_checkpoints([run / "other.pt"], kind="snapshot") == [run / "other.pt"]
+    with pytest.raises(ValueError, match="kind must be one of"):
+        find_checkpoints([tmp_path], kind="newest")
+    with pytest.raises(FileNotFoundError, match="kind 'snapshot'"):
+        find_checkpoints([tmp_path / "nothing"], kind="snapshot")
