@@ -10,7 +10,9 @@ misfit of the predicted maps, simulated with the exact forward model) on N sampl
 ``--crf`` also scores the predictions after a continuous-CRF pass (the tuned ``crf.json``
 beside the checkpoint when there is one, else the default CRF with its temperature in m/s); ``--mc-dropout T``
 predicts with T Monte Carlo dropout passes and reports the uncertainty's calibration
-(Gaussian NLL, 90% interval coverage, calibration error).
+(Gaussian NLL, 90% interval coverage, calibration error). With several checkpoints the
+metrics are the (equal-weight) ensemble's, followed by a model comparison: the MAE of each
+member and of the ensemble side by side, per family.
 """
 from __future__ import annotations
 
@@ -63,6 +65,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{len(ds)} samples, {len(models)} checkpoint(s){', flip TTA' if a.flip_tta else ''}")
     print(format_table(table))
     out = {"metrics": table}
+    if len(models) > 1:
+        out["comparison"] = _compare_members(a.checkpoint, models, res, ds, a.batch_size, a.flip_tta)
+        print("\nmodel comparison: MAE (m/s) per family of each member and of the ensemble")
+        print(format_table(out["comparison"]))
     if a.mc_dropout:
         from fwi_core.inference import score_uncertainty
 
@@ -102,6 +108,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         from fwi_core.utils import atomic_write_text
         atomic_write_text(a.json, json.dumps(out, indent=2))
     return 0
+
+
+def _compare_members(paths, models, res, ds, batch_size, flip_tta):
+    """{family: {member name: MAE, ..., "ensemble": MAE}} (m/s, 'all' included)."""
+    from fwi_core.ensemble import member_name_for
+    from fwi_core.inference import predict_dataset
+    from fwi_core.metrics import mae, per_family
+
+    names = [member_name_for(p) for p in paths]
+    names = [n if names.count(n) == 1 else str(p) for n, p in zip(names, paths)]
+    table = {}
+    for name, model in zip(names, models):
+        r = predict_dataset(model, ds, batch_size=batch_size, flip_tta=flip_tta, progress=False)
+        for fam, v in per_family(mae(r["pred"], r["true"]), list(r["family"])).items():
+            table.setdefault(fam, {})[name] = v
+    for fam, v in per_family(mae(res["pred"], res["true"]), list(res["family"])).items():
+        table[fam]["ensemble"] = v
+    return table
 
 
 if __name__ == "__main__":

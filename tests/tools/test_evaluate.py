@@ -75,3 +75,39 @@ def test_evaluate_reports_missing_inputs(fake_root, tmp_path, capsys):
     ck.write_bytes(b"")
     assert evaluate.main(["--data", str(tmp_path / "nodata"), "--checkpoint", str(ck)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_evaluate_compares_members_and_ensemble(fake_root, checkpoint, tmp_path, capsys):
+    """Several checkpoints: each member's MAE and the ensemble's side by side, per family."""
+    import numpy as np
+    import torch
+
+    from fwi_core.data import FWIDataset, index_train
+    from fwi_core.inference import predict_dataset
+    from fwi_core.metrics import mae, per_family
+    from fwi_core.models import create_model
+    from fwi_core.train import load_model
+    from fwi_core.train.checkpoint import FORMAT, save_checkpoint
+
+    torch.manual_seed(1)     # a second, different member in the engine's checkpoint format
+    other = create_model("inversionnet", width=0.0625)
+    second = tmp_path / "run2" / "best.pt"
+    save_checkpoint({"format": FORMAT, "metadata": {"model": "inversionnet", "model_kwargs": {"width": 0.0625}},
+                     "model": other.state_dict(), "ema": None}, second)
+    out = tmp_path / "cmp.json"
+    assert evaluate.main(["--data", str(fake_root), "--checkpoint", checkpoint, str(second),
+                          "--json", str(out), "--batch-size", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "12 samples, 2 checkpoint(s)" in text and "model comparison" in text
+    cmp = json.loads(out.read_text())["comparison"]
+    assert set(cmp) == {"CurveFault_B", "FlatVel_A", "Style_A", "all"}
+    assert set(cmp["all"]) == {"run/best", "run2/best", "ensemble"}
+    ds = FWIDataset(index_train(fake_root))
+    for name, path in (("run/best", checkpoint), ("run2/best", second)):
+        r = predict_dataset(load_model(path), ds, batch_size=4, progress=False)
+        expected = per_family(mae(r["pred"], r["true"]), list(r["family"]))
+        for fam, v in expected.items():
+            assert cmp[fam][name] == pytest.approx(v, rel=1e-6)
+    assert cmp["all"]["run/best"] != pytest.approx(cmp["all"]["run2/best"])
+    assert cmp["all"]["ensemble"] == pytest.approx(json.loads(out.read_text())["metrics"]["all"]["mae"])
+    assert np.isfinite(cmp["all"]["ensemble"])
