@@ -148,3 +148,52 @@ def test_engine_oof_end_to_end(tmp_path):
     mean, var = ens.predict(x)
     assert mean.shape == (3, 1, H, W) and var is None
     assert rep["n_samples"] == 8
+
+
+def test_meta_with_seismic_physics_and_family_classifier(fake_root, tmp_path):
+    """With data=: the meta-learner also uses seismic statistics, the physics residual and
+    the family classifier's probabilities; the JSON references both files."""
+    from fwi_core.data import FWIDataset, index_train
+    from fwi_core.ensemble import FamilyClassifier, train_family_classifier
+    from fwi_core.physics import generate
+
+    ds = FWIDataset(index_train(fake_root))
+    clf = train_family_classifier(ds, epochs=1, batch_size=4, width=4, progress=False)
+    clf_path = clf.save(tmp_path / "runs" / "family_classifier.pt")
+    rng = np.random.default_rng(0)
+    fams = ds.families()
+    truth = np.stack([ds[i][1][0].numpy() for i in range(len(ds))]) * 1500 + 3000
+    runs = tmp_path / "runs"
+    for fold, idx in ((0, np.arange(0, 12, 2)), (1, np.arange(1, 12, 2))):
+        t = truth[idx]
+        f = [fams[i] for i in idx]
+        for model, noise in (("a", 20.0), ("b", 60.0)):
+            write_run(runs, f"{model}-fold{fold}", fold, idx, np.clip(t + rng.normal(0, noise, t.shape), 1500, 4500),
+                      t, f)
+    rep = fit_ensemble([runs], method="projected_gradient", iterations=10, meta="always", data=fake_root,
+                       family_classifier=clf_path, physics_nt=30, meta_kwargs={"epochs": 3, "hidden": 4})
+    cfg = EnsembleConfig.load(rep["config"])
+    assert cfg.meta_learner == "meta_learner.pt" and cfg.family_classifier == "family_classifier.pt"
+    ens = Ensemble.from_checkpoints([], config=rep["config"], device="cpu")
+    spec = ens.meta_learner.spec
+    assert spec.seismic and spec.family and spec.physics_nt == 30
+    # features: 3 family probabilities + 5 seismic + 3*2 prediction + 3 disagreement + 2 physics
+    assert ens.meta_learner.n_features == 3 + 5 + 6 + 3 + 2
+    assert set(ens.family_classifier.families) == {"CurveFault_B", "FlatVel_A", "Style_A"}
+    x = torch.stack([ds[i][0] for i in range(3)])
+    maps = torch.from_numpy(generate("FlatVel_A", 3, seed=1)).float()
+    from fwi_core.data.normalize import normalize_velocity
+    preds = {n: normalize_velocity(maps + (10.0 if ens.members[n].group == "a" else -40.0))
+             for n in ens.member_names}
+    w_meta = ens.sample_weights(ens.member_names, 3, None, x, torch.stack(list(preds.values())))
+    w_static = ens.sample_weights(ens.member_names, 3, ["FlatVel_A"] * 3)
+    assert w_meta.shape == (3, 4) and torch.allclose(w_meta.sum(1), torch.ones(3))
+    group_preds = torch.stack([preds["a-fold0"], preds["b-fold0"]])
+    gw = ens.meta_learner.predict_weights(group_preds, x, family_proba=ens.family_classifier.predict_proba(x))
+    for i, name in enumerate(ens.member_names):                       # a group's weight, shared by its 2 runs
+        j = ens.meta_learner.member_names.index(ens.members[name].group)
+        assert torch.allclose(w_meta[:, i], gw[:, j] / 2)
+    # without the seismic the meta-learner cannot run: static weights of the given families
+    assert torch.allclose(ens.sample_weights(ens.member_names, 3, ["FlatVel_A"] * 3, None,
+                                             torch.stack(list(preds.values()))), w_static)
+    assert len(ens.predict_families(x)) == 3
