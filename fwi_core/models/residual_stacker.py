@@ -66,6 +66,7 @@ class ResidualStacker(nn.Module):
 
     accepts_prior = True
     accepts_residual = True
+    adds_prior = True   # returns prior + correction itself (residual_stage passes it through)
 
     def __init__(self, width: int = 32, max_correction: float = 0.5, drop_rate: float = 0.1,
                  init_scale: float = 0.1):

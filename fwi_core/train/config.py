@@ -35,6 +35,10 @@ class TrainConfig:
     Model:
         model: a name from :func:`fwi_core.models.list_models`; model_kwargs: its arguments.
         sync_bn: convert BatchNorm to SyncBatchNorm under DDP (GPU).
+        backbone_checkpoint: stage-wise training: freeze the model of this checkpoint and
+            train ``model`` on its residual (``residual_stage``: the output is the backbone's
+            prediction plus the member's bounded correction; the member sees the prediction,
+            and ``residual_stacker`` also the data residual). The saved model is the stage.
     Optimisation:
         epochs: passes over the training set; 0 trains until the time budget runs out,
             with the schedule spanning the budget (progress = elapsed / budget, so the
@@ -85,6 +89,7 @@ class TrainConfig:
     out: Optional[str] = None
     model: str = "inversionnet"
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    backbone_checkpoint: Optional[str] = None
     epochs: int = 10
     batch_size: int = 16
     grad_accum: int = 1
@@ -173,6 +178,14 @@ class TrainConfig:
         choice("monitor", self.monitor, MONITORS)
         if not is_model(self.model):
             raise ConfigError(f"unknown model {self.model!r}; registered models: {', '.join(list_models())}")
+        if self.backbone_checkpoint is not None:
+            from pathlib import Path
+
+            if not Path(self.backbone_checkpoint).is_file():
+                raise ConfigError(f"backbone_checkpoint={self.backbone_checkpoint}: no such checkpoint file")
+            if self.model == "residual_stage":
+                raise ConfigError("with backbone_checkpoint, model is the member to train (e.g. egnn), "
+                                  "not residual_stage")
         if not isinstance(self.model_kwargs, dict):
             raise ConfigError(f"model_kwargs must be a dict (JSON object), got {type(self.model_kwargs).__name__}")
         for name in ("batch_size", "grad_accum", "restart_epochs", "restart_cycles", "log_every"):

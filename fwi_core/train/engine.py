@@ -224,7 +224,11 @@ class Trainer:
         self.total_steps = 0 if self.time_mode else cfg.epochs * self.steps_per_epoch
 
         from fwi_core.models import create_model
-        self.raw = create_model(cfg.model, **cfg.model_kwargs).to(self.device)
+        self.model_name, self.model_kwargs = self._architecture()
+        self.raw = create_model(self.model_name, **self.model_kwargs)
+        if cfg.backbone_checkpoint:
+            self.raw.load_backbone(cfg.backbone_checkpoint)
+        self.raw = self.raw.to(self.device)
         if cfg.sync_bn and d.enabled:
             self.raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.raw)
         self.ema = None
@@ -236,7 +240,8 @@ class Trainer:
             raise ConfigError("monitor='mae_ema' needs EMA: set ema_decay > 0")
         self.amp = resolve_amp(cfg.amp, self.device)
         self.scaler = make_scaler(self.amp, self.device)
-        self.optimizer = build_optimizer(self.raw.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
+        self.optimizer = build_optimizer([p for p in self.raw.parameters() if p.requires_grad], cfg.optimizer,
+                                         cfg.lr, cfg.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps,
                                          self.steps_per_epoch, cfg.warmup_steps, cfg.min_lr,
                                          cfg.restart_epochs, cfg.restart_cycles)
@@ -282,6 +287,22 @@ class Trainer:
                 log.warning("resuming on %d processes from a checkpoint of %d: RNG streams differ",
                             d.world_size, len(rng))
         barrier(d)
+
+    def _architecture(self) -> Tuple[str, Dict[str, Any]]:
+        """The model to build: ``cfg.model``, or with ``backbone_checkpoint`` a
+        ``residual_stage`` of the frozen backbone (rebuilt from its checkpoint's metadata)
+        and ``cfg.model`` as the member trained on its residual."""
+        cfg = self.cfg
+        if not cfg.backbone_checkpoint:
+            return cfg.model, dict(cfg.model_kwargs)
+        from .checkpoint import read_metadata
+
+        meta = read_metadata(cfg.backbone_checkpoint)
+        if meta.get("model") == "residual_stage":
+            raise ConfigError(f"backbone_checkpoint={cfg.backbone_checkpoint} is itself a residual stage: "
+                              "use a plain model's checkpoint as the backbone")
+        return "residual_stage", {"backbone": meta["model"], "backbone_kwargs": dict(meta.get("model_kwargs") or {}),
+                                  "member": cfg.model, "member_kwargs": dict(cfg.model_kwargs)}
 
     def _family_vocabulary(self) -> Optional[List[str]]:
         """Family names indexed by the model's per-family terms (models with
@@ -344,7 +365,7 @@ class Trainer:
     def _metadata(self, metrics: Optional[Dict[str, Any]]) -> Dict[str, Any]:
         cfg = self.cfg
         return {
-            "model": cfg.model, "model_kwargs": dict(cfg.model_kwargs), "fold": cfg.fold,
+            "model": self.model_name, "model_kwargs": plain(dict(self.model_kwargs)), "fold": cfg.fold,
             "folds": cfg.folds, "epoch": self.epoch, "step": self.step,
             "position": {"epoch": self.epoch, "batch": self.batch, "steps_per_epoch": self.steps_per_epoch},
             "metrics": metrics,
@@ -878,7 +899,7 @@ class Trainer:
         ckpt = load_checkpoint(self.ckpts.best_path, map_location="cpu")
         source = (ckpt["metadata"].get("metrics") or {}).get("source") or "raw"
         from fwi_core.models import create_model
-        model = create_model(self.cfg.model, **self.cfg.model_kwargs).to(self.device)
+        model = create_model(self.model_name, **self.model_kwargs).to(self.device)
         model.load_state_dict(ckpt["ema"] if source == "ema" else ckpt["model"])
         values, pred, target = self._predict({source: model}, keep=source)
         maes = {source: values[source]}

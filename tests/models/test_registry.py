@@ -23,12 +23,16 @@ TINY = {
                            decoder_channels=(16, 8, 8)),
     "invertible_unet*": dict(width=4, latent_channels=4, hidden=8, blocks_per_level=1),
     "residual_stacker*": dict(width=4),
+    "residual_stage*": dict(backbone="inversionnet", backbone_kwargs=dict(width=0.125), member="heat_diffusion",
+                            member_kwargs=dict(width=4, channels=8, blocks=2, mlp_hidden=8)),
     "egnn*": dict(hidden=16, layers=2, trace_dim=8, trace_width=8, decoder_dim=8, heads=2),
     "heat_diffusion*": dict(width=4, channels=8, blocks=2, mlp_hidden=8),
+    "se3_transformer*": dict(irreps_hidden="4x0e + 2x1o + 1x2e", scalars_out=4, layers=2, lattice=(4, 3),
+                             trace_dim=8, trace_width=8, decoder_dim=8, n_anchors=4, k_lattice=3),
 }
 EXPECTED = {"inversionnet", "inversionnet_small", "specproj_unet", "convnext_unet",
             "caformer_unet", "invertible_unet", "egnn", "residual_stacker",
-            "heat_diffusion"}
+            "heat_diffusion", "se3_transformer", "residual_stage"}
 
 
 def tiny(name, **overrides):
@@ -131,6 +135,7 @@ def test_package_imports_without_timm():
 
 @pytest.mark.parametrize("blocked, names, hint", [
     ("torch_geometric", ["egnn"], "pip install torch-geometric"),
+    ("e3nn", ["se3_transformer"], "pip install e3nn"),
 ])
 def test_package_imports_without_graph_libraries(blocked, names, hint):
     """The registry lists the graph members without their optional library; building one
