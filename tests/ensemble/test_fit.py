@@ -197,3 +197,35 @@ def test_meta_with_seismic_physics_and_family_classifier(fake_root, tmp_path):
     assert torch.allclose(ens.sample_weights(ens.member_names, 3, ["FlatVel_A"] * 3, None,
                                              torch.stack(list(preds.values()))), w_static)
     assert len(ens.predict_families(x)) == 3
+
+
+def test_command_line(tmp_path, capsys):
+    from fwi_core.ensemble.__main__ import main
+
+    runs = tmp_path / "runs"
+    good_and_bad(runs)
+    assert main(["fit", str(runs), "--out", str(tmp_path / "e.json"), "--method", "projected_gradient",
+                 "--meta"]) == 0
+    out = capsys.readouterr().out
+    assert "40 aligned OOF samples, models: bad (2 runs), good (2 runs)" in out
+    assert "optimised" in out and "meta-learner on held-out folds" in out and "wrote" in out
+    assert EnsembleConfig.load(tmp_path / "e.json").member_names[0] == "bad_fold0"
+    assert main(["fit", str(tmp_path / "nothing")]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_package_needs_only_numpy_and_torch():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import sys\n"
+            "for m in ('optuna', 'scipy', 'timm', 'torch_geometric', 'e3nn', 'monai'): sys.modules[m] = None\n"
+            "import numpy as np\n"
+            "from fwi_core.ensemble import Ensemble, optimize_weights, fit_ensemble, distill, MetaLearner\n"
+            "p = np.random.default_rng(0).normal(size=(2, 10, 4, 4)).astype('float32')\n"
+            "w = optimize_weights(p, p[0], method='auto', iterations=5)\n"
+            "print(w.info['method'])\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "projected_gradient", res.stderr
