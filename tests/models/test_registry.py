@@ -32,7 +32,7 @@ TINY = {
 }
 EXPECTED = {"inversionnet", "inversionnet_small", "specproj_unet", "convnext_unet",
             "caformer_unet", "invertible_unet", "egnn", "residual_stacker",
-            "heat_diffusion", "se3_transformer", "residual_stage"}
+            "heat_diffusion", "residual_stage"}
 
 
 def tiny(name, **overrides):
