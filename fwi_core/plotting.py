@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["plot_predictions", "plot_seismic", "plot_curves"]
+__all__ = ["plot_predictions", "plot_seismic", "plot_curves", "plot_uncertainty_by_family"]
 
 
 def _figure(**kwargs):
@@ -196,6 +196,43 @@ def plot_curves(history: Union[str, os.PathLike, Sequence[dict]], x: str = "epoc
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2 if title == "per family" else 1)
+    return fig
+
+
+def plot_uncertainty_by_family(uncertainty: Dict[str, Dict[str, object]]):
+    """MC-dropout uncertainty of a test run per (predicted) family.
+
+    Args:
+        uncertainty: ``RunSummary.uncertainty`` of :mod:`fwi_core.tta`: family ->
+            {"files": n, "mean_std": m/s, "depth_std": 70 values (m/s, mean over
+            columns and files)}.
+
+    Returns:
+        A figure: mean standard deviation per family (bars, labelled with the file
+        counts) and the standard deviation against depth per family.
+    """
+    if not uncertainty:
+        raise ValueError("plot_uncertainty_by_family: no uncertainty (MC dropout did not run)")
+    fams = sorted(uncertainty)
+    fig = _figure(figsize=(11.0, 4.0), layout="constrained")
+    ax_bar, ax_depth = fig.subplots(1, 2)
+    means = [float(uncertainty[f]["mean_std"]) for f in fams]
+    bars = ax_bar.bar(range(len(fams)), means, color="tab:purple")
+    for b, f in zip(bars, fams):
+        ax_bar.annotate(f"n={uncertainty[f]['files']}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+    ax_bar.set_xticks(range(len(fams)), fams, rotation=45, ha="right", fontsize=8)
+    ax_bar.set_ylabel("mean MC-dropout std (m/s)")
+    ax_bar.set_title("uncertainty per family")
+    for f in fams:
+        prof = np.asarray(uncertainty[f]["depth_std"], dtype=np.float64)
+        ax_depth.plot(prof, np.arange(len(prof)), label=f)
+    ax_depth.invert_yaxis()
+    ax_depth.set_xlabel("std (m/s)")
+    ax_depth.set_ylabel("depth row")
+    ax_depth.set_title("uncertainty against depth")
+    ax_depth.grid(alpha=0.3)
+    ax_depth.legend(fontsize=7)
     return fig
 
 

@@ -1,20 +1,31 @@
 # %% [markdown]
 # # FWI: predict the test set and write `submission.csv`
 #
-# Loads one or more checkpoints written by the `train` kernel (an ensemble is their
-# average), predicts every `test/<oid>.npy` with horizontal-flip TTA, writes and validates
-# `submission.csv`, and plots a few predictions. When the data carries the true test
-# velocities (`test_solution.npz`, written by the toolkit's synthetic generator), it also
-# prints the local MAE.
+# Loads the checkpoints written by the `train` kernel as an ensemble (equal weights, or
+# the weights of an ensemble JSON file) and predicts every `test/<oid>.npy` within a time
+# budget: the cheapest good member first writes a complete `submission.csv`, then more
+# members, flip TTA, the tuned CRF and MC dropout run as the time left allows, chosen by
+# their validation gain per second (`stage_gains.json` beside the checkpoints). It prints
+# the plan and what actually ran, validates the CSV, plots the uncertainty per family (when
+# MC dropout ran) and a few predictions. When the data carries the true test velocities
+# (`test_solution.npz`, written by the toolkit's synthetic generator), it also prints the
+# local MAE.
 
 # %% tags=["parameters"]
 data_root = None  # None: find the competition data (Kaggle mounts, $FWI_DATA)
-checkpoints = []  # checkpoint files; empty: search checkpoint_dirs for best*.pt
+checkpoints = []  # checkpoint files; empty: search checkpoint_dirs for checkpoint_kind
 checkpoint_dirs = [".", "/kaggle/input"]
+checkpoint_kind = "best"  # best | snapshot | last | all (best + snapshots + last weights)
+ensemble_config = None  # ensemble JSON (members, weights); None: the checkpoints, equal weights
 output_dir = "."
+time_budget = None  # seconds from the kernel's start; None: the platform's session limit minus a margin
+stages = ["members", "flip", "crf", "mc_dropout"]  # priority order; the planner picks what fits
 batch_size = 16
-flip_tta = True
-use_crf = True  # apply the CRF tuned by the train kernel (crf.json beside the checkpoint), if any
+flip_tta = True  # False drops the "flip" stage
+use_crf = True  # False drops the "crf" stage (it needs crf.json, tuned by the train kernel)
+mc_passes = 8
+resume = True  # continue an interrupted run of this kernel (same inputs) instead of starting over
+strict = False  # True: an unreadable test file stops the run instead of getting a fallback
 limit = None  # predict only the first N test files (quick checks)
 num_workers = 2
 show_samples = 4
@@ -24,27 +35,41 @@ from pathlib import Path
 
 import numpy as np
 
-from fwi_core.data import find_competition_root, list_test, load_solution, load_test_sample, validate_submission
+from fwi_core.tta import Deadline
+
+# the session limit runs from the kernel's start: fix the deadline before loading anything
+deadline = Deadline.from_budget(time_budget) if time_budget else Deadline.platform_default()
+
+from fwi_core.data import find_competition_root, load_solution, load_test_sample, validate_submission
 from fwi_core.data import score_submission
-from fwi_core.inference import find_checkpoints, load_crf, predict_batch, predict_test_set, to_velocity
-from fwi_core.plotting import plot_predictions, show
-from fwi_core.train import load_model
+from fwi_core.ensemble import Ensemble
+from fwi_core.inference import find_checkpoints, load_crf
+from fwi_core.plotting import plot_predictions, plot_uncertainty_by_family, show
+from fwi_core.tta import TestFileSource, find_stage_gains, run_budgeted
 
 root = find_competition_root(data_root)
 out = Path(output_dir)
 out.mkdir(parents=True, exist_ok=True)
-paths = [Path(p) for p in checkpoints] or find_checkpoints(checkpoint_dirs)
-print("data:", root)
-print("checkpoints:", *paths, sep="\n  ")
-models = [load_model(p) for p in paths]
-crf = load_crf(paths) if use_crf else None
-print("CRF post-processing:", crf if crf is not None else "off")
+paths = [Path(p) for p in checkpoints] or (checkpoint_dirs if ensemble_config else
+                                           find_checkpoints(checkpoint_dirs, kind=checkpoint_kind))
+ensemble = Ensemble.from_checkpoints(paths, config=ensemble_config)
+files = [m.path for m in ensemble.members.values() if m.path is not None]
+crf = load_crf(files) if use_crf else None
+gains = find_stage_gains(files)
+source = TestFileSource(root, limit=limit)
+plan = [s for s in stages if (flip_tta or s != "flip") and (use_crf or s != "crf")]
+print("data:", root, f"({len(source)} test files)")
+print("members:", *(f"{n} ({m.path})" for n, m in ensemble.members.items()), sep="\n  ")
+print("CRF:", crf if crf is not None else "off", "| gains:", "stage_gains.json" if gains else "defaults")
+print("time left:", "no deadline" if deadline.at is None else f"{deadline.remaining() / 3600:.2f} h")
 
 # %%
-csv = predict_test_set(models, root, out / "submission.csv", batch_size=batch_size, flip_tta=flip_tta,
-                       num_workers=num_workers, limit=limit, postprocess=crf)
-test_oids = [oid for oid, _ in list_test(root)][:limit]
-print("validated:", validate_submission(csv, test_oids), "->", csv)
+summary = run_budgeted(ensemble, source, out / "submission.csv", deadline=deadline, stages=plan, gains=gains,
+                       crf=crf, mc_passes=mc_passes, batch_size=batch_size, num_workers=num_workers,
+                       resume=resume, strict=strict)
+csv = Path(summary.csv)
+print("ran:", ", ".join(summary.ran))
+print("validated:", validate_submission(csv, source.ids), "->", csv)
 
 # %%
 solution = root / "test_solution.npz"
@@ -52,23 +77,32 @@ if solution.is_file():
     print(f"local MAE against {solution.name}: {score_submission(csv, load_solution(solution)):.2f} m/s")
 
 # %% [markdown]
-# ## A few test predictions
+# ## Uncertainty per family (MC dropout) and a few test predictions
+#
+# Families are the ensemble's family classifier's predictions ("all" without one).
+
+# %%
+if summary.uncertainty:
+    show(plot_uncertainty_by_family(summary.uncertainty), out / "uncertainty.png")
+else:
+    print("MC dropout did not run: no uncertainty to plot")
 
 # %%
 import torch
 
 from fwi_core.data import normalize_seismic
 
-files = list_test(root)[:show_samples]
+files = source.files[:show_samples]
 x = torch.from_numpy(np.stack([normalize_seismic(load_test_sample(p)) for _, p in files])).float()
-pred = to_velocity(predict_batch([m.cpu().eval() for m in models], x, flip_tta))
-if crf is not None:
+ran = set(summary.ran)
+pred, var = ensemble.predict(x, flip_tta="flip" in ran, mc_passes=mc_passes if "mc_dropout" in ran else 0)
+if "crf" in ran:
     with torch.no_grad():
         pred = crf(pred)
-pred = pred.numpy()
 truth = None
 if solution.is_file():
     sol = load_solution(solution)
     truth = np.stack([sol[oid][None] for oid, _ in files])
-fig = plot_predictions(pred, truth, titles=[oid for oid, _ in files], max_rows=show_samples)
+fig = plot_predictions(pred.numpy(), truth, uncertainty=None if var is None else var.sqrt().numpy(),
+                       titles=[oid for oid, _ in files], max_rows=show_samples)
 show(fig, out / "test_predictions.png")

@@ -241,6 +241,11 @@ def test_mc_dropout_stores_a_spread_and_summarises_uncertainty_per_family(tmp_pa
     assert s.ran == ["member:m0", "member:m1", "mc_dropout"]
     u = s.uncertainty["all"]
     assert u["files"] == 6 and u["mean_std"] > 0 and len(u["depth_std"]) == 70
+    from fwi_core.plotting import plot_uncertainty_by_family
+    fig = plot_uncertainty_by_family(s.uncertainty)
+    assert [ax.get_title() for ax in fig.axes] == ["uncertainty per family", "uncertainty against depth"]
+    with pytest.raises(ValueError, match="MC dropout did not run"):
+        plot_uncertainty_by_family(None)
     no_drop = fake_ensemble(2, drop=0.0)
     s2 = planner(no_drop, src, tmp_path / "b", stages=["members", "mc_dropout"]).run()
     assert s2.stages[-1]["status"] == "skipped" and "dropout" in s2.stages[-1]["note"]

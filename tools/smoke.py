@@ -52,6 +52,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--time-budget", type=float, default=240.0, help="seconds of training")
+    ap.add_argument("--infer-budget", type=float, default=90.0,
+                    help="seconds of the infer notebook (from its kernel's start): the planner's deadline")
     ap.add_argument("--timeout", type=int, default=1800, help="per-cell timeout (s)")
     a = ap.parse_args(argv)
 
@@ -88,10 +90,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     }, workdir, a.timeout)
     t_infer = run_notebook(ROOT / "build/infer/infer.ipynb", out / "infer.out.ipynb", {
         "data_root": str(data), "checkpoints": [], "checkpoint_dirs": [str(out)], "output_dir": str(out),
-        "batch_size": 8, "num_workers": 0,
+        "batch_size": 8, "num_workers": 0, "checkpoint_kind": "all", "time_budget": a.infer_budget,
+        "mc_passes": 4,
     }, workdir, a.timeout)
 
     csv = out / "submission.csv"
+    import json
+    run = json.loads((out / "submission_summary.json").read_text())
+    members = [s for s in run["stages"] if s["kind"] == "member"]
+    print(f"\n=== budgeted inference ({a.infer_budget:.0f} s budget, {len(members)} members): " +
+          ", ".join(f"{s['name']} {s['status']}" for s in run["stages"]))
+    if len(members) < 2:
+        raise SystemExit(f"the infer notebook found {len(members)} member(s); the smoke run expects the best "
+                         "checkpoint and the restart snapshots")
     solution = load_solution(data / "test_solution.npz")
     info = validate_submission(csv, solution.keys())
     mae = score_submission(csv, solution)
