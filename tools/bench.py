@@ -79,6 +79,11 @@ SECTIONS = {
     "models": ("Models (CPU forward time)", lambda: _section("tools.bench_models")),
     "train": ("Training engine overhead", lambda: _section("tools.bench_train")),
 }
+#: Sections that run only when named (``--sections cuda`` on a GPU machine): ``make bench``
+#: on a CPU machine keeps their last text instead of overwriting it with "skipped".
+EXTRA_SECTIONS = {
+    "cuda": ("GPU (CUDA)", lambda: _section("tools.bench_cuda")),
+}
 
 
 def _split_sections(text: str) -> "dict":
@@ -98,7 +103,7 @@ def _split_sections(text: str) -> "dict":
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS))
+    ap.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS) + list(EXTRA_SECTIONS))
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     a = ap.parse_args(argv)
     os.environ.setdefault("FWI_PROGRESS", "0")
@@ -115,14 +120,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     previous = _split_sections(a.out.read_text()) if a.out.is_file() else {}
     fresh = {}
     for key in a.sections:
-        title, fn = SECTIONS[key]
+        title, fn = {**SECTIONS, **EXTRA_SECTIONS}[key]
         print(f"== {title}", flush=True)
         t = time.perf_counter()
         body = fn()
         print(body, flush=True)
         fresh[title] = (f"## {title}\n\n_Measured by {stamp}. Section took "
                         f"{time.perf_counter() - t:.0f} s._\n\n{body}\n\n")
-    order = [title for title, _ in SECTIONS.values()]
+    order = [title for title, _ in list(SECTIONS.values()) + list(EXTRA_SECTIONS.values())]
     parts = [fresh.get(t) or previous.get(t) for t in order]
     parts += [text for t, text in previous.items() if t not in order and t not in fresh]
     head = ("# Benchmarks\n\nWritten by `make bench` (all sections) or `python -m tools.bench --sections ...` "
