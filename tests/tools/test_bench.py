@@ -2,7 +2,7 @@ from tools import bench
 
 
 def test_sections_merge_into_the_existing_file(tmp_path, monkeypatch):
-    calls = {"a": 0, "b": 0}
+    calls = {"a": 0, "b": 0, "c": 0}
 
     def section(name):
         def fn():
