@@ -40,6 +40,8 @@ import torch.nn.functional as F
 PathLike = Union[str, os.PathLike]
 ArrayLike = Union[np.ndarray, torch.Tensor]
 FORMAT = "fwi_core.ensemble.meta_learner/1"
+#: The meta-learner "beats" the static weights when it lowers their MAE by more than this fraction.
+BEAT_TOLERANCE = 1e-4
 
 __all__ = ["MetaFeatureSpec", "MetaLearner", "meta_features", "seismic_statistics", "physics_misfit",
            "train_meta_learner", "evaluate_meta_learner"]
@@ -357,7 +359,8 @@ def evaluate_meta_learner(preds: ArrayLike, targets: ArrayLike, families: Sequen
 
     Returns:
         ``{"table": {family: {"n", "equal", "static", "meta"}} (MAE, 'all' included),
-        "beats_static": bool (meta's overall MAE below static's), "gain": static - meta
+        "beats_static": bool (meta's overall MAE below static's by more than
+        ``BEAT_TOLERANCE`` of it: ties and rounding do not count), "gain": static - meta
         (overall MAE), "folds": number of folds}``.
     """
     from fwi_core.metrics import per_family
@@ -394,5 +397,6 @@ def evaluate_meta_learner(preds: ArrayLike, targets: ArrayLike, families: Sequen
         for fam, v in per_family(vals, list(fams)).items():
             table.setdefault(fam, {"n": int(n if fam == "all" else (fams == fam).sum())})[key] = float(v)
     gain = table["all"]["static"] - table["all"]["meta"]
-    return {"table": table, "beats_static": bool(gain > 0), "gain": float(gain),
+    beats = gain > BEAT_TOLERANCE * table["all"]["static"]
+    return {"table": table, "beats_static": bool(beats), "gain": float(gain),
             "folds": int(len(np.unique(fold_arr)))}

@@ -229,3 +229,26 @@ def test_package_needs_only_numpy_and_torch():
             "print(w.info['method'])\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "projected_gradient", res.stderr
+
+
+def test_meta_learner_not_referenced_when_it_does_not_win(tmp_path):
+    """Mirrored errors: the equal weights are exact, nothing can beat them; the
+    meta-learner file is written but the JSON does not point to it (unless 'always')."""
+    rng = np.random.default_rng(0)
+    runs = tmp_path / "runs"
+    for fold in (0, 1, 2):
+        t = rng.uniform(2000, 4000, (20, H, W))
+        e = rng.normal(0, 30, t.shape)
+        idx = np.arange(20) + 20 * fold
+        write_run(runs, f"p-fold{fold}", fold, idx, t + e, t, ["A"] * 20, checkpoint=False)
+        write_run(runs, f"m-fold{fold}", fold, idx, t - e, t, ["A"] * 20, checkpoint=False)
+    with pytest.warns(UserWarning, match="does not exist"):
+        rep = fit_ensemble([runs], method="projected_gradient", iterations=20, meta=True,
+                           meta_kwargs={"epochs": 20})
+    assert not rep["meta"]["beats_static"] and not rep["meta_written"]
+    assert EnsembleConfig.load(rep["config"]).meta_learner is None
+    assert (runs / "meta_learner.pt").is_file()
+    with pytest.warns(UserWarning):
+        rep = fit_ensemble([runs], method="projected_gradient", iterations=20, meta="always",
+                           meta_kwargs={"epochs": 2})
+    assert EnsembleConfig.load(rep["config"]).meta_learner == "meta_learner.pt"

@@ -56,8 +56,12 @@ def test_per_family_rows_follow_the_better_member():
 
 
 def test_small_families_use_the_default_row():
-    preds, t, fams = constructed(n=20)
-    w = optimize_weights(preds, t, fams, method="projected_gradient", min_family_samples=11, iterations=20)
+    preds, t, fams = constructed(n=14)                    # 7 samples per family: below the default 8
+    w = optimize_weights(preds, t, fams, method="projected_gradient", iterations=20)
+    assert w.families == []
+    preds, t, fams = constructed(n=16)
+    assert optimize_weights(preds, t, fams, method="projected_gradient", iterations=20).families == ["F", "G"]
+    w = optimize_weights(preds, t, fams, method="projected_gradient", min_family_samples=9, iterations=20)
     assert w.families == []
 
 

@@ -25,8 +25,11 @@ def inputs():
 
 
 def test_flags_and_registry():
+    from fwi_core.models import count_parameters
+
     assert ResidualStacker.accepts_prior and ResidualStacker.accepts_residual
     assert isinstance(create_model("residual_stacker", width=4), ResidualStacker)
+    assert count_parameters(create_model("residual_stacker")) == 154_337     # README
 
 
 @torch.no_grad()
