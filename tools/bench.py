@@ -1,5 +1,5 @@
 """Benchmarks (``make bench``): writes BENCHMARKS.md with the figures, the command and
-the machine. Sections: forward simulator, models, training engine.
+the machine. Sections: forward simulator, models, training engine, inference.
 
     python -m tools.bench [--sections physics models train] [--out BENCHMARKS.md]
 """
@@ -78,6 +78,7 @@ SECTIONS = {
     "physics": ("Forward simulator", bench_physics),
     "models": ("Models (CPU forward time)", lambda: _section("tools.bench_models")),
     "train": ("Training engine overhead", lambda: _section("tools.bench_train")),
+    "inference": ("Inference (time-budgeted, CPU)", lambda: _section("tools.bench_inference")),
 }
 #: Sections that run only when named (``--sections cuda`` on a GPU machine): ``make bench``
 #: on a CPU machine keeps their last text instead of overwriting it with "skipped".
