@@ -18,6 +18,7 @@ from . import residual  # noqa: F401  (registration: residual_stage)
 from . import egnn  # noqa: F401  (registration; torch-geometric is imported when built)
 from . import heat_diffusion  # noqa: F401  (registration)
 from . import se3_transformer  # noqa: F401  (registration; e3nn is imported when built)
+from . import meshcnn  # noqa: F401  (registration)
 
 __all__ = ["create_model", "list_models", "register_model", "is_model", "UnknownModelError",
            "enable_mc_dropout", "count_parameters"]

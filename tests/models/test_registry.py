@@ -29,10 +29,11 @@ TINY = {
     "heat_diffusion*": dict(width=4, channels=8, blocks=2, mlp_hidden=8),
     "se3_transformer*": dict(irreps_hidden="4x0e + 2x1o + 1x2e", scalars_out=4, layers=2, lattice=(4, 3),
                              trace_dim=8, trace_width=8, decoder_dim=8, n_anchors=4, k_lattice=3),
+    "meshcnn*": dict(width=4, grid_channels=4, channels=8, blocks=1, mesh_size=10, head_channels=4),
 }
 EXPECTED = {"inversionnet", "inversionnet_small", "specproj_unet", "convnext_unet",
             "caformer_unet", "invertible_unet", "egnn", "residual_stacker",
-            "heat_diffusion", "residual_stage"}
+            "heat_diffusion", "se3_transformer", "meshcnn", "residual_stage"}
 
 
 def tiny(name, **overrides):
