@@ -377,7 +377,7 @@ def test_compute_stage_gains_by_hand_and_round_trip(tmp_path):
                             members={"a": first})
     assert g.gains == {"member:a": pytest.approx(900.0), "flip": pytest.approx(70.0)}
     assert g.per_family["flip"] == {"A": pytest.approx(50.0), "B": pytest.approx(90.0)}
-    assert g.member_mae == {"a": pytest.approx(100.0)} and g.samples == 4
+    assert g.member_mae == {"a": pytest.approx(100.0)} and g.samples == 4 and g.order == ["member:a", "flip"]
     path = g.save(tmp_path)
     (tmp_path / "best.pt").write_bytes(b"")
     assert path.name == "stage_gains.json" and find_stage_gains([tmp_path / "best.pt"]) == StageGains.load(path)
@@ -422,3 +422,23 @@ def test_validate_rejects_a_truncated_csv_so_the_atomic_write_matters(tmp_path):
     with pytest.raises(SubmissionError):
         validate_submission(tmp_path / "cut.csv", src.ids)
     assert not list(tmp_path.glob(".sub.csv.*.tmp"))
+
+
+def test_evaluate_writes_the_stage_gains_table_beside_the_checkpoint(fake_root, tmp_path, capsys):
+    from fwi_core.inference import save_crf_config
+    from tests.tta_helpers import tiny_checkpoint
+    from tools import evaluate
+
+    ck = [tiny_checkpoint(tmp_path / "run" / "best.pt", 0), tiny_checkpoint(tmp_path / "run" / "snapshot-01.pt", 1)]
+    save_crf_config({"window": 3, "iterations": 2}, tmp_path / "run")
+    assert evaluate.main(["--data", str(fake_root), "--checkpoint", *map(str, ck), "--batch-size", "6",
+                          "--stage-gains"]) == 0
+    assert "stage gains" in capsys.readouterr().out
+    g = find_stage_gains(ck)
+    assert set(g.order[:2]) == {"member:run/best", "member:run/snapshot-01"}
+    assert g.order[2:] == ["flip", "crf", "mc_dropout"] and set(g.gains) == set(g.order)
+    assert g.samples == 12 and set(g.member_mae) == {"run/best", "run/snapshot-01"}
+    assert g.mae[g.order[0]] == pytest.approx(g.member_mae[g.order[0].split(":", 1)[1]], rel=1e-5)
+    for before, after in zip(g.order, g.order[1:]):    # each gain is relative to the stage before
+        assert g.gains[after] == pytest.approx(g.mae[before] - g.mae[after], abs=1e-6)
+    assert set(g.per_family["flip"]) == {"CurveFault_B", "FlatVel_A", "Style_A"}

@@ -2,7 +2,7 @@
 
     python -m tools.evaluate --data DIR --checkpoint FILE [--batch-size 16] [--flip-tta]
                              [--max-samples N] [--families F ...] [--physics N] [--crf]
-                             [--mc-dropout T] [--json OUT]
+                             [--mc-dropout T] [--json OUT] [--stage-gains [OUT]]
 
 Prints MAE (overall and per family) with the competition's MAE (odd columns), RMSE, SSIM
 and boundary IoU; ``--physics N`` adds the physical-consistency score (normalised seismic
@@ -12,7 +12,10 @@ beside the checkpoint when there is one, else the default CRF with its temperatu
 predicts with T Monte Carlo dropout passes and reports the uncertainty's calibration
 (Gaussian NLL, 90% interval coverage, calibration error). With several checkpoints the
 metrics are the (equal-weight) ensemble's, followed by a model comparison: the MAE of each
-member and of the ensemble side by side, per family.
+member and of the ensemble side by side, per family. ``--stage-gains`` runs the
+time-budgeted inference stages (members, flip, CRF, MC dropout) over the samples and
+writes the validation MAE each removed (``stage_gains.json``, beside the first checkpoint
+by default), the table the infer kernel's planner ranks stages by.
 """
 from __future__ import annotations
 
@@ -42,6 +45,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--mc-dropout", type=int, default=0, metavar="T",
                     help="predict with T Monte Carlo dropout passes and score the uncertainty's calibration")
     ap.add_argument("--json", type=Path, default=None, help="write the table as JSON here")
+    ap.add_argument("--stage-gains", nargs="?", const="", default=None, metavar="OUT",
+                    help="measure the inference stages' gains and write stage_gains.json (to OUT, default "
+                         "beside the first checkpoint)")
     a = ap.parse_args(argv)
 
     from fwi_core.data import DataError, FWIDataset, index_train
@@ -104,6 +110,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"\nphysical consistency (||sim(pred) - observed|| / ||observed||, {n} samples):",
               ", ".join(f"{k} {v:.3f}" for k, v in pc.items()))
         out["physical_consistency"] = pc
+    if a.stage_gains is not None:
+        out["stage_gains"] = _stage_gains(a, ds)
     if a.json:
         from fwi_core.utils import atomic_write_text
         atomic_write_text(a.json, json.dumps(out, indent=2))
@@ -126,6 +134,24 @@ def _compare_members(paths, models, res, ds, batch_size, flip_tta):
     for fam, v in per_family(mae(res["pred"], res["true"]), list(res["family"])).items():
         table[fam]["ensemble"] = v
     return table
+
+
+def _stage_gains(a, ds) -> dict:
+    """Measure each inference stage's gain on ``ds`` and save ``stage_gains.json``."""
+    from fwi_core.ensemble import Ensemble
+    from fwi_core.inference import load_crf
+    from fwi_core.tta import measure_stage_gains
+
+    ens = Ensemble.from_checkpoints(a.checkpoint)
+    true = np.stack([ds.raw(i)[1] for i in range(len(ds))])
+    gains = measure_stage_gains(ens, lambda i: ds.raw(i)[0], true, families=ds.families(),
+                                crf=load_crf(a.checkpoint), batch_size=a.batch_size,
+                                mc_passes=max(2, a.mc_dropout or 8))
+    dest = Path(a.stage_gains) if a.stage_gains else a.checkpoint[0].parent
+    path = gains.save(dest)
+    print(f"\nstage gains (validation MAE removed, m/s) -> {path}:",
+          ", ".join(f"{k} {v:+.3f}" for k, v in gains.gains.items()))
+    return gains.to_dict()
 
 
 if __name__ == "__main__":

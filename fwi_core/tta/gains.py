@@ -9,6 +9,7 @@ test files at run time.
      "mae": {"member:run/best": 31.2, ...},                  # validation MAE after each stage
      "member_mae": {"run/best": 31.2, "run/snapshot-01": 33.0},   # each member alone
      "per_family": {"flip": {"FlatVel_A": 0.1, ...}, ...},
+     "order": ["member:run/best", "member:run/snapshot-01", "flip", "crf"],   # as measured
      "samples": 500}
 
 A stage's gain is looked up by its name (``member:<name>``, ``flip``...), then by its
@@ -23,7 +24,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -63,6 +64,8 @@ class StageGains:
         member_mae: member name -> its own validation MAE (picks the cheapest good
             member to run first).
         per_family: stage name -> {family: gain}.
+        order: the stages in the order they were measured (each gain is relative to
+            the stage before it; the first one's to a constant 3000 m/s map).
         samples: number of validation samples measured.
     """
 
@@ -70,6 +73,7 @@ class StageGains:
     mae: Dict[str, float] = field(default_factory=dict)
     member_mae: Dict[str, float] = field(default_factory=dict)
     per_family: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    order: List[str] = field(default_factory=list)
     samples: int = 0
 
     def gain(self, stage) -> float:
@@ -99,7 +103,7 @@ class StageGains:
     # -- files ---------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         return {"format": FORMAT, "gains": self.gains, "mae": self.mae, "member_mae": self.member_mae,
-                "per_family": self.per_family, "samples": self.samples}
+                "per_family": self.per_family, "order": self.order, "samples": self.samples}
 
     def save(self, path: PathLike) -> Path:
         """Write the table as JSON (atomic); a folder gets ``stage_gains.json``."""
@@ -124,6 +128,9 @@ class StageGains:
         per_family = d.get("per_family", {})
         if not isinstance(per_family, Mapping):
             raise ValueError(f"{path}: per_family must be an object")
+        order = d.get("order", [])
+        if not isinstance(order, list) or not all(isinstance(o, str) for o in order):
+            raise ValueError(f"{path}: order must be a list of stage names")
         samples = d.get("samples", 0)
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
             raise ValueError(f"{path}: samples must be a non-negative integer, got {samples!r}")
@@ -131,7 +138,7 @@ class StageGains:
                    mae=_number_map(d.get("mae", {}), "mae", str(path)),
                    member_mae=_number_map(d.get("member_mae", {}), "member_mae", str(path)),
                    per_family={k: _number_map(v, f"per_family.{k}", str(path)) for k, v in per_family.items()},
-                   samples=samples)
+                   order=order, samples=samples)
 
 
 def find_stage_gains(dirs: Sequence[PathLike]) -> Optional[StageGains]:
@@ -181,7 +188,7 @@ def compute_stage_gains(true: np.ndarray, cumulative: Mapping[str, np.ndarray],
         return {} if fams is None else {str(f): float(err[fams == f].mean()) for f in np.unique(fams)}
 
     prev = _mae(np.full_like(true, baseline), true)
-    out = StageGains(samples=n)
+    out = StageGains(samples=n, order=list(cumulative))
     for name, pred in cumulative.items():
         if len(pred) != n:
             raise ValueError(f"compute_stage_gains: stage {name!r} has {len(pred)} predictions for {n} samples")
