@@ -8,3 +8,8 @@ __all__ = ["simulate", "simulate_host_style", "ForwardModel", "Geometry", "dampi
 from .families import FAMILIES, FAULT_FAMILIES, family_statistics, generate
 
 __all__ += ["FAMILIES", "FAULT_FAMILIES", "generate", "family_statistics"]
+from .map_augment import DEFAULT_AUGMENT, affine_warp, augment_map, blend, crop_resize, crop_window, warp
+from .simulated import MixedDataset, SimulatedDataset, mix_datasets
+
+__all__ += ["SimulatedDataset", "MixedDataset", "mix_datasets", "DEFAULT_AUGMENT", "crop_resize", "crop_window",
+            "affine_warp", "warp", "blend", "augment_map"]
