@@ -154,9 +154,13 @@ class HeatDiffusion(nn.Module):
         if tuple(u.shape[-2:]) != self.size or u.shape[-3] != self.log_time.shape[0]:
             raise ValueError(f"HeatDiffusion: expected (B, {self.log_time.shape[0]}, {self.size[0]}, "
                              f"{self.size[1]}), got {tuple(u.shape)}")
-        dt = u.dtype
-        return _apply_heat(u, self.time.to(dt), self.dct_h.to(dt), self.dct_w.to(dt),
-                           self.eigenvalues.to(dt))
+        # the spectral transforms run outside autocast, in float32 at least (in float16 the
+        # DCT's sums of 70 terms would lose the small modes)
+        dt = torch.promote_types(u.dtype, torch.float32)
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            out = _apply_heat(u.to(dt), self.time.to(dt), self.dct_h.to(dt), self.dct_w.to(dt),
+                              self.eigenvalues.to(dt))
+        return out.to(u.dtype)
 
 
 class SpatialGradientFeatures(nn.Module):

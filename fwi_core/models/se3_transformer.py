@@ -287,10 +287,15 @@ class SE3Transformer(nn.Module):
                            self.edge_trace(z.flatten(1, 2))], dim=1)           # (B, 4 + 350, T)
         a = table[:, torch.where(self.trace_index >= 0, self.trace_index + 4, self.edge_type)]  # (B, E, T)
         edge_index = batch_edge_index(self.edge_index, n, b)                  # (2, B*E)
-        f, pos, a = f.reshape(b * n, -1), pos.reshape(b * n, 3) / self.length_scale, a.reshape(-1, a.shape[-1])
-        hidden = f
-        for layer in self.layers:
-            hidden, f = f, layer(f, pos, edge_index, a)                         # (B*N, irreps)
+        # e3nn's tensor products need one dtype throughout: the equivariant layers run
+        # outside autocast, in the parameters' dtype (float32; float64 in the tests)
+        dt = self.type_embed.dtype
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            f, a = f.reshape(b * n, -1).to(dt), a.reshape(-1, a.shape[-1]).to(dt)
+            pos = pos.reshape(b * n, 3).to(dt) / self.length_scale
+            hidden = f
+            for layer in self.layers:
+                hidden, f = f, layer(f, pos, edge_index, a)                     # (B*N, irreps)
         f = f.view(b, n, -1)
         return (f, hidden.view(b, n, -1)) if return_hidden else f
 

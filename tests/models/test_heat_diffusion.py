@@ -113,3 +113,13 @@ def test_prior_changes_output_and_is_checked():
     for bad in (torch.zeros(2, 1, 35, 35), torch.zeros(3, 1, 70, 70)):
         with pytest.raises(ValueError, match="prior"):
             model(x, prior=bad)
+
+
+def test_diffusion_runs_in_float32_under_autocast():
+    layer = HeatDiffusion(2, spacing=H)
+    u = gaussian_2d(345.0, 345.0, 30.0 ** 2).expand(1, 2, N, N).bfloat16()
+    ref = layer(u.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(u)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, ref.bfloat16())    # float32 transforms, one rounding at the end

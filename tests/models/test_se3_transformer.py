@@ -138,3 +138,15 @@ def test_deepcopy_and_pickle():
         y = model(x)
         assert torch.equal(copy.deepcopy(model)(x), y)
         assert torch.equal(pickle.loads(pickle.dumps(model))(x), y)
+
+
+def test_runs_under_autocast():
+    """The engine trains with fp16/bf16 autocast: the e3nn layers run in float32 inside."""
+    torch.manual_seed(0)
+    model = create_model("se3_transformer", **TINY).train()
+    x = torch.randn(2, 5, 1000, 70) / 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    y.float().mean().backward()
+    assert y.shape == (2, 1, 70, 70) and torch.isfinite(y.float()).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
