@@ -26,8 +26,9 @@ def two_kinds(n=120, hw=8, seed=0):
 
 def test_meta_learner_beats_static_where_it_should():
     preds, t, fams, x, folds = two_kinds()
-    feats = meta_features(MetaFeatureSpec(), preds, x)
-    rep = evaluate_meta_learner(preds, t, fams, feats, folds, ["a", "b"], hidden=16, epochs=40, lr=2e-2,
+    spec = MetaFeatureSpec(prediction=False, disagreement=False)      # the kind shows in the seismic only
+    feats = meta_features(spec, preds, x)
+    rep = evaluate_meta_learner(preds, t, fams, feats, folds, ["a", "b"], spec, hidden=16, epochs=40, lr=2e-2,
                                 optimize_kwargs={"iterations": 60})
     tab = rep["table"]["all"]
     assert rep["beats_static"] and rep["folds"] == 3 and rep["gain"] > 0

@@ -117,3 +117,22 @@ def test_compare_weightings_cross_fitted():
     assert not rep2["cross_fitted"]
     assert rep2["table"]["all"]["optimised"] == pytest.approx(
         mae_of(preds, t, rep["weights"]["optimised"], fams), rel=1e-4)
+
+
+def test_cross_fitting_scores_each_fold_with_weights_fitted_on_the_others():
+    from fwi_core.ensemble import weights_from_validation
+    from fwi_core.ensemble.optimize import member_family_mae
+
+    preds, t, fams = constructed(n=40, seed=3)
+    folds = np.arange(40) % 2
+    rep = compare_weightings(preds, t, fams, ["m0", "m1"], folds=folds, method="projected_gradient",
+                             iterations=30)
+    per_sample = np.zeros(40)
+    fam_arr = np.asarray(fams)
+    for f in (0, 1):
+        tr, te = folds != f, folds == f
+        static = weights_from_validation(member_family_mae(preds[:, tr], t[tr], fam_arr[tr], ["m0", "m1"]))
+        w = optimize_weights(preds[:, tr], t[tr], list(fam_arr[tr]), method="projected_gradient",
+                             member_names=["m0", "m1"], init=static, iterations=30)
+        per_sample[te] = per_sample_mae(preds[:, te], t[te], w.for_samples(["m0", "m1"], list(fam_arr[te])))
+    assert rep["table"]["all"]["optimised"] == pytest.approx(per_sample.mean(), rel=1e-6)
