@@ -136,4 +136,5 @@ def run(quick: bool = False) -> str:
         except Exception as exc:  # noqa: BLE001 - report and go on with the other parts
             parts += [f"{fn.__name__} failed: {type(exc).__name__}: {exc}"]
         parts += ["", f"_{fn.__name__} took {time.perf_counter() - t:.0f} s_", ""]
+        print("\n".join(parts), flush=True)   # partial results survive a time limit
     return "\n".join(parts)
