@@ -68,6 +68,7 @@ def test_cli_budget_counts_from_the_process_start(setup, tmp_path, monkeypatch, 
     rc = main(["--data", str(root), "--checkpoints", str(ck[0]), "--time-budget", "90", "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and "too small" in err and "needs about" in err and "per file measured on the first batch" in err
+    assert "Give a budget of at least" in err
     assert not out.exists()
     age(monkeypatch, 0.0)
     assert main(["--data", str(root), "--checkpoints", str(ck[0]), "--time-budget", "90", "--out", str(out),
@@ -105,6 +106,13 @@ def test_cli_bad_inputs_exit_2(setup, tmp_path, monkeypatch, capsys):
     assert main(["--data", str(root), "--checkpoints", str(ck[0]), "--stages", "members", "rotate"] + base) == 2
     assert "unknown stage 'rotate'" in capsys.readouterr().err
     assert main(["--data", str(root), "--checkpoints", str(ck[0]), "--time-budget", "-5"]) == 2
+    bad_cfg = tmp_path / "ens.json"
+    bad_cfg.write_text(json.dumps({"format": "fwi_core.ensemble/1",
+                                   "members": [{"name": "a", "checkpoint": str(ck[0])}],
+                                   "weights": {"default": {"a": -1.0}}}))
+    capsys.readouterr()
+    assert main(["--data", str(root), "--checkpoints", str(ck[0]), "--ensemble-config", str(bad_cfg)] + base) == 2
+    assert "negative weight" in capsys.readouterr().err
 
 
 def test_cli_ensemble_config_weights(setup, tmp_path, monkeypatch):

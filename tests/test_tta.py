@@ -2,6 +2,7 @@
 and costs on a fake clock, degradation order, resume after an interruption, corrupted
 files, the gains table, the stage list, the fast CSV writer."""
 import json
+import re
 import math
 
 import numpy as np
@@ -408,10 +409,13 @@ def test_deadline_counts_from_the_process_start(monkeypatch):
     assert math.isinf(Deadline.from_budget(None, clock, age=1.0).remaining())
     with pytest.raises(ValueError, match="positive"):
         Deadline.from_budget(-1, clock, age=0)
+    for var in ("KAGGLE_KERNEL_RUN_TYPE", "COLAB_RELEASE_TAG", "SM_MODEL_DIR", "SM_CHANNEL_TRAINING"):
+        monkeypatch.delenv(var, raising=False)
+    assert Deadline.platform_default(clock=clock, age=0.0).at is None           # locally: no deadline
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
     monkeypatch.setenv("FWI_DATA", "/nonexistent")
-    k = Deadline.platform_default(safety_margin=300.0, clock=clock, age=0.0)
-    assert k.at == 1000.0 + 11.5 * 3600 - 300.0
+    k = Deadline.platform_default(clock=clock, age=20.0)
+    assert k.at == 1000.0 - 20.0 + 11.5 * 3600 - 300.0
 
 
 def test_validate_rejects_a_truncated_csv_so_the_atomic_write_matters(tmp_path):
@@ -442,3 +446,151 @@ def test_evaluate_writes_the_stage_gains_table_beside_the_checkpoint(fake_root, 
     for before, after in zip(g.order, g.order[1:]):    # each gain is relative to the stage before
         assert g.gains[after] == pytest.approx(g.mae[before] - g.mae[after], abs=1e-6)
     assert set(g.per_family["flip"]) == {"CurveFault_B", "FlatVel_A", "Style_A"}
+
+
+def test_crf_before_a_producer_is_applied_again(tmp_path):
+    ens = fake_ensemble(2)
+    src, data = small_source(5)
+    crf = FakeCRF()
+    p = planner(ens, src, tmp_path, stages=["members", "crf", "flip"], crf=crf, keep_state=True)
+    assert p.run().ran == ["member:m0", "member:m1", "crf", "flip"]
+    expected = crf(ens.predict(normalize_seismic(torch.from_numpy(data)), flip_tta=True)[0])
+    np.testing.assert_allclose(p._buf(p.buffer).read(0, 5), expected[:, 0].numpy(), atol=1e-3)
+
+
+def test_negative_gain_skips_a_stage_and_a_registered_stage_runs_by_name(tmp_path):
+    from fwi_core.tta import register_stage, registered_stages
+
+    clock = FakeClock()
+    register_stage("test_shift", lambda r: SleepStage("test_shift", clock, 0.0, 2.0, delta=7.0))
+    assert "test_shift" in registered_stages()
+    src, _ = small_source(4)
+    s = planner(fake_ensemble(1), src, tmp_path, stages=["members", "flip", "test_shift"],
+                gains=StageGains(gains={"flip": -0.1})).run()
+    assert s.ran == ["member:m0", "test_shift"]
+    flip = [r for r in s.stages if r["name"] == "flip"][0]
+    assert flip["status"] == "skipped" and "expected gain -0.1 <= 0" in flip["note"]
+    with pytest.raises(StageError, match="reserved"):
+        register_stage("members", lambda r: None)
+
+
+def test_a_stage_without_estimate_is_timed_on_one_file_only_with_time_to_spare(tmp_path):
+    clock = FakeClock()
+    src, _ = small_source(10)
+    unknown = SleepStage("refine", clock, 0.2, 3.0, knows_cost=False)
+    p = planner(fake_ensemble(1, clock, [0.1]), src, tmp_path, clock, budget=20.0, stages=["members", unknown])
+    s = p.run()
+    assert s.ran == ["member:m0", "refine"] and p.probe_cost["refine"] == pytest.approx(0.2)
+    assert clock() == pytest.approx(1.0 + 0.2 + 2.0)          # first pass, timing one file, the stage
+    clock2 = FakeClock()
+    late = SleepStage("refine", clock2, 0.2, 3.0, knows_cost=False)
+    # the first pass leaves less than 10% of the budget: the stage is not timed, not run
+    p2 = planner(fake_ensemble(1, clock2, [0.1]), src, tmp_path / "b", clock2, budget=1.05,
+                 stages=["members", late], batch_size=10)
+    s2 = p2.run()
+    assert s2.ran == ["member:m0"] and "too little time" in s2.stages[-1]["note"] and clock2() == 1.0
+
+
+def test_progress_bar_names_the_stage_and_the_deadline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FWI_PROGRESS", "1")
+    clock = FakeClock()
+    src, _ = small_source(6)
+    planner(fake_ensemble(1, clock, [0.01]), src, tmp_path, clock, budget=7200.0, stages=["members"],
+            progress=True).run()
+    err = capsys.readouterr().err
+    assert "member:m0" in err and "deadline in 1:59:59" in err
+    assert re.search(r"6/6 \[\d\d:\d\d<\d\d:\d\d", err)     # elapsed<ETA
+
+
+def test_a_stage_slower_than_planned_gives_way_to_stages_worth_more(tmp_path):
+    # planned: a (0.2 s/file, gain 1) then b (0.1 s/file, gain 3) in the 3.1 s left; a really
+    # costs 0.29 s/file, so finishing it would leave no time for b: it stops, b runs
+    clock = FakeClock()
+    src, _ = small_source(10)
+    a = SleepStage("a", clock, 0.2, 1.0, surprise=1.45)
+    b = SleepStage("b", clock, 0.1, 3.0)
+    p = planner(fake_ensemble(1, clock, [0.1]), src, tmp_path, clock, budget=1.0 + 3.1, batch_size=2,
+                stages=["members", a, b])
+    s = p.run()
+    rec = {r["name"]: r for r in s.stages}
+    assert s.plan == ["a", "b"] and rec["b"]["status"] == "complete"
+    assert rec["a"]["status"] == "partial" and rec["a"]["files"] == 4 and "abandoned" in rec["a"]["note"]
+    assert clock() <= 4.1
+
+
+def test_the_cheapest_member_runs_first(tmp_path):
+    clock = FakeClock()
+    src, _ = small_source(4)
+    s = planner(fake_ensemble(2, clock, [0.5, 0.1]), src, tmp_path, clock, stages=["members"]).run()
+    assert s.ran == ["member:m1", "member:m0"]
+
+
+class _Classifier(torch.nn.Module):
+    """A family classifier stand-in: family A when the gathers' mean is positive."""
+
+    def predict(self, x):
+        return ["FamA" if v > 0 else "FamB" for v in x.mean(dim=(1, 2, 3)).tolist()]
+
+
+def test_per_family_weights_follow_the_family_classifier(tmp_path):
+    from fwi_core.ensemble import EnsembleWeights
+
+    ens = fake_ensemble(2, drop=0.3)
+    ens.weights = EnsembleWeights({"default": {"m0": 0.5, "m1": 0.5}, "FamA": {"m0": 1.0, "m1": 0.0}},
+                                  ["m0", "m1"])
+    ens.family_classifier = _Classifier()
+    src, data = small_source(8)
+    data[:4] += 3.0          # the classifier's family A
+    data[4:] -= 3.0
+    p = planner(ens, src, tmp_path, stages=["members", "mc_dropout"], keep_state=True, store_dtype="float16")
+    s = p.run()
+    assert set(s.uncertainty) == {"FamA", "FamB"} and s.uncertainty["FamA"]["files"] == 4
+    assert p.store.array("member=m0").read(0, 8).dtype == np.float16
+    # the final maps are the ensemble's combination of the members' stored MC means
+    mc = {m: torch.from_numpy(p.store.array(f"member={m}.mc").read(0, 8).astype(np.float32))[:, None]
+          for m in ("m0", "m1")}
+    fams = ens.predict_families(normalize_seismic(torch.from_numpy(data)))
+    assert fams == ["FamA"] * 4 + ["FamB"] * 4
+    want = (ens.combine(mc, families=fams) + 1) / 2 * 3000 + 1500
+    np.testing.assert_allclose(p._buf(p.buffer).read(0, 8), want.clamp(1500, 4500)[:, 0].numpy(), atol=1e-3)
+    np.testing.assert_allclose(p._buf(p.buffer).read(0, 4), (mc["m0"][:4, 0].numpy() + 1) * 1500 + 1500,
+                               atol=0.05)    # family A: member m0 only (float16 storage)
+
+
+def test_stages_see_the_mc_spread_and_arrays_are_read_a_window_at_a_time(tmp_path, monkeypatch):
+    from fwi_core.tta.store import StoredArray
+
+    seen = []
+
+    class Probe(SleepStage):
+        def run(self, batch):
+            seen.append(batch.std)
+            return batch.pred
+
+    widest = [0]
+    real_read, real_write = StoredArray.read, StoredArray.write
+
+    def read(self, start, stop):
+        widest[0] = max(widest[0], stop - start)
+        return real_read(self, start, stop)
+
+    def write(self, start, values):
+        widest[0] = max(widest[0], len(values))
+        return real_write(self, start, values)
+    monkeypatch.setattr(StoredArray, "read", read)
+    monkeypatch.setattr(StoredArray, "write", write)
+    src, _ = small_source(1100)
+    s = planner(fake_ensemble(1, drop=0.5), src, tmp_path, batch_size=64, mc_passes=2,
+                stages=["members", "mc_dropout", Probe("probe", FakeClock(), 0.0, 1.0)]).run()
+    assert s.ran == ["member:m0", "mc_dropout", "probe"]
+    assert all(t is not None and t.shape[1:] == (1, 70, 70) and (t > 0).any() for t in seen)
+    assert widest[0] <= 1024         # memory does not grow with the number of files
+
+
+def test_crf_cost_estimate_is_a_fraction_of_the_cheapest_member():
+    from fwi_core.tta import CRFStage, RunContext
+
+    ctx = RunContext(fake_ensemble(2), None, torch.device("cpu"))
+    assert CRFStage(FakeCRF()).estimate(ctx, []) is None
+    ctx.member_cost = {"m0": 0.4, "m1": 0.2}
+    assert CRFStage(FakeCRF()).estimate(ctx, []) == pytest.approx(0.05 * 0.2)

@@ -602,17 +602,25 @@ class BudgetedInference:
             raise InsufficientBudgetError(stage.name, self.n, per_file, csv, available, spent_before, e - s)
 
     def _should_abandon(self, stage: Stage, done: int, times: Sequence[float]) -> bool:
-        """The running stage will not finish: is it worth more to stop it now (keeping
-        the files it improved) and run other stages instead?"""
-        left = self.deadline.remaining()
+        """Is it worth more to stop the running stage now (keeping the files it improved)
+        and give its remaining time to other stages? Compares the gain still to come from
+        continuing it (and from the stages that fit after it) with the gain of the stages
+        that fit if it stops now."""
+        if len(times) < 2:
+            return False                       # one batch is too noisy a measurement
         per_file = _measured(times)
-        rest = (self.n - done) * per_file + self._finish_cost(0)
-        if rest <= left:
-            return False
-        reach = max(0.0, (left - self._finish_cost(self.n - done) * self.margin) / (per_file * self.margin))
-        keep_going = self._gain(stage) * min(self.n - done, reach) / self.n
+        rows = self.n - done
         others = [s for s in self._candidates() if s is not stage]
-        alternative = self._choose(others, left - self._finish_cost(self.n - done) * self.margin)
+        if not others:
+            return False
+        # seconds usable under the same margin as the per-batch check
+        usable = (self.deadline.remaining() - self._finish_cost(rows) * self.margin) / self.margin
+        if rows * per_file <= usable:
+            after = self._choose(others, usable - rows * per_file)
+            keep_going = self._gain(stage) * rows / self.n + sum(self._gain(s) for s in after)
+        else:
+            keep_going = self._gain(stage) * max(0.0, usable / per_file) / self.n
+        alternative = self._choose(others, usable)
         return sum(self._gain(s) for s in alternative) > keep_going
 
     def _end_stage(self, stage: Stage, rec: Dict[str, Any], done: int, reason: str, mandatory: bool) -> None:
