@@ -44,26 +44,72 @@ def _time(fn, repeat: int = 2) -> float:
     return best
 
 
-def bench_physics() -> str:
+_GRAD_MEMORY_CHILD = """
+import resource, sys
+import numpy as np, torch
+from fwi_core.physics import generate, simulate
+nt, batch, backend = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+v = torch.from_numpy(np.concatenate([generate("CurveVel_B", batch, seed=0)]))
+simulate(v, nt=nt, backend=backend)
+vg = v.clone().requires_grad_(True)
+simulate(vg, nt=10, backend=backend).square().sum().backward()
+page_kb = resource.getpagesize() / 1024
+base = int(open("/proc/self/statm").read().split()[1]) * page_kb  # resident now (kB)
+simulate(vg, nt=nt, backend=backend).square().sum().backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024 / batch)
+"""
+
+
+def _gradient_peak_mb(nt: int, batch: int, backend: str) -> float:
+    """Peak resident memory that forward + backward adds to a process that has already run
+    the forward (and a short gradient), per sample (MB): ``ru_maxrss`` minus the resident
+    size just before, in a fresh process (Linux)."""
+    out = subprocess.run([sys.executable, "-c", _GRAD_MEMORY_CHILD, str(nt), str(batch), backend], cwd=ROOT,
+                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench_physics(quick: bool = False) -> str:
+    """Forward simulator and its gradient; ``quick`` runs short traces (nt=60) of one map,
+    eagerly, for tests."""
     from fwi_core.physics import generate, simulate, simulate_host_style
+    from fwi_core.physics.adjoint import DEFAULT_CHECKPOINT_EVERY, gradient_memory_bytes
 
     vel = np.concatenate([generate(f, 1, seed=0) for f in ("FlatVel_A", "CurveVel_B", "FlatFault_B", "CurveFault_A",
                                                           "Style_A", "Style_B", "FlatVel_B", "CurveVel_A")])
+    nt, batch, fast = (60, 1, "eager") if quick else (1000, 8, "compile")
+    vel = vel[:batch]
     rows = []
 
     def timed(name, batch, fn, repeat):
         ts = [_time(fn, repeat=1) / batch for _ in range(repeat)]
         rows.append((name, batch, min(ts), float(np.median(ts)), repeat))
+        return min(ts)
 
-    timed("host-style (`torch.roll`, 5 shots together)", 1, lambda: simulate_host_style(vel[:1]), 2)
-    timed("`simulate(backend='eager')`", 8, lambda: simulate(vel, backend="eager"), 2)
+    def gradient():
+        v = torch.from_numpy(vel).requires_grad_(True)
+        simulate(v, nt=nt, backend=fast).square().sum().backward()
+
+    if not quick:
+        timed("host-style (`torch.roll`, 5 shots together)", 1, lambda: simulate_host_style(vel[:1], nt=nt), 2)
+        timed("`simulate(backend='eager')`", batch, lambda: simulate(vel, nt=nt, backend="eager"), 2)
     t0 = time.perf_counter()
-    simulate(vel[:2], backend="compile", nt=10)
+    simulate(vel[:2], backend=fast, nt=10)
     compile_s = time.perf_counter() - t0
-    timed("`simulate(backend='compile')`", 8, lambda: simulate(vel, backend="compile"), 5)
-    lines = ["| propagator | batch | s per sample, best | s per sample, median | runs |", "|---|---:|---:|---:|---:|"]
+    t_fwd = timed(f"`simulate(backend='{fast}')`", batch, lambda: simulate(vel, nt=nt, backend=fast), 1 if quick else 5)
+    gradient()  # compiles the backward's steps
+    t_grad = timed(f"forward + backward (adjoint), `backend='{fast}'`", batch, gradient, 1 if quick else 3)
+    peak = _gradient_peak_mb(nt, batch, fast)
+    expected = gradient_memory_bytes(nt, DEFAULT_CHECKPOINT_EVERY)["total"] / 1e6
+    lines = [f"nt = {nt}.", "", "| propagator | batch | s per sample, best | s per sample, median | runs |",
+             "|---|---:|---:|---:|---:|"]
     lines += [f"| {name} | {b} | {lo:.3f} | {med:.3f} | {n} |" for name, b, lo, med, n in rows]
+    lines.append(f"| peak memory of forward + backward (fresh process, max RSS over the resident size before) | {batch} | "
+                 f"{peak:.0f} MB per sample | | 1 |")
     lines.append("")
+    lines.append(f"Gradient (forward + backward) / forward: {t_grad / t_fwd:.1f}x (target: at most about 3x). "
+                 f"Checkpoints every {DEFAULT_CHECKPOINT_EVERY} steps; the implementation allocates "
+                 f"{expected:.0f} MB per sample at nt={nt} (`gradient_memory_bytes`).")
     lines.append(f"First `torch.compile` of the time step in a fresh process: {compile_s:.1f} s (one-off; "
                  "inductor caches it on disk). Target: at most 0.2 s per sample for a batch of 8 on 2 cores.")
     return "\n".join(lines)
@@ -78,6 +124,7 @@ SECTIONS = {
     "physics": ("Forward simulator", bench_physics),
     "models": ("Models (CPU forward time)", lambda: _section("tools.bench_models")),
     "train": ("Training engine overhead", lambda: _section("tools.bench_train")),
+    "simdata": ("Simulated data (SimulatedDataset throughput)", lambda: _section("tools.bench_simdata")),
     "inference": ("Inference (time-budgeted, CPU)", lambda: _section("tools.bench_inference")),
 }
 #: Sections that run only when named (``--sections cuda`` on a GPU machine): ``make bench``

@@ -20,7 +20,10 @@
        dJ/d(source amplitude of shot s) = sum_t q_t[source cell] * wavelet[t]
 
    (summed over the shots, which share the coefficient planes). ``L`` is symmetric on the
-   periodic grid, so the adjoint step is the forward stencil applied to ``A q``.
+   periodic grid. The implementation propagates the scaled adjoint ``r_t = A q_t``
+   (``A > 0``), whose recursion ``r_t = T1 r_{t+1} + A L(r_{t+1}) - T2 r_{t+2} + A R^T g_t``
+   is the forward step itself (the same fused, compiled kernel), accumulates the sums with
+   ``r`` and divides them by ``A`` once at the end.
 
 Memory: the forward keeps the two fields ``(p_{t-1}, p_{t-2})`` every ``k`` steps
 (checkpoints); the backward recomputes one segment of ``k`` steps at a time from its
@@ -84,33 +87,22 @@ def _step_into(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, temp1: 
                                + alpha * (c2 * s1 + c3 * s2))
 
 
-def _adjoint_step(prev: torch.Tensor, cur: torch.Tensor, p: torch.Tensor, temp1: torch.Tensor,
-                  neg_temp2: torch.Tensor, alpha_halo: torch.Tensor, g_t1: torch.Tensor, g_al: torch.Tensor,
-                  c2: float, c3: float) -> None:
-    """One adjoint step and the gradient terms of the adjoint field it reads.
+def _accumulate(g_t1: torch.Tensor, g_al: torch.Tensor, r: torch.Tensor, p: torch.Tensor,
+                c2: float, c3: float) -> None:
+    """``g_t1 += sum_shots r_t p_{t-1}``, ``g_al += sum_shots r_t L(p_{t-1})``.
 
-    ``cur`` holds q_{t+1} (halo filled), ``prev`` q_{t+2}, ``p`` the forward field p_t (halo
-    filled). Adds ``sum_shots q_{t+1} p_t`` to ``g_t1`` and ``sum_shots q_{t+1} L(p_t)`` to
-    ``g_al``, then overwrites the interior of ``prev`` with
-    ``T1 q_{t+1} - T2 q_{t+2} + L(A q_{t+1})`` (q_t before its receiver term).
-
-    prev, cur, p: (S, n, H+4, W+4); temp1, neg_temp2, g_t1, g_al: (S, 1, H, W);
-    alpha_halo: (S, 1, H+4, W+4), alpha with the periodic halo.
+    g_t1, g_al: (S, 1, H, W); r (scaled adjoint r_t), p (p_{t-1}, halo filled):
+    (S, n, H+4, W+4).
     """
-    q = cur[..., 2:-2, 2:-2]
+    q = r[..., 2:-2, 2:-2]
     s1 = p[..., 2:-2, 3:-1] + p[..., 2:-2, 1:-3] + p[..., 3:-1, 2:-2] + p[..., 1:-3, 2:-2]
     s2 = p[..., 2:-2, 4:] + p[..., 2:-2, 0:-4] + p[..., 4:, 2:-2] + p[..., 0:-4, 2:-2]
     g_t1.add_((q * p[..., 2:-2, 2:-2]).sum(1, keepdim=True))
     g_al.add_((q * (c2 * s1 + c3 * s2)).sum(1, keepdim=True))
-    a = alpha_halo * cur
-    s1 = a[..., 2:-2, 3:-1] + a[..., 2:-2, 1:-3] + a[..., 3:-1, 2:-2] + a[..., 1:-3, 2:-2]
-    s2 = a[..., 2:-2, 4:] + a[..., 2:-2, 0:-4] + a[..., 4:, 2:-2] + a[..., 0:-4, 2:-2]
-    o = prev[..., 2:-2, 2:-2]
-    o.copy_(neg_temp2 * o + temp1 * q + (c2 * s1 + c3 * s2))
 
 
 def _accumulate_t2(g_n: torch.Tensor, lam: torch.Tensor, p2: torch.Tensor) -> None:
-    """``g_n += sum_shots q_{t+1} p_{t-1}`` (the gradient of ``-temp2``); lam, p2 halo buffers."""
+    """``g_n += sum_shots r_t p_{t-2}`` (the gradient of ``-temp2``, times A); halo buffers."""
     g_n.add_((lam[..., 2:-2, 2:-2] * p2[..., 2:-2, 2:-2]).sum(1, keepdim=True))
 
 
@@ -126,7 +118,7 @@ def _probe(name: str, fn) -> None:
     if name == "into":
         fn(torch.zeros_like(a), b, a, c, -c, c, 1.0, 0.5)
     else:
-        fn(b, a, a.clone(), c, -c, torch.ones(1, 1, 9, 9), torch.zeros_like(c), torch.zeros_like(c), 1.0, 0.5)
+        fn(torch.zeros_like(c), torch.zeros_like(c), b, a, 1.0, 0.5)
 
 
 def _compiled(name: str):
@@ -135,7 +127,7 @@ def _compiled(name: str):
         import logging
 
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        fn = {"into": _step_into, "adjoint": _adjoint_step}[name]
+        fn = {"into": _step_into, "accumulate": _accumulate}[name]
         try:
             cfn = torch.compile(fn, dynamic=False)
             _probe(name, cfn)
@@ -192,15 +184,15 @@ class _Flush:
 
 
 def _steps(plan: _Plan, dtype: torch.dtype):
-    """The (step_into, step_in_place, adjoint) callables for this run: the compiled ones
+    """The (step_into, step_in_place, accumulate) callables for this run: the compiled ones
     where asked for and available, else eager (float32 in place: the fast path's own eager
     step, so that the forward values are the fast path's)."""
     if plan.compile and dtype == torch.float32:
         fused = _compiled_step()
-        into, adj = _compiled("into"), _compiled("adjoint")
-        if None not in (fused, into, adj):
-            return into, fused, adj
-    return _step_into, (_EagerStep() if dtype == torch.float32 else _step_fused), _adjoint_step
+        into, acc = _compiled("into"), _compiled("accumulate")
+        if None not in (fused, into, acc):
+            return into, fused, acc
+    return _step_into, (_EagerStep() if dtype == torch.float32 else _step_fused), _accumulate
 
 
 def _constants(dtype: torch.dtype):
@@ -273,12 +265,11 @@ class _WaveFunction(torch.autograd.Function):
         b, hp, wp = temp1.shape
         ns, nt, k = len(plan.src), geom.nt, plan.k
         need_t1, need_t2, need_al, need_amp = ctx.needs_input_grad[:4]
-        into, _, adj = _steps(plan, dtype)
+        into, step, acc = _steps(plan, dtype)
         c2, c3 = _constants(dtype)
         g = grad_out.to(dtype).contiguous()
         wav = torch.from_numpy(ricker(geom.freq, geom.dt, nt)).to(device=dev, dtype=dtype)
         sz, rz = plan.sz, plan.rz
-        rsel = slice(plan.rec[0], plan.rec[-1] + 1) if plan.contiguous else None
         ridx = None if plan.contiguous else torch.tensor(plan.rec, device=dev)
         shot_idx = torch.arange(ns, device=dev)
         src_idx = torch.tensor(plan.src, device=dev)
@@ -293,13 +284,15 @@ class _WaveFunction(torch.autograd.Function):
                 t1 = temp1[s0:s1, None].contiguous()
                 nt2 = (-temp2[s0:s1, None]).contiguous()
                 al = alpha[s0:s1, None].contiguous()
-                al_halo = torch.nn.functional.pad(al, (2, 2, 2, 2), mode="circular")
+                # the receiver term of r_t = A q_t is A[receivers] * g_t
+                al_rec = al[:, :, rz, plan.rec[0]:plan.rec[-1] + 1] if plan.contiguous else al[:, :, rz][..., ridx]
                 src_rows = _source_rows(plan, amp[s0:s1], wav, wp)
                 gt1, gal = g_t1[s0:s1], g_al[s0:s1]
                 gn = g_n[s0:s1] if g_n is not None else None
                 seg = torch.zeros(min(k, nt) + 2, n, ns, hp + 4, wp + 4, device=dev, dtype=dtype)
-                lam_prev, lam_cur = [torch.zeros(n, ns, hp + 4, wp + 4, device=dev, dtype=dtype) for _ in range(2)]
-                gch = g[s0:s1]
+                r_prev, r_cur = [torch.zeros(n, ns, hp + 4, wp + 4, device=dev, dtype=dtype) for _ in range(2)]
+                gch = g[s0:s1] * al_rec[:, :, None, :]  # (n, ns, nt, nr)
+                r_src = torch.zeros(n, ns, device=dev, dtype=dtype)
                 for j in range(plan.n_segments - 1, -1, -1):
                     t0, t_end = j * k, min(nt, (j + 1) * k)
                     # restore the state before step t0 and recompute the segment's fields
@@ -312,22 +305,28 @@ class _WaveFunction(torch.autograd.Function):
                         _fill_halo(seg[i + 1])
                         into(seg[i + 2], seg[i], seg[i + 1], t1, nt2, al, c2, c3)
                         seg[i + 2][..., 2 + sz, 2:-2] += src_rows[t0 + i]
-                    _fill_halo(seg[t_end - t0 + 1])
-                    # adjoint steps t_end-1 .. t0: seg[t - t0 + 2] holds p_t, seg[t - t0 + 1] p_{t-1}.
-                    # Step t adds the terms of q_{t+1} (q_{nt} = 0; q_0's vanish as p_{-1} = 0).
+                    # adjoint steps t_end-1 .. t0 on r = A q: seg[t - t0 + 1] holds p_{t-1} (halo
+                    # filled by the recomputation), seg[t - t0] holds p_{t-2}
                     for t in range(t_end - 1, t0 - 1, -1):
-                        _fill_halo(lam_cur)
-                        adj(lam_prev, lam_cur, seg[t - t0 + 2], t1, nt2, al_halo, gt1, gal, c2, c3)
-                        if gn is not None:
-                            _accumulate_t2(gn, lam_cur, seg[t - t0 + 1])
-                        q = lam_prev  # q_t, before its receiver term
-                        if rsel is not None:
-                            q[:, :, 2 + rz, 2 + rsel.start:2 + rsel.stop] += gch[:, :, t, :]
+                        _fill_halo(r_cur)
+                        step(r_prev, r_cur, t1, nt2, al, c2, c3)
+                        r = r_prev  # r_t before its receiver term
+                        if plan.contiguous:
+                            r[:, :, 2 + rz, 2 + plan.rec[0]:2 + plan.rec[-1] + 1] += gch[:, :, t, :]
                         else:
-                            q[:, :, 2 + rz, 2:-2].index_add_(-1, ridx, gch[:, :, t, :])
+                            r[:, :, 2 + rz, 2:-2].index_add_(-1, ridx, gch[:, :, t, :])
+                        acc(gt1, gal, r, seg[t - t0 + 1], c2, c3)
+                        if gn is not None:
+                            _accumulate_t2(gn, r, seg[t - t0])
                         if need_amp and t < plan.src_steps:
-                            g_amp[s0:s1] += wav[t] * q[:, shot_idx, 2 + sz, 2 + src_idx]
-                        lam_prev, lam_cur = lam_cur, lam_prev
+                            r_src += wav[t] * r[:, shot_idx, 2 + sz, 2 + src_idx]
+                        r_prev, r_cur = r_cur, r_prev
+                # back from r = A q to q
+                gt1.div_(al)
+                gal.div_(al)
+                if gn is not None:
+                    gn.div_(al)
+                g_amp[s0:s1] = r_src / al[:, 0, sz, src_idx]
         return (g_t1[:, 0] if need_t1 else None, -g_n[:, 0] if need_t2 else None,
                 g_al[:, 0] if need_al else None, g_amp if need_amp else None, None)
 

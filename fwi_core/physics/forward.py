@@ -423,7 +423,7 @@ def simulate(
         if not vg.is_floating_point():
             raise ValueError(f"simulate: velocity dtype {vg.dtype} cannot require grad")
         if not chunk_given and device.type == "cuda":
-            batch_chunk = 16  # the backward keeps checkpoint_every fields per map of a chunk
+            batch_chunk = 32  # the backward keeps checkpoint_every + 4 fields per map of a chunk
         return simulate_differentiable(vg.to(device=device, dtype=torch.float32), geom,
                                        batch_chunk=int(batch_chunk), checkpoint_every=checkpoint_every,
                                        backend=backend, flush_denormal=flush_denormal)
