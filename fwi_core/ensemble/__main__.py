@@ -22,6 +22,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     f.add_argument("--method", default="auto", choices=["auto", "optuna", "projected_gradient"])
     f.add_argument("--select", default="best", choices=["best", "optimised", "static", "equal"])
     f.add_argument("--n-trials", type=int, default=100, help="optuna trials per weight row")
+    f.add_argument("--iterations", type=int, default=300, help="projected-gradient steps per weight row")
+    f.add_argument("--meta-epochs", type=int, default=100, help="meta-learner training epochs")
     f.add_argument("--meta", nargs="?", const="yes", default=None, choices=["yes", "always"],
                    help="also fit a meta-learner (written when it beats the static weights; 'always': always)")
     f.add_argument("--data", type=Path, default=None, help="competition root the runs trained on (seismic features)")
@@ -34,11 +36,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .errors import EnsembleConfigError
 
     meta = {"yes": True, "always": "always", None: False}[a.meta]
-    kwargs = {"n_trials": a.n_trials} if a.method in ("auto", "optuna") else {}
+    kwargs = {"n_trials": a.n_trials, "iterations": a.iterations}
     try:
         rep = fit_ensemble(a.sources, a.out, method=a.method, select=a.select, meta=meta, data=a.data,
                            family_classifier=a.family_classifier, physics_nt=a.physics_nt,
-                           checkpoint_name=a.checkpoint_name, **kwargs)
+                           checkpoint_name=a.checkpoint_name, meta_kwargs={"epochs": a.meta_epochs}, **kwargs)
     except (FileNotFoundError, ValueError, EnsembleConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -114,7 +114,7 @@ def test_meta_learner_written_when_it_wins(tmp_path):
         write_run(runs, f"lo-fold{fold}", fold, idx, t + np.where(f, big, small), t, ["A"] * n)
         write_run(runs, f"hi-fold{fold}", fold, idx, t + np.where(f, small, big), t, ["A"] * n)
     rep = fit_ensemble([runs], runs / "ens.json", method="projected_gradient", iterations=40, meta=True,
-                       meta_kwargs={"hidden": 16, "epochs": 60, "lr": 2e-2})
+                       meta_kwargs={"hidden": 16, "epochs": 40, "lr": 2e-2})
     assert rep["meta"]["beats_static"] and rep["meta_written"]
     assert rep["meta"]["table"]["all"]["meta"] < 0.5 * rep["meta"]["table"]["all"]["static"]
     cfg = EnsembleConfig.load(runs / "ens.json")
@@ -171,12 +171,12 @@ def test_meta_with_seismic_physics_and_family_classifier(fake_root, tmp_path):
             write_run(runs, f"{model}-fold{fold}", fold, idx, np.clip(t + rng.normal(0, noise, t.shape), 1500, 4500),
                       t, f)
     rep = fit_ensemble([runs], method="projected_gradient", iterations=10, meta="always", data=fake_root,
-                       family_classifier=clf_path, physics_nt=30, meta_kwargs={"epochs": 3, "hidden": 4})
+                       family_classifier=clf_path, physics_nt=8, meta_kwargs={"epochs": 3, "hidden": 4})
     cfg = EnsembleConfig.load(rep["config"])
     assert cfg.meta_learner == "meta_learner.pt" and cfg.family_classifier == "family_classifier.pt"
     ens = Ensemble.from_checkpoints([], config=rep["config"], device="cpu")
     spec = ens.meta_learner.spec
-    assert spec.seismic and spec.family and spec.physics_nt == 30
+    assert spec.seismic and spec.family and spec.physics_nt == 8
     # features: 3 family probabilities + 5 seismic + 3*2 prediction + 3 disagreement + 2 physics
     assert ens.meta_learner.n_features == 3 + 5 + 6 + 3 + 2
     assert set(ens.family_classifier.families) == {"CurveFault_B", "FlatVel_A", "Style_A"}
@@ -205,7 +205,7 @@ def test_command_line(tmp_path, capsys):
     runs = tmp_path / "runs"
     good_and_bad(runs)
     assert main(["fit", str(runs), "--out", str(tmp_path / "e.json"), "--method", "projected_gradient",
-                 "--meta"]) == 0
+                 "--iterations", "30", "--meta", "--meta-epochs", "10"]) == 0
     out = capsys.readouterr().out
     assert "40 aligned OOF samples, models: bad (2 runs), good (2 runs)" in out
     assert "optimised" in out and "meta-learner on held-out folds" in out and "wrote" in out
