@@ -16,13 +16,16 @@ ensemble's accuracy for the student's speed.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .ensemble import Ensemble
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fwi_core.train import TrainConfig
 
 __all__ = ["TeacherTargets", "teacher_targets", "distill"]
 
@@ -117,7 +120,7 @@ def _evaluate(predict, dataset: Dataset, batch_size: int, max_samples: Optional[
 
 
 def distill(teacher: Ensemble, train_dataset: Dataset, val_dataset: Optional[Dataset] = None,
-            student_cfg: Union[Dict[str, Any], "object", None] = None,
+            student_cfg: Union[Dict[str, Any], "TrainConfig", None] = None,
             simulated_dataset: Optional[Dataset] = None, batch_size: int = 16, flip_tta: bool = False,
             eval_samples: Optional[int] = 256, device: Optional[Union[str, torch.device]] = None,
             progress: bool = True) -> Dict[str, Any]:

@@ -35,7 +35,7 @@ import torch
 
 from .config import EnsembleConfig, MemberSpec
 from .optimize import compare_weightings
-from .weights import DEFAULT, EnsembleWeights
+from .weights import EnsembleWeights
 
 PathLike = Union[str, os.PathLike]
 FOLD_SUFFIX = r"[-_.]?fold[-_]?\d+$"

@@ -16,7 +16,6 @@ Shapes: ``preds`` (M, N, H, W) (or (M, N, 1, H, W)) member predictions, ``target
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np

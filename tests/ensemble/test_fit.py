@@ -154,7 +154,7 @@ def test_meta_with_seismic_physics_and_family_classifier(fake_root, tmp_path):
     """With data=: the meta-learner also uses seismic statistics, the physics residual and
     the family classifier's probabilities; the JSON references both files."""
     from fwi_core.data import FWIDataset, index_train
-    from fwi_core.ensemble import FamilyClassifier, train_family_classifier
+    from fwi_core.ensemble import train_family_classifier
     from fwi_core.physics import generate
 
     ds = FWIDataset(index_train(fake_root))
