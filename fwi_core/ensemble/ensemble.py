@@ -107,8 +107,11 @@ class Ensemble:
         unknown = [n for n in weights.members if n not in self.members]
         if unknown:
             raise ValueError(f"Ensemble: the weights name unknown member(s) {unknown}; members: {names}")
-        # members without a weight get 0 (rows only mention the members they weigh)
-        weights.members = list(dict.fromkeys(list(weights.members) + names))
+        # a copy that knows every member (members a row does not mention get weight 0)
+        info = weights.info
+        weights = EnsembleWeights(weights.to_dict(), list(dict.fromkeys(list(weights.members) + names)),
+                                  source=weights.source)
+        weights.info = info
         self.weights = weights
         self.family_classifier = family_classifier
         self.meta_learner = meta_learner
