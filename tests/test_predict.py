@@ -170,7 +170,8 @@ def test_kill_9_and_resume_gives_the_same_bytes(setup, tmp_path, nth):
     resumed = subprocess.run([sys.executable, "-m", "fwi_core.predict", *args, "--out", str(out), "--resume"],
                              cwd=ROOT, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resum" in resumed.stdout
+    assert "resumed a previous run" in resumed.stdout
+    assert json.loads((tmp_path / "cut_summary.json").read_text())["resumed"] is True
     assert out.read_bytes() == (tmp_path / "full.csv").read_bytes()
 
 

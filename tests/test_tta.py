@@ -2,8 +2,9 @@
 and costs on a fake clock, degradation order, resume after an interruption, corrupted
 files, the gains table, the stage list, the fast CSV writer."""
 import json
-import re
 import math
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from fwi_core.data.normalize import normalize_seismic
 from fwi_core.tta import (ArraySource, BudgetedInference, CorruptedFileWarning, Deadline, InsufficientBudgetError,
                           StageError, StageGains, TestFileSource, build_stages, compute_stage_gains,
                           find_stage_gains, format_submission_rows, measure_stage_gains)
-from fwi_core.tta.store import PredictionStore
+from fwi_core.tta.store import PredictionStore, StoredArray
 from tests.tta_helpers import FakeClock, FakeCRF, SleepStage, fake_ensemble, write_test_root
 
 SMALL = (5, 10, 7)   # tiny "gathers": the fake models take any size
@@ -102,9 +103,15 @@ def test_stored_arrays_round_trip_windows_and_reopen(tmp_path):
 def _one_case(seed, tmp_path, monkeypatch):
     rng = np.random.default_rng(seed)
     clock = FakeClock(100.0)
-    jit = lambda: float(rng.uniform(0.85, 1.15))   # noqa: E731  batch costs vary within the margin
     n = int(rng.integers(3, 26))
     costs = [float(rng.uniform(0.01, 0.3)) for _ in range(int(rng.integers(1, 4)))]
+    full = n * (sum(costs) * (1 + 2 + 2 * 4) + 1.0)
+    budget = float(np.exp(rng.uniform(np.log(0.003), np.log(1.2)))) * full
+
+    def jit():
+        # every cost varies by 15% from batch to batch, and the machine slows down steadily,
+        # by up to 30% over the budget: later batches cost more than the plan measured
+        return float(rng.uniform(0.85, 1.15)) * (1.0 + 0.3 * min(1.0, (clock() - 100.0) / budget))
     ens = fake_ensemble(len(costs), clock, costs, jitter=jit)
     src, _ = small_source(n, seed)
     patch_csv_cost(monkeypatch, clock, float(rng.uniform(0.0, 0.02)), jit)
@@ -112,8 +119,6 @@ def _one_case(seed, tmp_path, monkeypatch):
     refine = SleepStage("refine", clock, float(rng.uniform(0.05, 1.0)), float(rng.uniform(-1, 6)), jitter=jit,
                         surprise=float(rng.uniform(1.0, 1.3)))
     crf = FakeCRF(clock, float(rng.uniform(0.0, 0.05)) * min(costs), jit)   # a CRF pass is cheap
-    full = n * (sum(costs) * (1 + 2 + 2 * 4) + 1.0)
-    budget = float(np.exp(rng.uniform(np.log(0.003), np.log(1.2)))) * full
     gains = StageGains(gains={k: float(rng.uniform(-0.5, 3)) for k in ("member", "flip", "crf", "mc_dropout")})
     p = planner(ens, src, tmp_path / str(seed), clock, budget, gains=gains, crf=crf, mc_passes=4,
                 batch_size=int(rng.integers(1, 7)), stages=["members", "flip", "crf", "mc_dropout", refine])
@@ -274,7 +279,8 @@ def _stages(crf=None):
     return ["members", "flip", "crf", "mc_dropout"]
 
 
-@pytest.mark.parametrize("where, nth", [("member", 2), ("flip", 1), ("mc", 2), ("commit", 5), ("commit", 13)])
+@pytest.mark.parametrize("where, nth", [("member", 2), ("flip", 1), ("mc", 2), ("commit", 5), ("commit", 13),
+                                        ("write", 9), ("write", 30)])
 def test_resume_after_an_interruption_writes_the_same_bytes(tmp_path, monkeypatch, where, nth):
     src, _ = small_source(11, seed=3, bad={4})
     kw = dict(stages=_stages(), crf=FakeCRF(), mc_passes=3, batch_size=3)
@@ -296,15 +302,30 @@ def test_resume_after_an_interruption_writes_the_same_bytes(tmp_path, monkeypatc
             return orig(*a, **k)
         return wrapped
     target = {"member": (stages_mod.MemberStage, "run"), "flip": (stages_mod.FlipStage, "run"),
-              "mc": (stages_mod.MCDropoutStage, "run"), "commit": (PredictionStore, "commit")}[where]
+              "mc": (stages_mod.MCDropoutStage, "run"), "commit": (PredictionStore, "commit"),
+              "write": (StoredArray, "write")}[where]
     with monkeypatch.context() as m:
         m.setattr(target[0], target[1], bomb(getattr(*target)))
         with pytest.raises(Interrupted), pytest.warns(CorruptedFileWarning):
             planner(fake_ensemble(2), src, tmp_path / "cut", **kw).run()
     state = json.loads((tmp_path / "cut" / "state" / "progress.json").read_text())
     assert not state["finished"]
-    s = planner(fake_ensemble(2), src, tmp_path / "cut", resume=True, **kw).run()
+    commits = {"n": 0}
+    real_commit = PredictionStore.commit
+
+    def counting(self, progress):
+        commits["n"] += 1
+        return real_commit(self, progress)
+    monkeypatch.setattr(PredictionStore, "commit", counting)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptedFileWarning)    # the bad file may be met again
+        s = planner(fake_ensemble(2), src, tmp_path / "cut", resume=True, **kw).run()
     assert s.resumed and s.bad_files and list(s.bad_files) == [src.ids[4]]
+    resumed_commits = commits["n"]
+    commits["n"] = 0
+    with pytest.warns(CorruptedFileWarning):
+        planner(fake_ensemble(2), src, tmp_path / "again", **kw).run()
+    assert resumed_commits < commits["n"]      # it continued: fewer batches than a whole run
     assert (tmp_path / "cut" / "sub.csv").read_bytes() == whole
     assert not (tmp_path / "cut" / "state").exists()       # cleaned up after a finished run
 
