@@ -1,8 +1,8 @@
 """EGNN: an E(n)-equivariant graph network over the survey's receivers and sources.
 
 Satorras, Hoogeboom & Welling, "E(n) Equivariant Graph Neural Networks", ICML 2021
-(reference code: vgsatorras/egnn). One layer (their eq. 3-6, with the edge gate of
-section 3.3 and the normalised coordinate differences of the reference code):
+(reference code: vgsatorras/egnn). One layer (their eq. 3-6, with the paper's edge-inference
+gate and the normalised coordinate differences of the reference code):
 
     m_ij  = phi_e(h_i, h_j, |x_i - x_j|^2 / L^2, a_ij),   m_ij <- m_ij * sigmoid(phi_inf(m_ij))
     x_i'  = x_i + L / |N(i)| * sum_j (x_i - x_j) / (|x_i - x_j| + L) * tanh(phi_x(m_ij))

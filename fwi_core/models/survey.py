@@ -32,7 +32,7 @@ from .blocks import SEISMIC_SHAPE, VELOCITY_SHAPE
 
 __all__ = ["N_RECEIVERS", "N_SOURCES", "GRID_SPACING", "SURVEY_DEPTH", "survey_positions",
            "grid_positions", "knn_edge_index", "SurveyGraph", "survey_graph", "batch_edge_index",
-           "TraceEncoder"]
+           "TraceEncoder", "positions_like"]
 
 N_SOURCES, N_TIME, N_RECEIVERS = SEISMIC_SHAPE
 GRID_SPACING = 10.0          # m, the velocity grid and the receiver spacing
