@@ -280,7 +280,7 @@ def _stages(crf=None):
 
 
 @pytest.mark.parametrize("where, nth", [("member", 2), ("flip", 1), ("mc", 2), ("commit", 5), ("commit", 13),
-                                        ("write", 9), ("write", 30)])
+                                        ("write", 9), ("write", 30), ("csv", 1), ("csv", 5)])
 def test_resume_after_an_interruption_writes_the_same_bytes(tmp_path, monkeypatch, where, nth):
     src, _ = small_source(11, seed=3, bad={4})
     kw = dict(stages=_stages(), crf=FakeCRF(), mc_passes=3, batch_size=3)
@@ -303,7 +303,7 @@ def test_resume_after_an_interruption_writes_the_same_bytes(tmp_path, monkeypatc
         return wrapped
     target = {"member": (stages_mod.MemberStage, "run"), "flip": (stages_mod.FlipStage, "run"),
               "mc": (stages_mod.MCDropoutStage, "run"), "commit": (PredictionStore, "commit"),
-              "write": (StoredArray, "write")}[where]
+              "write": (StoredArray, "write"), "csv": (planner_mod, "write_submission_csv")}[where]
     with monkeypatch.context() as m:
         m.setattr(target[0], target[1], bomb(getattr(*target)))
         with pytest.raises(Interrupted), pytest.warns(CorruptedFileWarning):
@@ -615,3 +615,12 @@ def test_crf_cost_estimate_is_a_fraction_of_the_cheapest_member():
     assert CRFStage(FakeCRF()).estimate(ctx, []) is None
     ctx.member_cost = {"m0": 0.4, "m1": 0.2}
     assert CRFStage(FakeCRF()).estimate(ctx, []) == pytest.approx(0.05 * 0.2)
+
+
+def test_resuming_a_finished_run_only_restores_a_missing_csv(tmp_path):
+    src, _ = small_source(5)
+    planner(fake_ensemble(2), src, tmp_path, stages=["members", "flip"], keep_state=True).run()
+    first = (tmp_path / "sub.csv").read_bytes()
+    (tmp_path / "sub.csv").unlink()
+    s = planner(fake_ensemble(2), src, tmp_path, stages=["members", "flip"], resume=True, keep_state=True).run()
+    assert s.ran == ["member:m0", "member:m1", "flip"] and (tmp_path / "sub.csv").read_bytes() == first

@@ -314,6 +314,7 @@ class BudgetedInference:
         self.plan: List[str] = []
         self.resumed = False
         self.stage0_done = False
+        self.csv_fresh = False     # the CSV holds the current buffer
         self.fallback_map: Optional[np.ndarray] = None
         self.budget: Optional[float] = None
 
@@ -337,7 +338,8 @@ class BudgetedInference:
                 "avail": self.ctx.avail, "executed": self.ctx.executed,
                 "bad": {str(r): m for r, m in self.ctx.bad_rows.items()}, "families": self.ctx.family_names,
                 "member_cost": self.ctx.member_cost, "io_cost": self.ctx.io_cost, "plan": self.plan,
-                "stage0_done": self.stage0_done, "finished": finished, "summary": summary}
+                "stage0_done": self.stage0_done, "csv_fresh": self.csv_fresh, "finished": finished,
+                "summary": summary}
 
     def _commit(self, running: Optional[str] = None, **kw) -> None:
         self.store.commit(self._state(running, **kw))
@@ -386,6 +388,7 @@ class BudgetedInference:
         t = self.clock()
         write_submission_csv(self.out_csv, self.ids, lambda s, e: self._read_current(s, e))
         self.csv_cost = (self.clock() - t) / self.n
+        self.csv_fresh = True
 
     # ================================================================== planning
     def _candidates(self) -> List[Stage]:
@@ -635,6 +638,7 @@ class BudgetedInference:
         if mandatory:
             self.stage0_done = True
         self.buffer = 1 - self.buffer
+        self.csv_fresh = False
         rec["status"] = "complete" if done >= self.n else ("partial" if rec["done"] > 0 else "not run")
         if reason:
             rec["note"] = f"{reason} after {done} of {self.n} files"
@@ -685,6 +689,7 @@ class BudgetedInference:
         self.ctx.io_cost = float(state["io_cost"])
         self.plan = list(state["plan"])
         self.stage0_done = bool(state["stage0_done"])
+        self.csv_fresh = bool(state.get("csv_fresh", False))
         order = [n.split(":", 1)[1] for n in state["order"] if n.startswith("member:")]
         self.stages = build_stages(self.specs, order + [m for m in self.ensemble.member_names if m not in order],
                                    self.resources)
@@ -722,11 +727,14 @@ class BudgetedInference:
             self.store = PredictionStore(self.state_dir, self.n, self.store_dtype)
             self.ctx = RunContext(self.ensemble, self.store, self.device, self.ctx.seed)
             self.records, self.buffer, self.plan, self.stage0_done, self.resumed = {}, 0, [], False, False
+            self.csv_fresh = False
             self._buf(0)
             self._buf(1)
             self.stages = build_stages(self.specs, self._probe_members(), self.resources)
-        elif state.get("finished") and (self.out_csv is None or self.out_csv.is_file()):
+        elif state.get("finished"):
             self.log(f"{self.state_dir}: this run already finished")
+            if self.out_csv is not None and not (self.csv_fresh and self.out_csv.is_file()):
+                self._write_csv()
             return RunSummary(**state["summary"])
         self.ctx.stages = {s.name: s for s in self.stages}
         for s in self.stages:
@@ -738,6 +746,9 @@ class BudgetedInference:
 
         first = self.stages[0]
         running = state.get("running") if self.resumed and state else None
+        if self.stage0_done and not self.csv_fresh:
+            self._write_csv()        # interrupted between a stage's end and its CSV
+            self._commit()
         if not self.stage0_done:
             self._run_stage(first, mandatory=True)
             self._after_first(first)
