@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--state-dir", type=Path, default=None, help="default: .<out name>.state beside --out")
+    ap.add_argument("--state-dir", type=Path, default=None,
+                    help="default: .<out name>.state beside --out (on Kaggle: in the temp folder, outside the "
+                         "20 GB output)")
     ap.add_argument("--keep-state", action="store_true")
     ap.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
     ap.add_argument("--limit", type=int, default=None, help="only the first N test files (quick checks)")

@@ -5,6 +5,7 @@ import json
 import math
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -624,3 +625,17 @@ def test_resuming_a_finished_run_only_restores_a_missing_csv(tmp_path):
     (tmp_path / "sub.csv").unlink()
     s = planner(fake_ensemble(2), src, tmp_path, stages=["members", "flip"], resume=True, keep_state=True).run()
     assert s.ran == ["member:m0", "member:m1", "flip"] and (tmp_path / "sub.csv").read_bytes() == first
+
+
+def test_state_folder_is_beside_the_csv_except_on_kaggle(tmp_path, monkeypatch):
+    import tempfile
+
+    from fwi_core.tta import default_state_dir
+
+    for var in ("KAGGLE_KERNEL_RUN_TYPE", "COLAB_RELEASE_TAG", "SM_MODEL_DIR", "SM_CHANNEL_TRAINING"):
+        monkeypatch.delenv(var, raising=False)
+    assert default_state_dir(tmp_path / "submission.csv") == tmp_path / ".submission.csv.state"
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
+    monkeypatch.setenv("FWI_DATA", "/nonexistent")
+    assert default_state_dir("/kaggle/working/submission.csv") == \
+        Path(tempfile.gettempdir()) / "fwi-tta" / "submission.csv.state"

@@ -14,7 +14,7 @@ files and arrays, streamed with unreadable files flagged).
 from .gains import (DEFAULT_GAINS, GAINS_FILE, StageGains, compute_stage_gains, find_stage_gains,
                     measure_stage_gains)
 from .planner import (DEFAULT_SAFETY_MARGIN, BudgetedInference, CorruptedFileWarning, Deadline,
-                      InsufficientBudgetError, RunSummary, run_budgeted)
+                      InsufficientBudgetError, RunSummary, default_state_dir, run_budgeted)
 from .source import ArraySource, TestFileSource
 from .stages import (DEFAULT_STAGES, BatchState, CRFStage, FlipStage, MCDropoutStage, MemberStage,
                      RunContext, Stage, StageError, build_stages, register_stage, registered_stages)
@@ -22,7 +22,7 @@ from .store import PredictionStore, StoredArray, format_submission_rows, write_s
 
 __all__ = [
     "BudgetedInference", "Deadline", "RunSummary", "InsufficientBudgetError", "CorruptedFileWarning",
-    "run_budgeted", "DEFAULT_SAFETY_MARGIN", "Stage", "BatchState", "RunContext", "MemberStage",
+    "run_budgeted", "default_state_dir", "DEFAULT_SAFETY_MARGIN", "Stage", "BatchState", "RunContext", "MemberStage",
     "FlipStage", "CRFStage", "MCDropoutStage", "StageError", "build_stages", "register_stage",
     "registered_stages", "DEFAULT_STAGES", "StageGains", "compute_stage_gains", "measure_stage_gains",
     "find_stage_gains", "DEFAULT_GAINS", "GAINS_FILE", "TestFileSource", "ArraySource",

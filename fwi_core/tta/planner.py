@@ -65,7 +65,7 @@ FALLBACK_VELOCITY = 3000.0
 PROBE_MIN_FRACTION = 0.1
 
 __all__ = ["BudgetedInference", "Deadline", "RunSummary", "InsufficientBudgetError", "CorruptedFileWarning",
-           "run_budgeted", "DEFAULT_SAFETY_MARGIN"]
+           "run_budgeted", "default_state_dir", "DEFAULT_SAFETY_MARGIN"]
 
 
 class InsufficientBudgetError(RuntimeError):
@@ -210,8 +210,21 @@ class RunSummary:
         return Path(path)
 
 
-def _state_default(out_csv: Optional[Path]) -> Optional[Path]:
-    return None if out_csv is None else out_csv.parent / f".{out_csv.name}.state"
+def default_state_dir(out_csv: Optional[PathLike]) -> Optional[Path]:
+    """Where a run keeps its state: ``.<csv name>.state`` beside the CSV, except on Kaggle,
+    where ``/kaggle/working`` is saved as the notebook's output and limited to 20 GB: there
+    ``<temp dir>/fwi-tta/<csv name>.state`` (it survives a kernel restart within the
+    session)."""
+    import tempfile
+
+    from ..train.platform import detect_platform
+
+    if out_csv is None:
+        return None
+    out_csv = Path(out_csv)
+    if detect_platform().name == "kaggle":
+        return Path(tempfile.gettempdir()) / "fwi-tta" / f"{out_csv.name}.state"
+    return out_csv.parent / f".{out_csv.name}.state"
 
 
 class BudgetedInference:
@@ -228,8 +241,10 @@ class BudgetedInference:
         deadline: a :class:`Deadline` (default: the platform's session limit minus a
             safety margin, from the process start; none locally).
         gains: the gains table (default: built-in defaults).
-        state_dir: where per-file arrays and progress live (default
-            ``.<csv name>.state`` beside the CSV). Disk: 19.6 KB per file per stored map.
+        state_dir: where per-file arrays and progress live (default:
+            :func:`default_state_dir`). Disk: 19.6 KB per file per stored map (two for
+            the current prediction, one per member for each of its prediction, flipped
+            prediction and MC mean, one for the MC spread).
         resume: continue the run saved in ``state_dir`` (a different run's state is
             discarded with a warning); False starts over.
         strict: an unreadable file raises instead of getting the fallback prediction.
@@ -278,7 +293,7 @@ class BudgetedInference:
         self.deadline = deadline if deadline is not None else Deadline.platform_default()
         self.clock = self.deadline.clock
         self.gains = gains or StageGains()
-        state_dir = Path(state_dir) if state_dir is not None else _state_default(self.out_csv)
+        state_dir = Path(state_dir) if state_dir is not None else default_state_dir(self.out_csv)
         if state_dir is None:
             raise ValueError("BudgetedInference: give state_dir when out_csv is None")
         self.state_dir = state_dir
