@@ -34,6 +34,8 @@ _HELP = {
     "resume": "checkpoint file, run folder, or 'auto' (the default when the flag is given bare)",
     "epochs": "passes over the data; 0: train until --time-budget (the schedule spans the budget)",
     "scale_range": "low and high factor of the amplitude-scaling augmentation",
+    "pde_weight": "weight of the PDE-consistency term (simulate the prediction, compare with the gathers)",
+    "pde_shots": "shot indices used by the PDE term (default: all)",
 }
 
 
@@ -66,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         t = hints[f.name]
         if t is bool:
             kw["action"] = argparse.BooleanOptionalAction
-        elif f.name == "model_kwargs":
+        elif f.name in ("model_kwargs", "pde_simulate_kwargs"):
             kw.update(type=_json_object, metavar="JSON")
         elif t is int:
             kw["type"] = int
@@ -80,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                 kw.update(nargs="?", const="auto")
         elif f.name == "scale_range":
             kw.update(type=float, nargs=2, metavar=("LOW", "HIGH"))
+        elif f.name == "pde_shots":
+            kw.update(type=int, nargs="*", metavar="SHOT")
         if f.name in _CHOICES:
             kw["choices"] = _CHOICES[f.name]
         p.add_argument(flag, **kw)

@@ -60,6 +60,15 @@ class TrainConfig:
             true family index while training and predict it themselves when validating.
         latent_weight: weight of a model's ``latent_penalty`` (the invertible UNet's
             auxiliary channels; models without it ignore the setting).
+        pde_weight: weight of the PDE-consistency term (0: off): the normalised misfit
+            between a sample's observed gathers and the exact simulation of its predicted
+            map, differentiated through the simulator's adjoint (``physics.pde_loss``).
+            Affordability: pde_every (every k-th optimizer step), pde_samples (the first n
+            samples of a batch, 0: all), pde_shots (shot indices, empty: all 5), pde_time
+            (simulate the first n time samples, 0: all), pde_ramp_steps (the weight ramps
+            linearly from 0 over these steps), pde_simulate_kwargs (passed to ``simulate``:
+            e.g. ``batch_chunk``, ``checkpoint_every``, ``backend``; the geometry must stay
+            the data's).
         scale_prob, scale_range: probability of multiplying a sample's raw gathers by one
             factor drawn log-uniformly from ``scale_range`` (source-strength variation).
         noise_prob, noise_std: probability of adding Gaussian noise to a sample's raw
@@ -107,6 +116,13 @@ class TrainConfig:
     boundary_weight: float = 0.0
     family_loss_weight: float = 0.1
     latent_weight: float = 0.01
+    pde_weight: float = 0.0
+    pde_every: int = 1
+    pde_samples: int = 0
+    pde_shots: Tuple[int, ...] = ()
+    pde_time: int = 0
+    pde_ramp_steps: int = 0
+    pde_simulate_kwargs: Dict[str, Any] = field(default_factory=dict)
     scale_prob: float = 0.0
     scale_range: Tuple[float, float] = (0.5, 2.0)
     noise_prob: float = 0.0
@@ -134,6 +150,8 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.scale_range, list):   # from JSON
             self.scale_range = tuple(self.scale_range)
+        if isinstance(self.pde_shots, list):
+            self.pde_shots = tuple(self.pde_shots)
 
     # ----------------------------------------------------------------- conversion
     @classmethod
@@ -148,6 +166,8 @@ class TrainConfig:
         unknown = sorted(set(d) - set(cls.field_names()))
         if unknown:
             raise ConfigError(f"unknown TrainConfig keys {unknown}; valid keys: {', '.join(cls.field_names())}")
+        if isinstance(d.get("pde_simulate_kwargs"), str):
+            d["pde_simulate_kwargs"] = json.loads(d["pde_simulate_kwargs"] or "{}")
         if isinstance(d.get("model_kwargs"), str):
             try:
                 d["model_kwargs"] = json.loads(d["model_kwargs"] or "{}")
@@ -203,7 +223,15 @@ class TrainConfig:
             raise ConfigError(f"ema_decay must be in [0, 1) (0 turns EMA off), got {self.ema_decay}")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ConfigError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
-        for name in ("boundary_weight", "family_loss_weight", "latent_weight", "noise_std"):
+        for name in ("pde_every", ):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("pde_samples", "pde_time", "pde_ramp_steps"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if any(int(i) < 0 for i in self.pde_shots):
+            raise ConfigError(f"pde_shots must be shot indices >= 0, got {list(self.pde_shots)}")
+        for name in ("boundary_weight", "family_loss_weight", "latent_weight", "noise_std", "pde_weight"):
             if not float(getattr(self, name)) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("scale_prob", "noise_prob"):

@@ -493,6 +493,7 @@ class Trainer:
         if bool(mask.any()):
             x, y = x.clone(), y.clone()
             x[mask], y[mask] = hflip(x[mask], y[mask])
+        self._flipped = mask
         return x, y
 
     def _augment(self, x: torch.Tensor, epoch: int, batch: int) -> torch.Tensor:
@@ -553,19 +554,60 @@ class Trainer:
                 loss = loss + self.aux_weights.get(name, 1.0) * value.float()
         return loss
 
+    def _pde_weight(self) -> float:
+        """``pde_weight``, ramped linearly over the first ``pde_ramp_steps`` steps."""
+        ramp = self.cfg.pde_ramp_steps
+        return self.cfg.pde_weight * (min(1.0, (self.step + 1) / ramp) if ramp else 1.0)
+
+    def pde_term(self, pred: torch.Tensor, observed: torch.Tensor,
+                 flipped: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The PDE-consistency term of a batch: the normalised misfit between the observed
+        gathers and the exact simulation of the predicted maps (``physics.pde_loss``), on
+        the first ``pde_samples`` samples, the shots ``pde_shots`` and the first ``pde_time``
+        time samples; float32 physics outside autocast, differentiable through the
+        simulator's adjoint.
+
+        Args:
+            pred: (B, 1, H, W) normalised predictions (of possibly flipped inputs).
+            observed: (B, S, T, R) normalised gathers *before* augmentation.
+            flipped: (B,) bool, the samples whose input was flipped: their predictions are
+                flipped back, so they are compared with the unflipped gathers (the flip
+                itself is only approximately physical).
+        """
+        from fwi_core.data import denormalize_seismic
+        from fwi_core.physics.pde_loss import pde_loss
+
+        cfg = self.cfg
+        k = cfg.pde_samples or pred.shape[0]
+        p = pred[:k].float()
+        if flipped is not None and bool(flipped[:k].any()):
+            f = flipped[:k].view(-1, 1, 1, 1)
+            p = torch.where(f, torch.flip(p, (-1,)), p)
+        v = denormalize_velocity(p.clamp(-1.0, 1.0))
+        obs = denormalize_seismic(observed[:k].float())
+        with torch.autocast(self.device.type, enabled=False):
+            return pde_loss(v, obs, shots=list(cfg.pde_shots) or None, max_time=cfg.pde_time or None,
+                            **cfg.pde_simulate_kwargs).float()
+
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor,
-                          fam_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          fam_idx: Optional[torch.Tensor] = None,
+                          pde: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         n = x.shape[0]
+        obs = pde["observed"] if pde else None
+        flipped = pde["flipped"] if pde else None
         chunks = [t.tensor_split(self.accum) if t is not None else [None] * self.accum
-                  for t in (x, y, fam_idx)] if self.accum > 1 else [[x], [y], [fam_idx]]
+                  for t in (x, y, fam_idx, obs, flipped)] if self.accum > 1 else [[x], [y], [fam_idx], [obs], [flipped]]
         parts = list(zip(*chunks))
         total = torch.zeros((), device=x.device)
-        for i, (xc, yc, fc) in enumerate(parts):
+        for i, (xc, yc, fc, oc, flc) in enumerate(parts):
             last = i == len(parts) - 1
             sync = self.model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
             with sync:
                 pred = self._forward(xc, fc)
-                loss = self._loss(pred, yc, fc) * (xc.shape[0] / n)
+                loss = self._loss(pred, yc, fc)
+                if oc is not None:
+                    loss = loss + self._pde_weight() * self.pde_term(pred, oc, flc)
+                loss = loss * (xc.shape[0] / n)
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         if self.cfg.grad_clip > 0:
@@ -579,8 +621,8 @@ class Trainer:
             self.ema.update_parameters(self.raw)
         return total
 
-    def _train_batch(self, x: torch.Tensor, y: torch.Tensor,
-                     fam_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _train_batch(self, x: torch.Tensor, y: torch.Tensor, fam_idx: Optional[torch.Tensor] = None,
+                     pde: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """One optimizer step; on out-of-memory, halve the micro-batch (doubling the
         accumulation, so the effective batch is unchanged) and retry. Under DDP this
         works for a forward pass that runs out of memory on any rank (the ranks agree);
@@ -588,7 +630,7 @@ class Trainer:
         says what to set."""
         while True:
             try:
-                return self._forward_backward(x, y, fam_idx)
+                return self._forward_backward(x, y, fam_idx, pde)
             except (_OOM, _AgreedOOM) as exc:
                 agreed = isinstance(exc, _AgreedOOM)
                 message = str(exc).splitlines()[0] if str(exc) else "out of memory"
@@ -815,11 +857,18 @@ class Trainer:
                     x = x.to(self.device, non_blocking=True)
                     y = y.to(self.device, non_blocking=True)
                     fam_idx = self._family_index(rest[0]) if rest else None
+                    observed = x if cfg.pde_weight > 0 else None   # the gathers before augmentation
+                    self._flipped = None
                     if cfg.flip_prob > 0:
                         x, y = self._flip(x, y, self.epoch, self.batch)
                     if cfg.scale_prob > 0 or cfg.noise_prob > 0:
                         x = self._augment(x, self.epoch, self.batch)
-                    self.loss_sum += self._train_batch(x, y, fam_idx)
+                    pde = None
+                    if observed is not None and self.step % cfg.pde_every == 0:
+                        flipped = self._flipped if self._flipped is not None else \
+                            torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+                        pde = {"observed": observed, "flipped": flipped}
+                    self.loss_sum += self._train_batch(x, y, fam_idx, pde)
                     self.loss_count += 1
                     self.step += 1
                     self.batch += 1
