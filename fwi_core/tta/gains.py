@@ -96,7 +96,8 @@ class StageGains:
         if not members:
             return []
         known = {m: self.member_mae[m] for m in members if m in self.member_mae}
-        good = [m for m in members if not known or (m in known and known[m] <= GOOD_MEMBER_FACTOR * min(known.values()))]
+        best = min(known.values()) if known else math.inf
+        good = [m for m in members if not known or (m in known and known[m] <= GOOD_MEMBER_FACTOR * best)]
         first = min(good, key=lambda m: (cost.get(m, math.inf), members.index(m)))
         return [first] + [m for m in members if m != first]
 

@@ -690,7 +690,8 @@ class BudgetedInference:
     def _restore(self, state: Dict[str, Any]) -> bool:
         """Adopt a saved state; False when it belongs to another run."""
         if state.get("fingerprint") != self.fingerprint:
-            differ = sorted(k for k in self.fingerprint if (state.get("fingerprint") or {}).get(k) != self.fingerprint[k])
+            saved = state.get("fingerprint") or {}
+            differ = sorted(k for k in self.fingerprint if saved.get(k) != self.fingerprint[k])
             warnings.warn(f"{self.state_dir}: saved progress belongs to another run ({', '.join(differ)} "
                           "differ); starting over", RuntimeWarning, stacklevel=3)
             return False
