@@ -191,3 +191,19 @@ def test_find_checkpoints_kinds(tmp_path):
         find_checkpoints([tmp_path], kind="newest")
     with pytest.raises(FileNotFoundError, match="kind 'snapshot'"):
         find_checkpoints([tmp_path / "nothing"], kind="snapshot")
+
+
+def test_cli_reads_crf_json_and_stage_gains_beside_the_checkpoints(setup, tmp_path, monkeypatch):
+    from fwi_core.inference import save_crf_config
+    from fwi_core.tta import StageGains
+
+    root, ck = setup
+    age(monkeypatch, 0.0)
+    save_crf_config({"window": 3, "iterations": 2}, ck[0].parent)
+    StageGains(gains={"flip": -0.5, "mc_dropout": 0.0}).save(ck[0].parent)
+    out = tmp_path / "sub.csv"
+    assert main(["--data", str(root), "--checkpoints", str(ck[0]), "--time-budget", "600", "--out", str(out)]) == 0
+    stages = {s["name"]: s for s in json.loads((tmp_path / "sub_summary.json").read_text())["stages"]}
+    assert stages["crf"]["status"] == "complete"
+    assert stages["flip"]["status"] == "skipped" and stages["flip"]["gain_source"] == "table"
+    assert stages["mc_dropout"]["status"] == "skipped"
