@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         t = hints[f.name]
         if t is bool:
             kw["action"] = argparse.BooleanOptionalAction
-        elif f.name in ("model_kwargs", "pde_simulate_kwargs"):
+        elif f.name in ("model_kwargs", "pde_simulate_kwargs", "sim_kwargs"):
             kw.update(type=_json_object, metavar="JSON")
         elif t is int:
             kw["type"] = int

@@ -31,6 +31,11 @@ class TrainConfig:
         out: run folder (checkpoints, ``log.csv``, ``curves.png``, out-of-fold npz);
             None: ``<platform output>/<model>-fold<fold>``.
         max_train_samples, max_val_samples: seeded random subsets (0: all).
+        sim_fraction: fraction of each epoch's training items that are freshly simulated
+            maps (``physics.SimulatedDataset``: the 10 family generators plus physical map
+            augmentations, simulated with the exact forward model; 0: none);
+            sim_kwargs: its options (``families``, ``weights``, ``augment``, ``device``,
+            ``cache_dir``, ...). Training datasets with ``set_epoch`` get it every epoch.
         num_workers: DataLoader worker processes.
     Model:
         model: a name from :func:`fwi_core.models.list_models`; model_kwargs: its arguments.
@@ -142,6 +147,8 @@ class TrainConfig:
     seed: int = 0
     max_train_samples: int = 0
     max_val_samples: int = 0
+    sim_fraction: float = 0.0
+    sim_kwargs: Dict[str, Any] = field(default_factory=dict)
     num_workers: int = 2
     device: str = "auto"
     sync_bn: bool = False
@@ -166,6 +173,8 @@ class TrainConfig:
         unknown = sorted(set(d) - set(cls.field_names()))
         if unknown:
             raise ConfigError(f"unknown TrainConfig keys {unknown}; valid keys: {', '.join(cls.field_names())}")
+        if isinstance(d.get("sim_kwargs"), str):
+            d["sim_kwargs"] = json.loads(d["sim_kwargs"] or "{}")
         if isinstance(d.get("pde_simulate_kwargs"), str):
             d["pde_simulate_kwargs"] = json.loads(d["pde_simulate_kwargs"] or "{}")
         if isinstance(d.get("model_kwargs"), str):
@@ -234,6 +243,10 @@ class TrainConfig:
         for name in ("boundary_weight", "family_loss_weight", "latent_weight", "noise_std", "pde_weight"):
             if not float(getattr(self, name)) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= float(self.sim_fraction) < 1.0:
+            raise ConfigError(f"sim_fraction must be in [0, 1), got {self.sim_fraction}")
+        if not isinstance(self.sim_kwargs, dict):
+            raise ConfigError(f"sim_kwargs must be a dict (JSON object), got {type(self.sim_kwargs).__name__}")
         for name in ("scale_prob", "noise_prob"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")

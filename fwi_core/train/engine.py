@@ -352,6 +352,12 @@ class Trainer:
         if len(train_ds) == 0:
             raise ConfigError("the training set is empty")
         train_ds = _limit(train_ds, cfg.max_train_samples, cfg.seed)
+        if cfg.sim_fraction > 0:
+            from fwi_core.physics.simulated import mix_datasets
+
+            kwargs = {"seed": cfg.seed, "nt": int(train_ds[0][0].shape[-2]), **cfg.sim_kwargs}
+            train_ds = mix_datasets(train_ds, cfg.sim_fraction, **kwargs)
+            log.info("training on %d real + %d freshly simulated samples per epoch", train_ds.n_real, train_ds.n_sim)
         if val_ds is not None:
             val_ds = _limit(val_ds, cfg.max_val_samples, cfg.seed + 1)
             if len(val_ds) == 0:
@@ -772,6 +778,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _train_loader(self, epoch: int, start_batch: int) -> DataLoader:
+        if hasattr(self.train_ds, "set_epoch"):   # simulated data: a fresh block every epoch
+            self.train_ds.set_epoch(epoch)
         self.sampler.set_epoch(epoch)
         self.sampler.start = start_batch * self.per_rank
         return DataLoader(self.train_ds, batch_size=self.per_rank, sampler=self.sampler, drop_last=True,
