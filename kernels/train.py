@@ -30,6 +30,13 @@ scale_prob = 0.0  # amplitude scaling of the gathers (source strength), factor i
 scale_range = (0.5, 2.0)
 noise_prob = 0.0  # additive Gaussian noise, noise_std x the sample's RMS
 noise_std = 0.05
+pde_weight = 0.0  # PDE-consistency term: misfit of simulate(prediction) against the gathers (GPU advised)
+pde_every = 4  # ... computed every k-th step, on pde_samples samples of the batch (0: all)
+pde_samples = 2
+sim_fraction = 0.0  # fraction of each epoch's samples freshly simulated from the 10 family generators
+sim_kwargs = {}  # SimulatedDataset options, e.g. {"augment": {"crop": 0.3, "warp": 0.3, "blend": 0.2}}
+backbone_checkpoint = None  # stage-wise: train model_name on the residual of this frozen checkpoint
+ensemble_runs = []  # earlier run folders (e.g. attached outputs of other folds/models): fit ensemble weights
 num_workers = 2
 show_samples = 4
 
@@ -60,7 +67,9 @@ cfg = TrainConfig(
     folds=folds, fold=fold, time_budget=time_budget, seed=seed,
     max_train_samples=max_train_samples, max_val_samples=max_val_samples,
     flip_prob=flip_prob, num_workers=num_workers, scale_prob=scale_prob, scale_range=tuple(scale_range),
-    noise_prob=noise_prob, noise_std=noise_std,
+    noise_prob=noise_prob, noise_std=noise_std, pde_weight=pde_weight, pde_every=pde_every,
+    pde_samples=pde_samples, sim_fraction=sim_fraction, sim_kwargs=dict(sim_kwargs),
+    backbone_checkpoint=backbone_checkpoint,
 )
 result = train(cfg)
 print("stopped:", result["stopped_reason"], "| best validation MAE:", round(result["best_val_mae"], 2), "m/s")
@@ -106,3 +115,21 @@ tuned = tune_crf(res["pred"], res["true"])
 print(f"validation MAE: CNN {tuned['cnn_mae']:.2f} m/s, CNN + CRF {tuned['crf_mae']:.2f} m/s")
 if tuned["improved"]:
     print("saved", save_crf_config(tuned["best_config"], Path(result["best_checkpoint"]).parent))
+
+# %% [markdown]
+# ## Ensemble weights from out-of-fold predictions
+#
+# With `ensemble_runs` (run folders of other folds or models trained by this kernel), the
+# out-of-fold predictions of all runs fit the ensemble's weights per family (equal, static
+# and optimised, compared on held-out folds) and `ensemble.json` is written beside the
+# checkpoints for the `infer` kernel's `ensemble_config`.
+
+# %%
+if ensemble_runs:
+    from fwi_core.ensemble import fit_ensemble
+
+    fitted = fit_ensemble([*ensemble_runs, out], out_json=out / "ensemble.json")
+    print("ensemble:", fitted["config"], "| weighting:", fitted["selected"])
+    print(format_table({fam: {k: v for k, v in row.items() if k in ("equal", "static", "optimised")}
+                        for fam, row in fitted["comparison"]["table"].items()}))
+
