@@ -122,7 +122,7 @@ def _section(module: str) -> str:
 
 SECTIONS = {
     "physics": ("Forward simulator", bench_physics),
-    "models": ("Models (CPU forward time)", lambda: _section("tools.bench_models")),
+    "models": ("Models (CPU forward time)", lambda: importlib.import_module("tools.bench_models").run_and_sync()),
     "train": ("Training engine overhead", lambda: _section("tools.bench_train")),
     "simdata": ("Simulated data (SimulatedDataset throughput)", lambda: _section("tools.bench_simdata")),
     "inference": ("Inference (time-budgeted, CPU)", lambda: _section("tools.bench_inference")),

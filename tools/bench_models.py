@@ -11,8 +11,11 @@ with the reason instead of a time.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
+from pathlib import Path
+from typing import Dict, Tuple
 
 import torch
 
@@ -53,6 +56,45 @@ def run(quick: bool = False, pattern: str = "*") -> str:
         seconds = _time_forward(model, x, warmup, reps)
         lines.append(f"| {name} | {count_parameters(model):,} | {seconds / BATCH * 1e3:.1f} |")
     return "\n".join(lines)
+
+
+_BENCH_ROW = re.compile(r"^\| (\w+) \| ([\d,]+) \| ([\d.]+) \|$")
+_README_ROW = re.compile(r"^\| `(\w+)` \| (.*) \| ([\d,]+) \| ([\d.]+)\*? \|$")
+
+
+def parse_table(table: str) -> Dict[str, Tuple[str, str]]:
+    """{model: (parameters, ms per sample)} from :func:`run`'s markdown table."""
+    rows = {}
+    for line in table.splitlines():
+        m = _BENCH_ROW.match(line.strip())
+        if m:
+            rows[m.group(1)] = (m.group(2), m.group(3))
+    return rows
+
+
+def sync_readme(table: str, readme: Path) -> int:
+    """Copy parameters and ms/sample of every benchmarked model into the README's model
+    table (rows ``| `name` | what | parameters | ms |``), so the two never disagree;
+    returns the number of rows updated. Written atomically."""
+    from fwi_core.utils import atomic_write_text
+
+    rows = parse_table(table)
+    lines, n = readme.read_text().splitlines(keepends=True), 0
+    for i, line in enumerate(lines):
+        m = _README_ROW.match(line.rstrip("\n"))
+        if m and m.group(1) in rows:
+            params, ms = rows[m.group(1)]
+            lines[i] = f"| `{m.group(1)}` | {m.group(2)} | {params} | {ms} |\n"
+            n += 1
+    atomic_write_text(readme, "".join(lines))
+    return n
+
+
+def run_and_sync(readme: Path = Path(__file__).resolve().parents[1] / "README.md") -> str:
+    """``make bench``'s models section: the table, also copied into the README."""
+    table = run()
+    sync_readme(table, readme)
+    return table
 
 
 def main(argv=None) -> None:
