@@ -1,8 +1,11 @@
 import re
 
+import pytest
+
 from tools import bench, bench_inference
 
 
+@pytest.mark.slow   # about 15-20 s: two fresh processes import torch
 def test_inference_bench_quick_reports_throughput_memory_and_projection(tmp_path):
     assert bench.SECTIONS["inference"][0].startswith("Inference")
     text = bench_inference.run(quick=True)
