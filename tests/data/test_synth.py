@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -6,10 +8,12 @@ from fwi_core.physics import simulate
 from tools import synth
 
 
-def test_synth_writes_the_competition_layout(tmp_path):
+def test_synth_writes_the_competition_layout(tmp_path, capsys):
     out = tmp_path / "ds"
     synth.main(["--out", str(out), "--samples-per-family", "1", "--test-samples", "2", "--seed", "5",
-                "--families", "FlatVel_B", "CurveFault_A", "--backend", "eager"])
+                "--families", "FlatVel_B", "CurveFault_A", "--backend", "eager", "--device", "cpu"])
+    assert re.search(r"simulated 4 samples \(5 shots x 1000 steps\) on cpu in [0-9.]+ s: [0-9.]+ samples/s",
+                     capsys.readouterr().out)
     assert (out / "train_samples/FlatVel_B/data/data1.npy").is_file()
     assert (out / "train_samples/FlatVel_B/model/model1.npy").is_file()
     assert (out / "train_samples/CurveFault_A/seis2_1_0.npy").is_file()
@@ -42,3 +46,15 @@ def test_synth_writes_the_competition_layout(tmp_path):
                 "--families", "Style_A", "--backend", "eager", "--force"])
     assert [p.family for p in index_train(out)] == ["Style_A"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_synth_device_is_checked(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert synth.resolve_device("auto").type == "cpu" and synth.resolve_device(None).type == "cpu"
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        synth.main(["--out", str(tmp_path / "x"), "--device", "cuda", "--test-samples", "0"])
+    assert not (tmp_path / "x").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert synth.resolve_device("auto").type == "cuda"

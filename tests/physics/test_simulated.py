@@ -212,3 +212,16 @@ def test_mix_with_fwidataset_checks_nt(fake_root):
         mix_datasets(real, 0.5, nt=NT, device="cpu", progress=False)
     mixed = mix_datasets(real, 0.5, device="cpu", progress=False)   # nt=1000: nothing simulated yet
     assert mixed.families()[:len(real)] == real.families() and len(mixed) == 2 * len(real)
+
+
+def test_bench_section_quick():
+    from tools import bench
+    from tools.bench_simdata import run
+
+    assert "simdata" in bench.SECTIONS
+    text = run(quick=True)
+    row = [line for line in text.splitlines() if line.startswith("| cpu |")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[1:5] == ["4", "2", "50", "eager"] and float(cells[6]) > 0
+

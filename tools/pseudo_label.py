@@ -1,0 +1,58 @@
+"""Run one round of test-time pseudo-labelling.
+
+    python -m tools.pseudo_label --data ROOT --checkpoints PATH [PATH...] --out DIR [--limit N] [--device cuda]
+
+Predicts ``ROOT/test/*.npy`` with the checkpoints (averaged; folders are searched for
+``best*.pt``), simulates every prediction with the exact forward model and writes the
+(simulated gathers, predicted map) pairs to ``DIR/train_samples/Pseudo/`` in the
+competition layout, plus ``DIR/pseudo_labels.json`` (see
+:func:`fwi_core.physics.pseudo_label_round`). Train on them with
+``FWIDataset(index_train(DIR))`` next to the real data.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.pseudo_label", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, type=Path, help="competition root holding test/")
+    ap.add_argument("--checkpoints", required=True, nargs="+", type=Path,
+                    help="checkpoint files or folders (best*.pt inside); several are averaged")
+    ap.add_argument("--out", required=True, type=Path, help="output root (train_samples/Pseudo/ is written there)")
+    ap.add_argument("--limit", type=int, default=None, help="use the first N test files only")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--flip-tta", action="store_true", help="average with the flipped prediction")
+    ap.add_argument("--weights", default="auto", choices=["auto", "raw", "ema"])
+    ap.add_argument("--family", default="Pseudo", help="folder name = family name of the samples")
+    ap.add_argument("--samples-per-file", type=int, default=500)
+    ap.add_argument("--force", action="store_true", help="replace an earlier round's folder")
+    a = ap.parse_args(argv)
+
+    from fwi_core.data import DataError, find_competition_root
+    from fwi_core.inference import find_checkpoints
+    from fwi_core.physics import pseudo_label_round
+
+    try:
+        root = find_competition_root(a.data)
+        ckpts = find_checkpoints(a.checkpoints)
+        res = pseudo_label_round([str(p) for p in ckpts], root, a.out, limit=a.limit, batch_size=a.batch_size,
+                                 device=a.device, flip_tta=a.flip_tta, weights=a.weights, family=a.family,
+                                 samples_per_file=a.samples_per_file, overwrite=a.force)
+    except (DataError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"pseudo-labelled {res['samples']} test samples with {len(ckpts)} checkpoint(s) on {res['device']}: "
+          f"predict {res['predict_s']:.1f} s, simulate {res['simulate_s']:.1f} s "
+          f"({res['simulate_samples_per_s']:.2f} samples/s), mean velocity {res['velocity_mean']:.0f} m/s")
+    print(f"wrote {len(res['files'])} file pair(s) to {Path(a.out) / 'train_samples' / res['family']} "
+          f"and {res['manifest']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
