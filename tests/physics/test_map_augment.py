@@ -128,3 +128,17 @@ def test_augment_map_probabilities_and_order():
         augment_map(v, rng, {"blend": 0.5})
     with pytest.raises(ValueError, match=r"\(H, W\)"):
         warp(np.zeros((2, 70, 70)))
+
+
+def test_random_draws_follow_the_documented_defaults(layered):
+    """crop_resize: window sides uniform in [0.6, 1] of the map's, position uniform inside;
+    affine_warp: rotation in ±10 degrees, shear in ±0.15, scale in 1 ± 0.15."""
+    v = generate("CurveFault_A", 1, seed=4)[0]
+    r = np.random.default_rng(9)
+    sy, sx = r.uniform(0.6, 1.0), r.uniform(0.6, 1.0)
+    top, left = r.uniform(0, 70 - 70 * sy), r.uniform(0, 70 - 70 * sx)
+    np.testing.assert_array_equal(crop_resize(v, np.random.default_rng(9)), crop_window(v, top, left, 70 * sy, 70 * sx))
+    r = np.random.default_rng(10)
+    rot, shear, scale = r.uniform(-10, 10), r.uniform(-0.15, 0.15), r.uniform(0.85, 1.15)
+    np.testing.assert_array_equal(affine_warp(v, np.random.default_rng(10)),
+                                  warp(v, rotation=rot, shear=shear, scale=scale, boundary="reflect"))

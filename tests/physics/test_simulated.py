@@ -45,6 +45,7 @@ def test_items_shapes_ranges_and_seismic_is_the_simulation_of_the_map():
     ds16 = _ds(4, seed=3, augment={"crop": 0.5, "warp": 0.5, "blend": 0.5})
     ds16.set_epoch(2)
     assert ds16._seis.dtype == np.float16
+    assert ds16._seis.nbytes == 4 * 5 * NT * 70 * 2                # n * 5 * nt * 70 * 2 bytes
     got16 = np.stack([ds16.raw(i)[0] for i in range(4)])
     np.testing.assert_array_equal(np.stack([ds16.raw(i)[1] for i in range(4)]), maps)
     assert 0 < _rel(got16, want) < 2e-3

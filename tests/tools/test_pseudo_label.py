@@ -106,3 +106,23 @@ def test_command_runs_one_round_with_checkpoints(fake_root, checkpoint, tmp_path
     assert pseudo_label.main(["--data", str(fake_root), "--checkpoints", str(checkpoint), "--out", str(out),
                               "--limit", "1", "--device", "cpu"]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def test_models_are_averaged_and_defaults(tmp_path):
+    import inspect
+
+    from fwi_core.inference import predict_batch, to_velocity
+    from fwi_core.physics import pseudo_label as pl
+
+    assert inspect.signature(pseudo_label_round).parameters["samples_per_file"].default == 500
+    torch.manual_seed(0)
+    from fwi_core.models import create_model
+
+    models = [create_model("inversionnet", width=0.0625).eval() for _ in range(2)]
+    x = torch.randn(2, 5, 1000, 70) / 3
+    fn, desc = pl._predict_fn(models, torch.device("cpu"), False, "auto")
+    np.testing.assert_allclose(fn(x).numpy(), to_velocity(predict_batch(models, x)).numpy(), rtol=1e-6)
+    assert len(desc) == 2
+    one, _ = pl._predict_fn(models[0], torch.device("cpu"), True, "auto")
+    np.testing.assert_allclose(one(x).numpy(), to_velocity(predict_batch(models[0], x, flip_tta=True)).numpy(),
+                               rtol=1e-6)
