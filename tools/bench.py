@@ -131,6 +131,7 @@ SECTIONS = {
 #: on a CPU machine keeps their last text instead of overwriting it with "skipped".
 EXTRA_SECTIONS = {
     "cuda": ("GPU (CUDA)", lambda: _section("tools.bench_cuda")),
+    "zoo": ("Zoo: short training runs per member", lambda: _section("tools.bench_zoo")),
 }
 
 
