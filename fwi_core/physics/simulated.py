@@ -239,14 +239,24 @@ class SimulatedDataset(Dataset):
                     maps.append(m)
                     applied.append(a)
                 block = np.stack(maps)
-                out = simulate(block, nt=self.nt, device=self.device, batch_chunk=self.batch_chunk,
-                               backend=self.backend)
-                seis[s0:s1] = out
+                seis[s0:s1] = self._simulate(block)
                 vel[s0:s1] = block
                 bar.update(s1 - s0)
         finally:
             bar.close()
         return applied
+
+    def _simulate(self, block: np.ndarray) -> np.ndarray:
+        """Simulate (n, 1, 70, 70) maps. With a compiling backend, a call whose size is not a
+        multiple of the propagation chunk is padded with copies of its last map (results
+        dropped), so every chunk has the same shape and ``torch.compile`` compiles once."""
+        n = len(block)
+        chunk = self.batch_chunk or (64 if self.device.type == "cuda" else 2)
+        pad = (-n) % chunk if self.backend != "eager" else 0
+        if pad:
+            block = np.concatenate([block, np.repeat(block[-1:], pad, axis=0)])
+        out = simulate(block, nt=self.nt, device=self.device, batch_chunk=self.batch_chunk, backend=self.backend)
+        return out[:n]
 
     def _generate_to_cache(self, epoch: int) -> None:
         seis_p, vel_p, meta_p = self.cache_files(epoch)

@@ -226,3 +226,23 @@ def test_bench_section_quick():
     cells = [c.strip() for c in row[0].strip("|").split("|")]
     assert cells[1:5] == ["4", "2", "50", "eager"] and float(cells[6]) > 0
 
+
+
+def test_compiled_runs_pad_the_last_call_to_whole_chunks(monkeypatch):
+    calls = []
+
+    def fake(maps, nt, device, batch_chunk, backend):
+        calls.append(len(maps))
+        return np.repeat(maps.mean(axis=(1, 2, 3))[:, None, None, None], 5 * nt * 70, axis=1).reshape(
+            len(maps), 5, nt, 70).astype(np.float32)
+
+    monkeypatch.setattr(simulated_mod, "simulate", fake)
+    ds = _ds(7, sim_batch=4, batch_chunk=4, backend="compile", dtype="float32")
+    ds.set_epoch(0)
+    assert calls == [4, 4]                 # 3 maps padded to a whole chunk of 4: one compiled shape
+    for i in range(7):
+        seis, vel, _ = ds.raw(i)
+        np.testing.assert_allclose(seis, vel.mean(), rtol=1e-6)   # each item's own result
+    calls.clear()
+    _ds(5, sim_batch=4, batch_chunk=2, backend="eager").set_epoch(0)
+    assert calls == [4, 1]
