@@ -126,6 +126,7 @@ SECTIONS = {
     "train": ("Training engine overhead", lambda: _section("tools.bench_train")),
     "simdata": ("Simulated data (SimulatedDataset throughput)", lambda: _section("tools.bench_simdata")),
     "inference": ("Inference (time-budgeted, CPU)", lambda: _section("tools.bench_inference")),
+    "refine": ("Test-time refinement (FWI)", lambda: _section("tools.bench_refine")),
 }
 #: Sections that run only when named (``--sections cuda`` on a GPU machine): ``make bench``
 #: on a CPU machine keeps their last text instead of overwriting it with "skipped".

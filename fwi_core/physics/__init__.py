@@ -8,6 +8,10 @@ __all__ = ["simulate", "simulate_host_style", "ForwardModel", "Geometry", "dampi
 from .families import FAMILIES, FAULT_FAMILIES, family_statistics, generate
 
 __all__ += ["FAMILIES", "FAULT_FAMILIES", "generate", "family_statistics"]
+from .pde_loss import pde_loss
+from .refine import detect_family_kind, family_kind, refine
+
+__all__ += ["pde_loss", "refine", "detect_family_kind", "family_kind"]
 from .map_augment import DEFAULT_AUGMENT, affine_warp, augment_map, blend, crop_resize, crop_window, warp
 from .simulated import MixedDataset, SimulatedDataset, mix_datasets
 

@@ -1,0 +1,154 @@
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+from fwi_core.physics import detect_family_kind, family_kind, generate, refine, simulate
+from tools.bench_refine import degrade
+
+rmod = importlib.import_module("fwi_core.physics.refine")  # the module (the package exports the function)
+
+# a small layered problem: 20x20 map, 20-cell sponge, 4 shots, 250 steps (fast on CPU)
+SMALL = dict(nbc=20, source_columns=(0, 6, 13, 19), backend="eager")
+NT = 250
+
+
+def _layered(values=(1800.0, 2500.0, 3200.0), depths=(7, 13), n=20):
+    prof = np.full(n, values[0])
+    for d, val in zip(depths, values[1:]):
+        prof[d:] = val
+    return np.repeat(prof[:, None], n, 1)[None, None].astype(np.float32)  # (1,1,n,n)
+
+
+@pytest.fixture(scope="module")
+def layered():
+    v = _layered()
+    obs = simulate(v, nt=NT, **SMALL)
+    return v, obs
+
+
+def test_refine_lowers_misfit_and_mae_on_flat_layers(layered):
+    v, obs = layered
+    start = degrade(v)
+    out, info = refine(start, obs, family="FlatVel_A", max_iter=15, return_info=True, **SMALL)
+    assert out.shape == start.shape and isinstance(out, np.ndarray)
+    i = info[0]
+    assert i["kind"] == "flat" and i["kept"]
+    assert i["misfit_after"] < i["misfit_before"] / 10
+    mae0, mae1 = np.abs(start - v).mean(), np.abs(out - v).mean()
+    assert mae1 < 0.6 * mae0, (mae0, mae1)
+    # the flat parametrisation returns a laterally flat map
+    assert float(np.abs(out[0, 0] - out[0, 0].mean(1, keepdims=True)).max()) < 1e-3
+
+
+@pytest.mark.slow
+def test_refine_default_geometry_flatvel():
+    v = generate("FlatVel_A", 1, seed=5)
+    obs = simulate(v)
+    start = degrade(v)
+    out, info = refine(start, obs, family="FlatVel_A", max_iter=10, return_info=True)
+    assert info[0]["misfit_after"] < info[0]["misfit_before"]
+    assert np.abs(out - v).mean() < np.abs(start - v).mean()
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_time_budget_is_respected_with_a_fake_clock(layered, monkeypatch):
+    """Every simulation costs 1 fake second. With a 13.5 s budget: the start's misfit (1 s),
+    a first evaluation (assumed to cost FIRST_EVAL_FORWARDS = 8 forwards until measured),
+    then evaluations while one more (1 s, measured) and the final check (1 s) still fit:
+    11 evaluations, 13 s in all."""
+    assert rmod.FIRST_EVAL_FORWARDS == 8.0
+    v, obs = layered
+    clock = FakeClock()
+    real = rmod.simulate
+
+    def slow_simulate(*a, **k):
+        clock.t += 1.0
+        return real(*a, **k)
+
+    monkeypatch.setattr(rmod, "simulate", slow_simulate)
+    out, info = refine(degrade(v), obs, family="flat", time_budget=13.5, max_iter=50, clock=clock,
+                       return_info=True, **SMALL)
+    assert info[0]["time"] <= 13.5 and clock.t == 13.0
+    assert info[0]["evaluations"] == 11
+    # a budget that allows no evaluation returns the start (clamped) unchanged
+    clock.t = 0.0
+    start = degrade(v)
+    out, info = refine(start, obs, family="flat", time_budget=1.5, clock=clock, return_info=True, **SMALL)
+    assert info[0]["evaluations"] == 0 and not info[0]["kept"]
+    np.testing.assert_array_equal(out, start)
+    assert clock.t <= 1.5
+    # no budget at all: nothing starts
+    clock.t = 0.0
+    out, info = refine(start, obs, family="flat", time_budget=0, clock=clock, return_info=True, **SMALL)
+    assert clock.t == 0.0 and info[0]["evaluations"] == 0
+    np.testing.assert_array_equal(out, start)
+
+
+def test_result_kept_only_where_the_misfit_fell(layered):
+    """Sample 0 starts at the truth (misfit 0: nothing can lower it), sample 1 from a
+    blurred start: only sample 1 changes."""
+    v, obs = layered
+    start = np.concatenate([v, degrade(v)])
+    obs2 = np.concatenate([obs, obs])
+    out, info = refine(torch.from_numpy(start), torch.from_numpy(obs2), family=["FlatVel_B", "flat"], max_iter=6,
+                       return_info=True, **SMALL)
+    assert torch.is_tensor(out) and out.shape == start.shape
+    assert info[0]["misfit_before"] == 0.0 and not info[0]["kept"]
+    assert torch.equal(out[0], torch.from_numpy(start[0]))
+    assert info[1]["kept"] and info[1]["misfit_after"] < info[1]["misfit_before"]
+    assert not torch.equal(out[1], torch.from_numpy(start[1]))
+
+
+@pytest.mark.parametrize("kind", ["tv", "smooth"])
+def test_full_map_kinds_lower_the_misfit(kind):
+    rng = np.random.default_rng(0)
+    v = _layered()
+    v[0, 0, :, 10:] += 200.0  # a lateral step: not flat
+    obs = simulate(v, nt=NT, **SMALL)
+    start = degrade(v) + rng.normal(0, 5, v.shape).astype(np.float32)
+    out, info = refine(start[:, 0], obs, family=kind, max_iter=8, return_info=True, **SMALL)
+    assert out.shape == (1, 20, 20)
+    assert info[0]["kept"] and info[0]["misfit_after"] < 0.5 * info[0]["misfit_before"]
+    assert out.min() >= 1500.0 and out.max() <= 4500.0
+
+
+def test_family_kinds_and_detection():
+    assert family_kind("FlatVel_A") == "flat" and family_kind("CurveFault_B") == "tv"
+    assert family_kind("FlatFault_A") == "tv" and family_kind("Style_B") == "smooth"
+    maps = np.concatenate([generate("FlatVel_B", 1, seed=1), generate("CurveFault_A", 1, seed=1),
+                           generate("Style_A", 1, seed=1), generate("CurveVel_A", 1, seed=2)])
+    assert detect_family_kind(maps) == ["flat", "tv", "smooth", "tv"]
+    # from the data: a flat medium's first and mirrored last shots agree
+    pair = maps[[0, 3]]
+    seis = simulate(pair, nt=300, backend="eager")  # long enough to see the first interfaces
+    assert detect_family_kind(pair, seis) == ["flat", "tv"]
+    blurred_flat = degrade(maps[:1])  # a blurred flat map is still flat
+    assert detect_family_kind(blurred_flat) == ["flat"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(family="Flat"), "unknown family"),
+    (dict(family=["flat", "tv"]), "entries for a batch"),
+    (dict(optimizer="sgd"), "optimizer"),
+    (dict(time_budget=-1), "time_budget"),
+    (dict(reg_weight={"curvy": 1.0}), "unknown kinds"),
+])
+def test_bad_arguments(layered, kwargs, match):
+    v, obs = layered
+    with pytest.raises(ValueError, match=match):
+        refine(v, obs, **kwargs)
+
+
+def test_shape_mismatch(layered):
+    v, obs = layered
+    with pytest.raises(ValueError, match="seismic"):
+        refine(v, obs[:, :, :, :10])
