@@ -11,12 +11,12 @@ data_root = None  # None: find the competition data (Kaggle mounts, $FWI_DATA)
 output_dir = "."  # where checkpoints, logs and plots go (/kaggle/working on Kaggle)
 model_name = "inversionnet_small"
 model_kwargs = {}  # e.g. {"family_init": "flatvel", "num_families": 10} for specproj_unet
-epochs = None  # None: on Kaggle 0 = train until the time budget, the schedule spanning it; elsewhere 10
+epochs = None  # None: on Kaggle 0, i.e. train until the time budget (the schedule spans it); elsewhere 10
 batch_size = 16
 lr = 1e-3
 schedule = "cosine"  # cosine | onecycle | cosine_restarts (a snapshot per cycle) | constant
-restart_epochs = 1  # cosine_restarts with epochs >= 1: epochs per cycle
-restart_cycles = 3  # cosine_restarts with epochs = 0: cycles over the budget
+restart_epochs = 1  # cosine_restarts in epoch mode: epochs per cycle
+restart_cycles = 3  # cosine_restarts in time mode (epochs 0): cycles over the budget
 ema_decay = 0.999  # EMA of the weights, evaluated beside the raw ones (0: off)
 amp = "fp16"  # off | bf16 | fp16 (fp16 on Kaggle T4; degrades gracefully on CPU)
 folds = 5
@@ -48,8 +48,10 @@ import numpy as np
 from fwi_core.data import find_competition_root
 from fwi_core.inference import format_table, score_predictions
 from fwi_core.plotting import plot_curves, plot_predictions, show
+from fwi_core.params import check_parameters
 from fwi_core.train import TrainConfig, default_epochs, detect_platform, train
 
+check_parameters("train", globals())  # a value of the wrong type fails here, naming the parameter
 root = find_competition_root(data_root)
 out = Path(output_dir)
 out.mkdir(parents=True, exist_ok=True)
