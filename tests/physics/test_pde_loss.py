@@ -91,3 +91,14 @@ def test_shape_mismatch(truth):
     v, obs = truth
     with pytest.raises(ValueError, match="does not match"):
         pde_loss(v[:1], obs)
+
+
+def test_velocity_is_clamped_to_the_plausible_range(truth):
+    v, obs = truth
+    low = v.clone()
+    low[:, :, :5] = 1400.0  # below 1500 m/s: the loss sees 1500
+    at = v.clone()
+    at[:, :, :5] = 1500.0
+    a = pde_loss(low, obs, max_time=40, backend="eager")
+    b = pde_loss(at, obs, max_time=40, backend="eager")
+    assert float(a) == float(b) > 0

@@ -152,3 +152,30 @@ def test_shape_mismatch(layered):
     v, obs = layered
     with pytest.raises(ValueError, match="seismic"):
         refine(v, obs[:, :, :, :10])
+
+
+def test_adam_continuation_and_one_simulation_per_evaluation(layered, monkeypatch):
+    """Adam with a low-pass first stage lowers the misfit; the batch (2 maps) costs one
+    simulate call per evaluation, plus the start's misfit and the final check."""
+    v, obs = layered
+    calls = []
+    real = rmod.simulate
+
+    def counting(*a, **k):
+        calls.append(a[0].shape[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(rmod, "simulate", counting)
+    start = np.concatenate([degrade(v), degrade(v) + 20.0])
+    out, info = refine(start, np.concatenate([obs, obs]), family="flat", optimizer="adam", lr=0.3, max_iter=8,
+                       stages=((10.0, 0.5), (None, 0.5)), return_info=True, **SMALL)
+    assert all(i["kept"] and i["misfit_after"] < i["misfit_before"] for i in info)
+    assert info[0]["evaluations"] == 8 and len(calls) == 8 + 2 and set(calls) == {2}
+
+
+def test_lowpass_keeps_low_and_removes_high_frequencies():
+    t = torch.arange(1000, dtype=torch.float64) * 1e-3
+    low, high = torch.sin(2 * np.pi * 4 * t), torch.sin(2 * np.pi * 40 * t)
+    x = (low + high)[None, None, :, None]
+    y = rmod.lowpass(x, 10.0, 1e-3)[0, 0, 100:900, 0]
+    assert float((y - low[100:900]).abs().max()) < 0.05
