@@ -30,7 +30,7 @@ Memory: the forward keeps the two fields ``(p_{t-1}, p_{t-2})`` every ``k`` step
 checkpoint and runs the adjoint through it. With ``k = DEFAULT_CHECKPOINT_EVERY = 50``,
 nt = 1000 and the competition grid (5 shots on 310 x 310, 1.92 MB per field), a sample
 keeps 2 * 19 = 38 fields = 73 MB between forward and backward, and the chunk being
-back-propagated needs another (k + 4) fields = 104 MB per sample of the chunk: about
+back-propagated needs another (k + 4) fields = 106 MB per sample of the chunk: about
 180 MB per sample in all (:func:`gradient_memory_bytes`), against about 2 GB to store every
 time step and about 10 GB for plain autograd. The checkpoints grow as nt/k, the segment as
 k. Cost: the forward, one recomputation of the forward and the adjoint pass.
