@@ -52,7 +52,14 @@ def load_crf(checkpoint_dirs: Sequence[Union[str, os.PathLike]]):
         d = Path(d)
         f = (d.parent if d.is_file() else d) / CRF_CONFIG_FILE
         if f.is_file():
-            return ContinuousCRF(**json.loads(f.read_text()))
+            try:
+                config = json.loads(f.read_text())
+                if not isinstance(config, dict):
+                    raise TypeError(f"expected a JSON object, got {type(config).__name__}")
+                return ContinuousCRF(**config)
+            except (ValueError, TypeError, UnicodeDecodeError) as e:   # bad JSON, unknown or bad fields
+                raise ValueError(f"{f}: not a CRF configuration ({type(e).__name__}: {e}); delete it or "
+                                 "tune it again (the train kernel writes it)") from e
     return None
 
 

@@ -72,6 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from fwi_core.data import DataError, DataFormatError, find_competition_root
     from fwi_core.ensemble import Ensemble, EnsembleConfigError
     from fwi_core.inference import find_checkpoints, load_crf
+    from fwi_core.train.errors import CheckpointError
     from fwi_core.tta import (DEFAULT_STAGES, InsufficientBudgetError, StageError, StageGains,
                               TestFileSource, find_stage_gains, run_budgeted)
 
@@ -87,7 +88,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             ens = Ensemble.from_checkpoints(files, device=a.device)
         crf = None if a.no_crf else load_crf(files)
         gains = StageGains.load(a.gains) if a.gains is not None else find_stage_gains(files)
-    except (DataError, FileNotFoundError, EnsembleConfigError, ValueError) as e:
+    except (DataError, FileNotFoundError, EnsembleConfigError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"data: {root} ({len(source)} test files)")
@@ -103,12 +104,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except InsufficientBudgetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except StageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except DataFormatError as e:
+    except DataFormatError as e:     # --strict and an unreadable test file
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (StageError, ValueError) as e:   # a bad stage list or setting (e.g. --batch-size 0)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {a.out} ({summary.files} oids; summary in {a.out.with_name(a.out.stem + '_summary.json')})")
     return 0
 

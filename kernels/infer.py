@@ -35,8 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fwi_core.params import check_parameters
 from fwi_core.tta import Deadline
 
+check_parameters("infer", globals())  # a value of the wrong type fails here, naming the parameter
 # the session limit runs from the kernel's start: fix the deadline before loading anything
 deadline = Deadline.from_budget(time_budget) if time_budget else Deadline.platform_default()
 

@@ -221,6 +221,7 @@ def build_notebook(kernel: str, root: Path = ROOT):
     tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     if len(tagged) != 1:
         raise BuildError(f"{src_path}: needs exactly one cell tagged 'parameters' (found {len(tagged)})")
+    _check_syntax(nb, text, f"kernels/{kernel}.py")
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     modules = resolve_modules(_strip_magics(code), kernel, root)
     version = _version(root)
@@ -276,6 +277,27 @@ def build_notebook(kernel: str, root: Path = ROOT):
     return out, kaggle_meta, modules
 
 
+def _check_syntax(nb, text: str, where: str) -> None:
+    """Raise BuildError naming the cell and line (in the cell and in the kernel file) of
+    the first code cell that is not valid Python (magics and shell lines excepted)."""
+    lines = text.splitlines()
+    markers = [i for i, line in enumerate(lines) if line.startswith("# %%")]
+    before = len(nb.cells) - len(markers)          # 1 when the file has cells before its first marker
+    for i, c in enumerate(nb.cells):
+        if c.cell_type != "code":
+            continue
+        src = "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in c.source.splitlines())
+        try:
+            ast.parse(src, filename=where)
+        except SyntaxError as e:
+            start = 0 if i < before else markers[i - before] + 1
+            first = c.source.splitlines()[0] if c.source else ""
+            start = next((j for j in range(start, len(lines)) if lines[j] == first), start)
+            line = f"line {start + e.lineno} of the file, " if e.lineno else ""
+            raise BuildError(f"{where}: syntax error in cell {i + 1} ({line}line {e.lineno} of the cell): "
+                             f"{e.msg}\n    {(e.text or '').strip()}") from e
+
+
 def _strip_magics(code: str) -> str:
     return "\n".join(line for line in code.splitlines() if not line.lstrip().startswith(("%", "!")))
 
@@ -294,9 +316,10 @@ def build(kernels: Optional[List[str]] = None, out: Path = ROOT / "build", root:
     names = kernels or sorted(p.stem for p in (root / "kernels").glob("*.py"))
     if not names:
         raise BuildError(f"{root / 'kernels'}: no kernels to build")
+    # every kernel first, then the files: a failing kernel leaves the whole previous build as it was
+    built = [(k, *build_notebook(k, root)) for k in names]
     written = []
-    for k in names:
-        nb, meta, modules = build_notebook(k, root)
+    for k, nb, meta, modules in built:
         d = Path(out) / k
         atomic_write_text(d / f"{k}.ipynb", nbformat.writes(nb) + "\n")
         atomic_write_text(d / "kernel-metadata.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -28,31 +28,47 @@ from typing import List, Optional
 import numpy as np
 
 
+def int_at_least(low: int):
+    """An argparse type: an integer >= ``low`` (a clear message otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, type=Path, help="competition root or train_samples folder")
     ap.add_argument("--checkpoint", required=True, nargs="+", type=Path, help="one or more (ensemble) checkpoints")
     ap.add_argument("--weights", default="auto", choices=["auto", "raw", "ema"])
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int_at_least(1), default=16)
     ap.add_argument("--flip-tta", action="store_true")
-    ap.add_argument("--max-samples", type=int, default=None, help="evaluate the first N samples only")
+    ap.add_argument("--max-samples", type=int_at_least(1), default=None, help="evaluate the first N samples only")
     ap.add_argument("--families", nargs="*", default=None)
-    ap.add_argument("--physics", type=int, default=0, metavar="N",
+    ap.add_argument("--physics", type=int_at_least(0), default=0, metavar="N",
                     help="physical-consistency score on the first N samples (about 0.2-0.6 s each)")
     ap.add_argument("--crf", action="store_true",
                     help="also score after a continuous-CRF pass: the tuned crf.json beside the checkpoint, "
                          "else the default CRF in m/s units")
-    ap.add_argument("--mc-dropout", type=int, default=0, metavar="T",
+    ap.add_argument("--mc-dropout", type=int_at_least(0), default=0, metavar="T",
                     help="predict with T Monte Carlo dropout passes and score the uncertainty's calibration")
     ap.add_argument("--json", type=Path, default=None, help="write the table as JSON here")
     ap.add_argument("--stage-gains", nargs="?", const="", default=None, metavar="OUT",
                     help="measure the inference stages' gains and write stage_gains.json (to OUT, default "
                          "beside the first checkpoint)")
     a = ap.parse_args(argv)
+    if a.mc_dropout == 1:
+        ap.error("argument --mc-dropout: expected 0 (off) or at least 2 passes, got 1")
 
     from fwi_core.data import DataError, FWIDataset, index_train
-    from fwi_core.inference import format_table, predict_dataset, score_predictions
-    from fwi_core.train import load_model
+    from fwi_core.inference import format_table, load_crf, predict_dataset, score_predictions
+    from fwi_core.train import CheckpointError, load_model
 
     for c in a.checkpoint:
         if not c.is_file():
@@ -65,7 +81,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if a.max_samples:
         ds = ds.subset(np.linspace(0, len(ds) - 1, min(a.max_samples, len(ds))).astype(int))
-    models = [load_model(c, weights=a.weights) for c in a.checkpoint]
+    try:
+        models = [load_model(c, weights=a.weights) for c in a.checkpoint]
+        if a.crf:
+            load_crf(a.checkpoint)          # a damaged crf.json fails now, not after predicting
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     res = predict_dataset(models, ds, batch_size=a.batch_size, flip_tta=a.flip_tta, mc_passes=a.mc_dropout)
     table = score_predictions(res["pred"], res["true"], res["family"])
     print(f"{len(ds)} samples, {len(models)} checkpoint(s){', flip TTA' if a.flip_tta else ''}")

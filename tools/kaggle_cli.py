@@ -81,7 +81,12 @@ def personalise(meta_path: Path, env=None) -> str:
     ``kernel_sources``) with ``KAGGLE_USERNAME``; returns the kernel id. Raises
     KaggleCLIError when the template is still there and no user name is known."""
     env = os.environ if env is None else env
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise KaggleCLIError(f"{meta_path}: not valid JSON ({e}); rebuild it with `make build`") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("id"), str):
+        raise KaggleCLIError(f"{meta_path}: no 'id' (expected \"user/slug\"); rebuild it with `make build`")
     if not meta["id"].startswith(TEMPLATE_USER + "/"):
         return meta["id"]
     user = env.get("KAGGLE_USERNAME")

@@ -34,6 +34,10 @@ from fwi_core.utils import atomic_save_npy, progress_bar
 MAX_PER_FILE = 500  # the competition's files hold 500 samples
 
 
+class SynthError(ValueError):
+    """Bad arguments for a synthetic dataset (the message names the option)."""
+
+
 def _file_names(family: str, k: int):
     """(seismic, velocity) relative paths of the k-th file of a family."""
     if family in FAULT_FAMILIES:
@@ -48,7 +52,7 @@ def resolve_device(device: Optional[str]) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device}: CUDA is not available here; use --device cpu")
+        raise SynthError(f"--device {device}: CUDA is not available here; use --device cpu")
     return dev
 
 
@@ -74,17 +78,23 @@ def build(out: Path, samples_per_family: int, test_samples: int, seed: int = 0,
     simulating) and ``device``.
     """
     out = Path(out)
-    dev = resolve_device(device)
-    stats = {} if stats is None else stats
-    stats["device"] = str(dev)
     families = list(families or FAMILIES)
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
-        raise SystemExit(f"unknown families {unknown}; choose from {', '.join(FAMILIES)}")
-    if samples_per_family < 1 or test_samples < 0 or samples_per_file < 1:
-        raise SystemExit("--samples-per-family and --samples-per-file must be >= 1, --test-samples >= 0")
+        raise SynthError(f"unknown families {unknown}; choose from {', '.join(FAMILIES)}")
+    for flag, value, low in (("--samples-per-family", samples_per_family, 1), ("--test-samples", test_samples, 0),
+                             ("--samples-per-file", samples_per_file, 1), ("--seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise SynthError(f"{flag} must be >= {low}, got {value!r}")
+    if backend not in ("auto", "compile", "eager"):
+        raise SynthError(f"--backend must be auto, compile or eager, got {backend!r}")
+    if out.exists() and not out.is_dir():
+        raise SynthError(f"--out {out} is a file, expected a folder")
     if out.exists() and any(out.iterdir()) and not force:
-        raise SystemExit(f"{out} exists and is not empty; pass --force to replace it")
+        raise SynthError(f"{out} exists and is not empty; pass --force to replace it")
+    dev = resolve_device(device)
+    stats = {} if stats is None else stats
+    stats["device"] = str(dev)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -155,8 +165,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--force", action="store_true", help="replace an existing dataset at --out")
     a = ap.parse_args(argv)
     stats: Dict[str, float] = {}
-    build(a.out, a.samples_per_family, a.test_samples, a.seed, a.families, a.samples_per_file, a.force, a.backend,
-          a.device, stats)
+    try:
+        build(a.out, a.samples_per_family, a.test_samples, a.seed, a.families, a.samples_per_file, a.force,
+              a.backend, a.device, stats)
+    except SynthError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {a.out} ({len(a.families or FAMILIES)} families x {a.samples_per_family} train samples, "
           f"{a.test_samples} test samples)")
     sps = stats["samples"] / stats["simulate_s"] if stats.get("simulate_s") else float("nan")

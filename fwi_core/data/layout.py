@@ -36,6 +36,8 @@ def find_competition_root(path: Optional[os.PathLike] = None,
     Kaggle mounts are tried, then any ``/kaggle/input/**`` folder containing
     ``train_samples`` (newer images mount competitions elsewhere).
     """
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise LayoutError(f"data root must be a folder path, got {path!r} ({type(path).__name__})")
     given = path or os.environ.get("FWI_DATA")
     if given:
         p = Path(given).expanduser()
@@ -138,8 +140,8 @@ def list_test(root: os.PathLike) -> List[Tuple[str, Path]]:
     """(oid, path) of every ``root/test/<oid>.npy``, sorted by oid."""
     root = Path(root)
     td = root / "test" if (root / "test").is_dir() else root
-    if not td.is_dir():
-        raise LayoutError(f"{root}: no test/ folder")
+    if not td.is_dir() or (td == root and not any(root.glob("*.npy"))):   # a root without test/
+        raise LayoutError(f"{root}: no test/ folder (expected {root / 'test'}/<oid>.npy)")
     files = sorted(td.glob("*.npy"))
     if not files:
         raise LayoutError(f"{td}: no .npy test files")

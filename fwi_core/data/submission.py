@@ -10,6 +10,7 @@ import math
 import os
 import re
 from pathlib import Path
+import warnings
 from typing import Dict, Iterable, Optional, Sequence
 
 import numpy as np
@@ -20,7 +21,26 @@ from .errors import SubmissionError
 ODD_COLUMNS = list(range(1, 70, 2))
 HEADER = ["oid_ypos"] + [f"x_{c}" for c in ODD_COLUMNS]
 N_ROWS = 70
+#: the velocity range of the competition's maps (m/s)
+VALUE_RANGE = (1500.0, 4500.0)
 _OID_YPOS = re.compile(r"^(.+)_y_(\d+)$")
+_BAD_OID = re.compile(r"[,\"'\s]")
+
+
+class SubmissionRangeWarning(UserWarning):
+    """A submission value outside the maps' range [1500, 4500] m/s.
+
+    A warning, not an error: Kaggle accepts and scores such a file, but every true value
+    lies in the range, so clamping (``np.clip(v, 1500, 4500)``) can only lower the MAE.
+    """
+
+
+def check_oid(oid) -> str:
+    """``oid`` as a string, or :class:`SubmissionError` if it cannot be a row name of the
+    CSV (empty, or with a comma, quote, space or newline)."""
+    if not isinstance(oid, str) or not oid or _BAD_OID.search(oid):
+        raise SubmissionError(f"oid {oid!r} is not a valid test id (no commas, quotes, spaces or newlines)")
+    return oid
 
 
 def _as_map(v, oid) -> np.ndarray:
@@ -61,6 +81,7 @@ class SubmissionWriter:
 
     def write(self, oid: str, velocity) -> None:
         """One oid's (70,70) velocity map in m/s."""
+        check_oid(oid)
         if oid in self._seen:
             raise SubmissionError(f"oid {oid!r} written twice")
         self._seen.add(oid)
@@ -88,16 +109,27 @@ def write_submission(path: os.PathLike, oids: Sequence[str], velocities) -> Path
     return Path(path)
 
 
-def validate_submission(path: os.PathLike, test_oids: Optional[Iterable[str]] = None) -> Dict[str, int]:
+def validate_submission(path: os.PathLike, test_oids: Optional[Iterable[str]] = None,
+                        out_of_range: str = "warn") -> Dict[str, int]:
     """Check a submission CSV as Kaggle would; streams the file.
 
     Checks the header, 36 fields per row, ``<oid>_y_<row>`` names, 70 distinct rows
     0..69 per oid, finite numbers, and (if ``test_oids`` is given) that every test oid
     is present exactly once and no other oid is.
 
+    Values outside [1500, 4500] m/s are accepted by Kaggle but can only cost MAE:
+    ``out_of_range="warn"`` (default) emits one :class:`SubmissionRangeWarning` with
+    their count and the first one's line and column, ``"error"`` raises
+    :class:`SubmissionError`, ``"ignore"`` says nothing.
+
     Returns ``{"oids": ..., "rows": ...}``; raises :class:`SubmissionError` naming the
     file, line and problem.
     """
+    if out_of_range not in ("warn", "error", "ignore"):
+        raise ValueError(f"validate_submission: out_of_range must be 'warn', 'error' or 'ignore', "
+                         f"got {out_of_range!r}")
+    lo, hi = VALUE_RANGE
+    n_out, first_out = 0, None
     path = Path(path)
     if not path.is_file():
         raise SubmissionError(f"{path}: submission file does not exist")
@@ -128,6 +160,10 @@ def validate_submission(path: os.PathLike, test_oids: Optional[Iterable[str]] = 
                     raise SubmissionError(f"{path}:{line_no}: {HEADER[j + 1]}={x!r} is not a number") from None
                 if not math.isfinite(val):
                     raise SubmissionError(f"{path}:{line_no}: {HEADER[j + 1]} is {x!r}, expected a finite number")
+                if not lo <= val <= hi:
+                    n_out += 1
+                    if first_out is None:
+                        first_out = f"line {line_no}, {HEADER[j + 1]} = {x}"
             n += 1
     full = (1 << N_ROWS) - 1
     for oid, mask in rows_of.items():
@@ -144,6 +180,12 @@ def validate_submission(path: os.PathLike, test_oids: Optional[Iterable[str]] = 
             raise SubmissionError(f"{path}: {len(extra)} oids not in the test set, e.g. {sorted(extra)[:3]}")
     if not rows_of:
         raise SubmissionError(f"{path}: no rows")
+    if n_out and out_of_range != "ignore":
+        msg = (f"{path}: {n_out} values outside [{lo:.0f}, {hi:.0f}] m/s (first at {first_out}); Kaggle scores "
+               "them, but clamping to the range can only lower the MAE")
+        if out_of_range == "error":
+            raise SubmissionError(msg)
+        warnings.warn(msg, SubmissionRangeWarning, stacklevel=2)
     return {"oids": len(rows_of), "rows": n}
 
 

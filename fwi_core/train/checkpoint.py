@@ -117,8 +117,16 @@ def load_checkpoint(path: PathLike, map_location="cpu", mmap: bool = False) -> D
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises several types for corrupt or foreign files
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt != FORMAT:
+        m = re.fullmatch(r"fwi_core\.train/(\d+)", str(fmt))
+        if m and int(m.group(1)) > int(FORMAT.rsplit("/", 1)[1]):
+            raise CheckpointError(f"{path}: written by a newer fwi_core (format {fmt!r}); this version reads "
+                                  f"{FORMAT!r}: update fwi_core")
         raise CheckpointError(f"{path}: not an fwi_core.train checkpoint (format {FORMAT!r} expected)")
+    for key, kind in (("metadata", dict), ("model", dict)):
+        if not isinstance(ckpt.get(key), kind):
+            raise CheckpointError(f"{path}: checkpoint lacks {key!r} (a damaged or hand-made file)")
     return ckpt
 
 
@@ -222,10 +230,19 @@ def load_model(path: PathLike, weights: str = "auto", device: Union[str, torch.d
     """
     from fwi_core.models import create_model
 
-    ckpt = load_checkpoint(path)
-    meta = ckpt["metadata"]
     if weights not in ("auto", "raw", "ema"):
         raise ValueError(f"load_model: weights must be 'auto', 'raw' or 'ema', got {weights!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"device={device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device={str(device)!r} but CUDA is not available on this machine: load with "
+                              "device='cpu' (checkpoints saved on a GPU load on the CPU)")
+    ckpt = load_checkpoint(path)
+    meta = ckpt["metadata"]
+    if not isinstance(meta.get("model"), str):
+        raise CheckpointError(f"{path}: metadata lacks 'model' (the registry name of the architecture)")
     if weights == "auto":
         per_family = ((meta.get("metrics") or {}).get("per_family") or {}).get(family or "", {})
         source = per_family.get("source") or (meta.get("metrics") or {}).get("source")

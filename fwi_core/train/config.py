@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -169,19 +172,19 @@ class TrainConfig:
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
         """Build from a dict (e.g. JSON); unknown keys raise :class:`ConfigError`.
         ``model_kwargs`` may be a dict or a JSON string."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a TrainConfig needs a dict (JSON object) of settings, got {type(d).__name__}")
         d = dict(d)
-        unknown = sorted(set(d) - set(cls.field_names()))
+        unknown = sorted(map(repr, set(d) - set(cls.field_names())))
         if unknown:
-            raise ConfigError(f"unknown TrainConfig keys {unknown}; valid keys: {', '.join(cls.field_names())}")
-        if isinstance(d.get("sim_kwargs"), str):
-            d["sim_kwargs"] = json.loads(d["sim_kwargs"] or "{}")
-        if isinstance(d.get("pde_simulate_kwargs"), str):
-            d["pde_simulate_kwargs"] = json.loads(d["pde_simulate_kwargs"] or "{}")
-        if isinstance(d.get("model_kwargs"), str):
-            try:
-                d["model_kwargs"] = json.loads(d["model_kwargs"] or "{}")
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"model_kwargs is not valid JSON: {exc}") from exc
+            raise ConfigError(f"unknown TrainConfig keys [{', '.join(unknown)}]; valid keys: "
+                              f"{', '.join(cls.field_names())}")
+        for key in ("model_kwargs", "sim_kwargs", "pde_simulate_kwargs"):
+            if isinstance(d.get(key), str):
+                try:
+                    d[key] = json.loads(d[key] or "{}")
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"{key} is not valid JSON: {exc}") from exc
         if d.get("model_kwargs") is None:
             d["model_kwargs"] = {}
         return cls(**d)
@@ -193,9 +196,59 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     # ----------------------------------------------------------------- validation
+    def _check_types(self) -> None:
+        """Every field holds a value of its declared type (a kernel parameter or a JSON
+        value of the wrong type fails here, not deep inside the engine); integral floats
+        become ints and numbers become floats."""
+        hints = typing.get_type_hints(type(self))
+
+        def bad(name, value, what):
+            raise ConfigError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+
+        def number(name, value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+                bad(name, value, "a finite number")
+            return float(value)
+
+        for f in dataclasses.fields(self):
+            name, value, hint = f.name, getattr(self, f.name), hints[f.name]
+            if typing.get_origin(hint) is typing.Union and value is None:
+                continue                                    # Optional[...] = None
+            if typing.get_origin(hint) is typing.Union:
+                hint = [a for a in typing.get_args(hint) if a is not type(None)][0]
+            if hint is bool:
+                if not isinstance(value, bool):
+                    bad(name, value, "true or false")
+            elif hint is int:
+                if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)) \
+                        and math.isfinite(float(value)) and float(value).is_integer():
+                    value = int(value)                      # 10.0 from JSON
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    bad(name, value, "an integer")
+                setattr(self, name, int(value))
+            elif hint is float:
+                setattr(self, name, number(name, value))
+            elif hint is str:
+                if not isinstance(value, str):
+                    bad(name, value, "a string")
+            elif typing.get_origin(hint) is dict:
+                if not isinstance(value, dict):
+                    bad(name, value, "a dict (JSON object)")
+            elif name == "pde_shots":
+                if not isinstance(value, (list, tuple)) or \
+                        any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in value):
+                    bad(name, value, "a list of shot indices")
+                self.pde_shots = tuple(int(i) for i in value)
+            elif name == "scale_range":
+                if not isinstance(value, (list, tuple)) or len(value) != 2:
+                    bad(name, value, "two factors (low, high)")
+                self.scale_range = (number(name, value[0]), number(name, value[1]))
+
     def validate(self) -> "TrainConfig":
-        """Check names and ranges; returns ``self`` or raises :class:`ConfigError`."""
+        """Check types, names and ranges; returns ``self`` or raises :class:`ConfigError`."""
         from fwi_core.models import is_model, list_models
+
+        self._check_types()
 
         def choice(name, value, options):
             if value not in options:
@@ -238,8 +291,8 @@ class TrainConfig:
         for name in ("pde_samples", "pde_time", "pde_ramp_steps"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if any(int(i) < 0 for i in self.pde_shots):
-            raise ConfigError(f"pde_shots must be shot indices >= 0, got {list(self.pde_shots)}")
+        if any(not 0 <= int(i) < 5 for i in self.pde_shots):
+            raise ConfigError(f"pde_shots must be shot indices 0..4, got {list(self.pde_shots)}")
         for name in ("boundary_weight", "family_loss_weight", "latent_weight", "noise_std", "pde_weight"):
             if not float(getattr(self, name)) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -247,6 +300,10 @@ class TrainConfig:
             raise ConfigError(f"sim_fraction must be in [0, 1), got {self.sim_fraction}")
         if not isinstance(self.sim_kwargs, dict):
             raise ConfigError(f"sim_kwargs must be a dict (JSON object), got {type(self.sim_kwargs).__name__}")
+        _check_options("sim_kwargs", self.sim_kwargs, "fwi_core.physics.simulated", "SimulatedDataset",
+                       exclude=("samples_per_epoch",))
+        _check_options("pde_simulate_kwargs", self.pde_simulate_kwargs, "fwi_core.physics.forward", "simulate",
+                       exclude=("velocity", "nt", "source_columns"))
         for name in ("scale_prob", "noise_prob"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -259,3 +316,20 @@ class TrainConfig:
         if self.time_budget is not None and self.time_budget < 0:
             raise ConfigError(f"time_budget must be >= 0 seconds (0: no limit), got {self.time_budget}")
         return self
+
+
+def _check_options(name: str, options: Dict[str, Any], module: str, target: str, exclude=()) -> None:
+    """Raise ConfigError if ``options`` has keys that ``module.target`` does not take."""
+    if not options:
+        return
+    import importlib
+    import inspect
+
+    fn = getattr(importlib.import_module(module), target)
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    valid = sorted(k for k in params if k not in exclude and k != "self")
+    unknown = sorted(k for k in options if k not in valid)
+    if unknown:
+        raise ConfigError(f"{name}: unknown option(s) {unknown}; {target} takes {', '.join(valid)}")

@@ -225,7 +225,10 @@ class Trainer:
 
         from fwi_core.models import create_model
         self.model_name, self.model_kwargs = self._architecture()
-        self.raw = create_model(self.model_name, **self.model_kwargs)
+        try:
+            self.raw = create_model(self.model_name, **self.model_kwargs)
+        except (TypeError, ValueError) as exc:     # unknown or bad model_kwargs
+            raise ConfigError(f"model_kwargs {dict(cfg.model_kwargs)} do not fit model {cfg.model!r}: {exc}") from exc
         if cfg.backbone_checkpoint:
             self.raw.load_backbone(cfg.backbone_checkpoint)
         self.raw = self.raw.to(self.device)
@@ -356,7 +359,10 @@ class Trainer:
             from fwi_core.physics.simulated import mix_datasets
 
             kwargs = {"seed": cfg.seed, "nt": int(train_ds[0][0].shape[-2]), **cfg.sim_kwargs}
-            train_ds = mix_datasets(train_ds, cfg.sim_fraction, **kwargs)
+            try:
+                train_ds = mix_datasets(train_ds, cfg.sim_fraction, **kwargs)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"sim_kwargs {dict(cfg.sim_kwargs)}: {exc}") from exc
             log.info("training on %d real + %d freshly simulated samples per epoch", train_ds.n_real, train_ds.n_sim)
         if val_ds is not None:
             val_ds = _limit(val_ds, cfg.max_val_samples, cfg.seed + 1)

@@ -50,7 +50,7 @@ from ..data.normalize import VEL_MAX, VEL_MIN
 from ..utils import atomic_write_text, progress_bar
 from .gains import StageGains
 from .source import batches
-from .stages import (DEFAULT_STAGES, MAP, BatchState, RunContext, Stage, build_stages,
+from .stages import (DEFAULT_STAGES, MAP, BatchState, RunContext, Stage, StageError, build_stages,
                      stage_array)
 from .store import PredictionStore, format_submission_rows, write_submission_csv
 
@@ -746,7 +746,11 @@ class BudgetedInference:
             self.csv_fresh = False
             self._buf(0)
             self._buf(1)
-            self.stages = build_stages(self.specs, self._probe_members(), self.resources)
+            try:
+                self.stages = build_stages(self.specs, self._probe_members(), self.resources)
+            except StageError:    # a bad stage list: leave no state folder behind
+                self.store.remove()
+                raise
         elif state.get("finished"):
             self.log(f"{self.state_dir}: this run already finished")
             if self.out_csv is not None and not (self.csv_fresh and self.out_csv.is_file()):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.errors import LayoutError
 from ..data.io import SEIS_SHAPE
 from ..data.layout import list_test, load_test_sample
 
@@ -36,12 +37,19 @@ class TestFileSource:
 
     def __init__(self, root: Optional[Union[str, os.PathLike]] = None, limit: Optional[int] = None,
                  files: Optional[Sequence[Tuple[str, os.PathLike]]] = None):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"TestFileSource: limit must be None or >= 1, got {limit!r}")
         if files is None:
             if root is None:
                 raise ValueError("TestFileSource: give a competition root or explicit files")
             files = list_test(root)
         self.files: List[Tuple[str, Path]] = [(str(o), Path(p)) for o, p in files][:limit]
         self.ids: List[str] = [o for o, _ in self.files]
+        seen = set()
+        for oid, path in self.files:
+            if oid in seen:
+                raise LayoutError(f"{path}: duplicate test oid {oid!r} (each test file must appear once)")
+            seen.add(oid)
         self.item_shape = SEIS_SHAPE
 
     def __len__(self) -> int:

@@ -39,9 +39,8 @@ def test_synth_writes_the_competition_layout(tmp_path, capsys):
     assert rel(simulate(sol[oid][None], backend="eager")[0], np.load(path)) < 1e-5
     # no leftovers beside the dataset; --force needed to overwrite
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
-    with pytest.raises(SystemExit, match="--force"):
-        synth.main(["--out", str(out), "--samples-per-family", "1", "--test-samples", "0",
-                    "--families", "Style_A", "--backend", "eager"])
+    with pytest.raises(synth.SynthError, match="--force"):
+        synth.build(out, 1, 0, families=["Style_A"], backend="eager")
     synth.main(["--out", str(out), "--samples-per-family", "1", "--test-samples", "0",
                 "--families", "Style_A", "--backend", "eager", "--force"])
     assert [p.family for p in index_train(out)] == ["Style_A"]
@@ -53,8 +52,8 @@ def test_synth_device_is_checked(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert synth.resolve_device("auto").type == "cpu" and synth.resolve_device(None).type == "cpu"
-    with pytest.raises(SystemExit, match="CUDA is not available"):
-        synth.main(["--out", str(tmp_path / "x"), "--device", "cuda", "--test-samples", "0"])
+    with pytest.raises(synth.SynthError, match="CUDA is not available"):
+        synth.build(tmp_path / "x", 1, 0, device="cuda")
     assert not (tmp_path / "x").exists()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert synth.resolve_device("auto").type == "cuda"

@@ -1,0 +1,95 @@
+"""Type checks of the kernels' parameters cells.
+
+A kernel's parameters come from its ``parameters`` cell, from papermill or from a person
+editing the notebook on Kaggle; a value of the wrong type (``batch_size = "16"``,
+``resume = "no"``) would otherwise fail hours later deep inside torch, or be read as
+something else (a non-empty string is true). Each kernel calls
+``check_parameters("<kernel>", globals())`` right after its imports; ranges and names are
+checked by the functions the values go to (``TrainConfig.validate``, the planner, ...).
+
+    check_parameters("train", {"batch_size": "16", ...})
+    # ParameterError: train kernel parameter batch_size: expected an integer, got '16' (str)
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from typing import Any, Dict, Mapping, Tuple
+
+__all__ = ["ParameterError", "KERNEL_PARAMETERS", "check_parameters", "check_value"]
+
+
+class ParameterError(ValueError):
+    """A kernel parameter of the wrong type (the message names it and what was expected)."""
+
+
+# kinds of values
+INT, FLOAT, BOOL, STR, PATH, LIST, DICT, PAIR, NONE = "int", "float", "bool", "str", "path", "list", "dict", "pair", \
+    "none"
+_DESCRIBE = {INT: "an integer", FLOAT: "a number", BOOL: "True or False", STR: "a string", PATH: "a path string",
+             LIST: "a list", DICT: "a dict", PAIR: "two numbers (low, high)", NONE: "None"}
+
+#: Every parameter of each kernel's parameters cell and the kinds of value it takes
+#: (a test keeps these in step with ``kernels/*.py``).
+KERNEL_PARAMETERS: Dict[str, Dict[str, Tuple[str, ...]]] = {
+    "train": {
+        "data_root": (PATH, NONE), "output_dir": (PATH,), "model_name": (STR,), "model_kwargs": (DICT,),
+        "epochs": (INT, NONE), "batch_size": (INT,), "lr": (FLOAT,), "schedule": (STR,), "restart_epochs": (INT,),
+        "restart_cycles": (INT,), "ema_decay": (FLOAT,), "amp": (STR,), "folds": (INT,), "fold": (INT,),
+        "time_budget": (FLOAT, NONE), "seed": (INT,), "max_train_samples": (INT,), "max_val_samples": (INT,),
+        "flip_prob": (FLOAT,), "scale_prob": (FLOAT,), "scale_range": (PAIR,), "noise_prob": (FLOAT,),
+        "noise_std": (FLOAT,), "pde_weight": (FLOAT,), "pde_every": (INT,), "pde_samples": (INT,),
+        "sim_fraction": (FLOAT,), "sim_kwargs": (DICT,), "backbone_checkpoint": (PATH, NONE),
+        "ensemble_runs": (LIST,), "num_workers": (INT,), "show_samples": (INT,),
+    },
+    "infer": {
+        "data_root": (PATH, NONE), "checkpoints": (LIST,), "checkpoint_dirs": (LIST,), "checkpoint_kind": (STR,),
+        "ensemble_config": (PATH, NONE), "output_dir": (PATH,), "time_budget": (FLOAT, NONE), "stages": (LIST,),
+        "batch_size": (INT,), "flip_tta": (BOOL,), "use_crf": (BOOL,), "mc_passes": (INT,), "resume": (BOOL,),
+        "strict": (BOOL,), "limit": (INT, NONE), "num_workers": (INT,), "show_samples": (INT,),
+    },
+}
+
+
+def _is(kind: str, v: Any) -> bool:
+    if kind == NONE:
+        return v is None
+    if kind == BOOL:
+        return isinstance(v, bool) or type(v).__name__ == "bool_"
+    if isinstance(v, bool):
+        return False
+    if kind == INT:
+        return isinstance(v, numbers.Integral)
+    if kind == FLOAT:
+        return isinstance(v, numbers.Real) and math.isfinite(float(v))
+    if kind == STR:
+        return isinstance(v, str)
+    if kind == PATH:
+        return isinstance(v, (str, os.PathLike)) and str(v) != ""
+    if kind == LIST:
+        return isinstance(v, (list, tuple))
+    if kind == DICT:
+        return isinstance(v, Mapping)
+    if kind == PAIR:
+        return isinstance(v, (list, tuple)) and len(v) == 2 and all(_is(FLOAT, x) for x in v)
+    raise ValueError(f"unknown parameter kind {kind!r}")
+
+
+def check_value(where: str, name: str, value: Any, kinds: Tuple[str, ...]) -> None:
+    """Raise :class:`ParameterError` unless ``value`` is of one of ``kinds``."""
+    if not any(_is(k, value) for k in kinds):
+        want = " or ".join(_DESCRIBE[k] for k in kinds)
+        raise ParameterError(f"{where} parameter {name}: expected {want}, got {value!r} ({type(value).__name__})")
+
+
+def check_parameters(kernel: str, values: Mapping[str, Any]) -> None:
+    """Check the types of ``kernel``'s parameters in ``values`` (the kernel's globals).
+
+    Raises:
+        ParameterError: naming the first parameter of the wrong type and what it takes.
+    """
+    spec = KERNEL_PARAMETERS[kernel]
+    for name, kinds in spec.items():
+        if name in values:
+            check_value(f"{kernel} kernel", name, values[name], kinds)
