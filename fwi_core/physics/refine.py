@@ -18,8 +18,11 @@ frequency continuation fits low-passed data first (``stages``). L-BFGS
 (``torch.optim.LBFGS``, strong Wolfe line search) or Adam. The result of each sample is its
 best evaluated map, kept only where the full-band data misfit fell; values are clamped to
 the plausible range. ``time_budget`` (wall clock, whole batch) is checked before every
-evaluation: none starts that the slowest measured evaluation says would overrun the
-budget (the final misfit check is reserved for).
+evaluation: none starts that the measured evaluations (the slowest of the last three)
+say would overrun the budget, time for the final misfit check (one forward) included. The
+budget holds as long as evaluation times are steady; a machine whose load jumps between
+evaluations can push the last one over. With ``backend`` not given, the simulation is
+compiled when the whole refinement is long enough to pay for it.
 """
 from __future__ import annotations
 
@@ -239,7 +242,8 @@ def refine(
             ... ``"Style_B"``, or the kinds ``"flat"``, ``"tv"``, ``"smooth"``), or None to
             detect the kind per sample (:func:`detect_family_kind`).
         time_budget: wall-clock seconds for the whole batch (None: only ``max_iter``). No
-            evaluation starts that the slowest measured one says would overrun it.
+            evaluation starts that the measured ones say would overrun it; 0 returns the
+            start at once.
         max_iter: optimiser iterations in all (L-BFGS iterations or Adam steps), split over
             ``stages``.
         optimizer: ``"lbfgs"`` (strong Wolfe line search) or ``"adam"``.
@@ -314,6 +318,13 @@ def refine(
     sim_cols = [cols[s] for s in shot_ids]
     obs_sel = obs[:, shot_ids]
     dt = float(simulate_kwargs.get("dt", 1e-3))
+    if simulate_kwargs.get("backend", "auto") == "auto":
+        # the whole refinement, not one call, decides whether compiling pays off
+        from .forward import AUTO_COMPILE_MIN_SHOT_STEPS, _compiled_step
+
+        work = b * len(shot_ids) * nt * max(1, max_iter)
+        simulate_kwargs["backend"] = ("compile" if work >= 4 * AUTO_COMPILE_MIN_SHOT_STEPS
+                                      and _compiled_step() is not None else "eager")
     lo, hi = float(clamp[0]), float(clamp[1])
 
     def forward(v: torch.Tensor) -> torch.Tensor:
@@ -340,6 +351,14 @@ def refine(
     def remaining() -> float:
         return math.inf if time_budget is None else time_budget - (clock() - t0)
 
+    def eval_estimate() -> float:
+        """What the next evaluation will cost: the slowest of the last three measured
+        (the first one, which may include compiling, only while it is the only one), or
+        FIRST_EVAL_FORWARDS forwards before any."""
+        if not eval_times:
+            return FIRST_EVAL_FORWARDS * t_forward
+        return max(eval_times[1:][-3:]) if len(eval_times) > 1 else eval_times[0]
+
     model = _Model(v0, kinds, depth_power, step_ms, smooth_sigma)
     best_obj = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
     bar = None
@@ -358,9 +377,9 @@ def refine(
         target = obs_sel if cutoff is None else lowpass(obs_sel.double(), float(cutoff), dt)
 
         def closure():
-            # never start an evaluation that the slowest one so far says would overrun
-            # (keeping time for the final misfit check, one forward)
-            need = (max(eval_times) if eval_times else FIRST_EVAL_FORWARDS * t_forward) + t_forward
+            # never start an evaluation that the measured ones say would overrun (keeping
+            # time for the final misfit check, one forward)
+            need = eval_estimate() + t_forward
             if remaining() < need:
                 raise _OutOfTime
             te = clock()

@@ -79,6 +79,23 @@ def test_time_budget_is_respected_with_a_fake_clock(layered, monkeypatch):
                        return_info=True, **SMALL)
     assert info[0]["time"] <= 13.5 and clock.t == 13.0
     assert info[0]["evaluations"] == 11
+    # a first evaluation that is slow once (compiling: 5 s) does not hold back the others:
+    # 1 + 5 + 13 x 1 + 1 (final check) = 20 s
+    clock.t = 0.0
+    first = [True]
+
+    def compiling_simulate(*a, **k):
+        clock.t += 1.0
+        if a[0].requires_grad and first[0]:
+            clock.t += 4.0
+            first[0] = False
+        return real(*a, **k)
+
+    monkeypatch.setattr(rmod, "simulate", compiling_simulate)
+    out, info = refine(degrade(v), obs, family="flat", time_budget=20.0, max_iter=50, clock=clock,
+                       return_info=True, **SMALL)
+    assert info[0]["evaluations"] == 14 and clock.t == 20.0
+    monkeypatch.setattr(rmod, "simulate", slow_simulate)
     # a budget that allows no evaluation returns the start (clamped) unchanged
     clock.t = 0.0
     start = degrade(v)
