@@ -18,9 +18,9 @@ def truth():
 def test_zero_at_the_true_map(truth):
     v, obs = truth
     vg = v.clone().requires_grad_()
-    loss = pde_loss(vg, obs, backend="eager")
+    loss = pde_loss(vg, obs, max_time=60, backend="eager")
     assert loss.grad_fn is not None
-    assert float(loss) == 0.0  # the differentiable forward is the fast path, bit for bit
+    assert float(loss.detach()) == 0.0  # the differentiable forward is the fast path, bit for bit
     loss.backward()
     assert float(vg.grad.abs().max()) == 0.0
 
@@ -42,7 +42,7 @@ def test_shifted_map_gives_the_independent_value(truth, shots, max_time, stride)
     loss = pde_loss(vg, obs, shots=shots, max_time=max_time, time_stride=stride, backend="eager")
     expected = _independent(shifted.numpy(), obs.numpy(), shots or [0, 1, 2, 3, 4], max_time or NT, stride)
     assert expected > 1e-3  # a real misfit, not rounding
-    assert abs(float(loss) - expected) <= 1e-5 * expected
+    assert abs(float(loss.detach()) - expected) <= 1e-5 * expected
     # no grad: same value through the fast path
     assert abs(float(pde_loss(shifted, obs, shots=shots, max_time=max_time, time_stride=stride,
                               backend="eager")) - expected) <= 1e-5 * expected
@@ -53,15 +53,15 @@ def test_gradient_flows_and_descends(truth, layout):
     v, obs = truth
     v0 = v + 100.0 if layout == "B1HW" else v[:, 0] + 100.0
     vg = v0.clone().requires_grad_()
-    loss = pde_loss(vg, obs, backend="eager")
+    loss = pde_loss(vg, obs, shots=[0, 4], backend="eager")
     loss.backward()
     g = vg.grad
     assert g.shape == v0.shape and torch.isfinite(g).all() and float(g.abs().max()) > 0
     # a small step against the gradient lowers the loss
     step = 20.0 / float(g.abs().max())
     with torch.no_grad():
-        lower = pde_loss(v0 - step * g, obs, backend="eager")
-    assert float(lower) < float(loss)
+        lower = pde_loss(v0 - step * g, obs, shots=[0, 4], backend="eager")
+    assert float(lower) < float(loss.detach())
 
 
 def test_reductions_and_numpy_inputs(truth):
