@@ -19,6 +19,8 @@ from .source import ArraySource, TestFileSource
 from .stages import (DEFAULT_STAGES, BatchState, CRFStage, FlipStage, MCDropoutStage, MemberStage,
                      RunContext, Stage, StageError, build_stages, register_stage, registered_stages)
 from .store import PredictionStore, StoredArray, format_submission_rows, write_submission_csv
+from . import refine_stage  # noqa: E402,F401  (registers the refine_layered and refine stages)
+from .refine_stage import RefineStage
 
 __all__ = [
     "BudgetedInference", "Deadline", "RunSummary", "InsufficientBudgetError", "CorruptedFileWarning",
@@ -26,5 +28,5 @@ __all__ = [
     "FlipStage", "CRFStage", "MCDropoutStage", "StageError", "build_stages", "register_stage",
     "registered_stages", "DEFAULT_STAGES", "StageGains", "compute_stage_gains", "measure_stage_gains",
     "find_stage_gains", "DEFAULT_GAINS", "GAINS_FILE", "TestFileSource", "ArraySource",
-    "PredictionStore", "StoredArray", "format_submission_rows", "write_submission_csv",
+    "PredictionStore", "StoredArray", "format_submission_rows", "write_submission_csv", "RefineStage",
 ]

@@ -1,0 +1,66 @@
+"""Physics refinement as planner stages: routing by kind (layered first), determinism,
+and the stage list / registry."""
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from fwi_core.physics import generate
+from fwi_core.tta import BatchState, registered_stages
+from fwi_core.tta.refine_stage import RefineStage
+
+
+def _batch(pred, seismic):
+    ctx = types.SimpleNamespace(device=torch.device("cpu"))
+    return BatchState(start=0, stop=len(pred), rows=np.arange(len(pred)), ids=[str(i) for i in range(len(pred))],
+                      pred=pred, seismic=seismic, families=None, ctx=ctx)
+
+
+def _flat_and_not():
+    """Two samples: gathers whose first and mirrored last shots agree (flat), and not."""
+    sym = torch.randn(1, 5, 40, 70)
+    sym[:, 4] = sym[:, 0].flip(-1)
+    asym = torch.randn(1, 5, 40, 70)
+    seis = torch.cat([sym, asym])
+    pred = torch.from_numpy(np.concatenate([generate("FlatVel_A", 1, seed=0), generate("Style_A", 1, seed=0)]))
+    return pred, seis
+
+
+def test_layered_stage_refines_only_flat_samples(monkeypatch):
+    import importlib
+
+    refine_module = importlib.import_module("fwi_core.physics.refine")   # the module, not the function
+
+    calls = []
+
+    def fake_refine(v, s, *, family, max_iter, **kw):
+        calls.append((v.shape[0], list(family), max_iter))
+        return v + 7.0
+
+    monkeypatch.setattr(refine_module, "refine", fake_refine)
+    pred, seis = _flat_and_not()
+    layered = RefineStage("refine_layered", ("flat",), 60, 1.0)
+    out = layered.run(_batch(pred, seis))
+    assert calls == [(1, ["flat"], 60)]
+    torch.testing.assert_close(out[0], pred[0] + 7.0)
+    torch.testing.assert_close(out[1], pred[1])                 # not flat: untouched
+    rest = RefineStage("refine", ("tv", "smooth"), 30, 1.0)
+    out2 = rest.run(_batch(out, seis))
+    assert calls[1][0] == 1 and calls[1][2] == 30 and calls[1][1][0] in ("tv", "smooth")
+    torch.testing.assert_close(out2[0], out[0])                 # already refined by the first stage
+    assert "refine_layered" in registered_stages() and "refine" in registered_stages()
+
+
+@pytest.mark.slow
+def test_refine_stage_with_the_real_refinement_lowers_the_error():
+    """FlatVel map, blurred start: the stage (real FWI, two iterations) moves it toward the truth."""
+    from fwi_core.physics import simulate
+
+    truth = torch.from_numpy(generate("FlatVel_A", 1, seed=3))
+    seis = simulate(truth, nt=200)             # a short record keeps this test to a minute on 2 CPU cores
+    start = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(truth, (4, 4, 4, 4), mode="replicate"), 9, 1)
+    stage = RefineStage("refine_layered", ("flat",), 2, 1.0)
+    out = stage.run(_batch(start, seis))
+    assert stage.last_counts.get("flat") == 1
+    assert (out - truth).abs().mean() < (start - truth).abs().mean()
