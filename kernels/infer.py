@@ -4,7 +4,8 @@
 # Loads the checkpoints written by the `train` kernel as an ensemble (equal weights, or
 # the weights of an ensemble JSON file) and predicts every `test/<oid>.npy` within a time
 # budget: the cheapest good member first writes a complete `submission.csv`, then more
-# members, flip TTA, the tuned CRF and MC dropout run as the time left allows, chosen by
+# members, flip TTA, the tuned CRF, MC dropout and physics refinement (test-time FWI through
+# the exact simulator, flat-layered samples first) run as the time left allows, chosen by
 # their validation gain per second (`stage_gains.json` beside the checkpoints). It prints
 # the plan and what actually ran, validates the CSV, plots the uncertainty per family (when
 # MC dropout ran) and a few predictions. When the data carries the true test velocities
@@ -19,7 +20,8 @@ checkpoint_kind = "best"  # best | snapshot | last | all (best + snapshots + las
 ensemble_config = None  # ensemble JSON (members, weights); None: the checkpoints, equal weights
 output_dir = "."
 time_budget = None  # seconds from the kernel's start; None: the platform's session limit minus a margin
-stages = ["members", "flip", "crf", "mc_dropout"]  # priority order; the planner picks what fits
+stages = ["members", "flip", "crf", "mc_dropout", "refine_layered", "refine"]  # priority order; the planner picks what fits
+refine_iters = [60, 30]  # L-BFGS iterations of physics refinement: flat-layered samples, the others
 batch_size = 16
 flip_tta = True  # False drops the "flip" stage
 use_crf = True  # False drops the "crf" stage (it needs crf.json, tuned by the train kernel)
@@ -68,7 +70,7 @@ print("time left:", "no deadline" if deadline.at is None else f"{deadline.remain
 # %%
 summary = run_budgeted(ensemble, source, out / "submission.csv", deadline=deadline, stages=plan, gains=gains,
                        crf=crf, mc_passes=mc_passes, batch_size=batch_size, num_workers=num_workers,
-                       resume=resume, strict=strict)
+                       resume=resume, strict=strict, resources={"refine_iters": list(refine_iters)})
 csv = Path(summary.csv)
 print("ran:", ", ".join(summary.ran))
 print("validated:", validate_submission(csv, source.ids), "->", csv)
