@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from typing import Callable, List
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -124,12 +124,36 @@ def bench_training(quick: bool = False) -> List[str]:
     return lines
 
 
-def run(quick: bool = False) -> str:
+def bench_pde(quick: bool = False) -> List[str]:
+    """Seconds per training step of specproj_unet (batch 16, fp16) without and with the
+    PDE-consistency term, at full cost and in an affordable setting."""
+    from fwi_core.train import train
+
+    n = 32 if quick else 64
+    train_ds = _synthetic_set(n, 2)
+    lines = ["### PDE-consistency term: cost per training step", "",
+             "| setting | s per step | steps |", "|---|---:|---:|"]
+    settings = (("no PDE term", {}),
+                ("pde_weight=1, 16 samples, 5 shots, 1000 steps", {"pde_weight": 1.0}),
+                ("pde_weight=1, 4 samples, shots 0 and 4, 500 steps",
+                 {"pde_weight": 1.0, "pde_samples": 4, "pde_shots": (0, 4), "pde_time": 500}))
+    for name, extra in settings:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = train({"out": tmp, "model": "specproj_unet", "epochs": 2, "batch_size": 16, "amp": "fp16",
+                         "device": "cuda", "num_workers": 0, "time_budget": 0, "folds": 0, "ema_decay": 0.0,
+                         "max_steps": 4 if quick else 8, "log_every": 1, **extra}, datasets=(train_ds, None))
+            lines.append(f"| {name} | {res['wall_time'] / max(1, res['step']):.3f} | {res['step']} |")
+    lines += ["", "(wall time of the run divided by its steps: includes setup and the first, compiling steps)"]
+    return lines
+
+
+def run(quick: bool = False, parts: Optional[Sequence[str]] = None) -> str:
     if not torch.cuda.is_available():
         return "Skipped: no CUDA device on this machine."
     name = torch.cuda.get_device_name(0)
     parts = [f"Device: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}.", ""]
-    for fn in (bench_simulator, bench_training):
+    fns = {"simulator": bench_simulator, "training": bench_training, "pde": bench_pde}
+    for fn in [fns[k] for k in (parts or fns)]:
         t = time.perf_counter()
         try:
             parts += fn(quick)
