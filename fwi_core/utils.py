@@ -6,7 +6,12 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, List, Optional, Union
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, stale temporaries stay
+    fcntl = None
 
 PathLike = Union[str, os.PathLike]
 
@@ -52,23 +57,96 @@ def progress_bar(iterable=None, **kwargs):
     return tqdm(iterable, **kwargs)
 
 
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive advisory lock on ``fd`` without waiting; False if another open
+    file holds it (its writer is alive: the kernel drops the lock when a process dies,
+    even by SIGKILL)."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success,
-    delete it on failure, so a reader never sees a half-written file."""
+    delete it on failure, so a reader never sees a half-written file.
+
+    The temporary file (``.<name>.<random><suffix>.tmp``) is locked while it is being
+    written; a process killed meanwhile leaves it behind unlocked, and
+    :func:`remove_stale_temps` deletes it on the next run."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=(suffix or path.suffix) + ".tmp",
                                dir=path.parent)
-    os.close(fd)
     tmp = Path(tmp)
     try:
+        _try_lock(fd)
         yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(folder: PathLike, name: Optional[str] = None) -> List[Path]:
+    """Delete what interrupted writes left in ``folder``: the temporary files of
+    :func:`atomic_path` (of the file ``name`` only, if given) and the staging folders of
+    :func:`locked_staging_dir`, whose writer is gone (no lock held; a live writer's
+    are kept). Returns the removed paths. A no-op where advisory locks do not exist."""
+    import shutil
+
+    folder = Path(folder)
+    if fcntl is None or not folder.is_dir():
+        return []
+    removed = []
+    for p in sorted(folder.glob(f".{name}.*" if name else ".*")):
+        is_temp = p.is_file() and p.name.endswith(".tmp")
+        is_stage = p.is_dir() and p.name.endswith(".staging")
+        if not (is_temp or is_stage):
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if not _try_lock(fd):
+                continue
+            if is_temp:
+                p.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextlib.contextmanager
+def locked_staging_dir(path: PathLike) -> Iterator[Path]:
+    """A fresh folder ``.<name>.<random>.staging`` beside ``path`` to build ``path`` in,
+    locked while this block runs (so :func:`remove_stale_temps` removes it only after
+    its writer died); deleted if the block raises. The caller renames it into place."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".staging", dir=path.parent))
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        _try_lock(fd)
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        os.close(fd)
 
 
 def atomic_save_npy(path: PathLike, array) -> None:

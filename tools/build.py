@@ -1,6 +1,6 @@
 """Build self-contained Kaggle notebooks from the jupytext kernels.
 
-    python -m tools.build [KERNEL ...] [--out build]
+    python -m tools.build [KERNEL ...] [--out build] [--root REPO]
 
 For each ``kernels/<name>.py`` (jupytext percent format) this writes
 ``build/<name>/<name>.ipynb`` and ``build/<name>/kernel-metadata.json`` (from
@@ -311,7 +311,7 @@ def build(kernels: Optional[List[str]] = None, out: Path = ROOT / "build", root:
     """Build the given kernels (default: every ``kernels/*.py``); returns notebook paths."""
     import nbformat
 
-    from fwi_core.utils import atomic_write_text
+    from fwi_core.utils import atomic_write_text, remove_stale_temps
 
     names = kernels or sorted(p.stem for p in (root / "kernels").glob("*.py"))
     if not names:
@@ -321,6 +321,7 @@ def build(kernels: Optional[List[str]] = None, out: Path = ROOT / "build", root:
     written = []
     for k, nb, meta, modules in built:
         d = Path(out) / k
+        remove_stale_temps(d)      # what a killed build left half-written
         atomic_write_text(d / f"{k}.ipynb", nbformat.writes(nb) + "\n")
         atomic_write_text(d / "kernel-metadata.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
         written.append(d / f"{k}.ipynb")
@@ -332,9 +333,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.build", description="Build self-contained notebooks.")
     ap.add_argument("kernels", nargs="*", help="kernel names (default: all in kernels/)")
     ap.add_argument("--out", type=Path, default=ROOT / "build")
+    ap.add_argument("--root", type=Path, default=ROOT, help="repository to build from (default: this checkout)")
     a = ap.parse_args(argv)
     try:
-        build(a.kernels or None, a.out)
+        build(a.kernels or None, a.out, a.root)
     except BuildError as e:
         print(f"build failed: {e}", file=sys.stderr)
         return 1

@@ -11,15 +11,16 @@ replica of the host's simulator, on maps from :mod:`fwi_core.physics.families`, 
 ``--device`` (default: CUDA when available, else CPU); the command prints the simulation
 throughput (samples per second).
 
-The dataset is built in a temporary folder beside ``DIR`` and renamed into place at the
-end, so an interrupted run leaves nothing half-written.
+The dataset is built in a staging folder beside ``DIR`` and renamed into place at the
+end, so an interrupted run leaves nothing half-written: ``DIR`` holds the previous dataset
+or the new one, complete, and the next run removes a killed run's staging folder (and puts
+the previous dataset back if the kill came between the two renames of the swap).
 """
 from __future__ import annotations
 
 import argparse
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -29,7 +30,7 @@ import torch
 
 from fwi_core.data.submission import HEADER, N_ROWS
 from fwi_core.physics import FAMILIES, FAULT_FAMILIES, generate, simulate
-from fwi_core.utils import atomic_save_npy, progress_bar
+from fwi_core.utils import atomic_save_npy, locked_staging_dir, progress_bar, remove_stale_temps
 
 MAX_PER_FILE = 500  # the competition's files hold 500 samples
 
@@ -68,6 +69,23 @@ def _simulate(vel: np.ndarray, bar, backend: str, device: torch.device, stats: D
     return out
 
 
+def _old(out: Path) -> Path:
+    return out.with_name(f".{out.name}.old")
+
+
+def _recover(out: Path) -> None:
+    """Repair what a killed run left beside ``out``: the previous dataset moved aside but
+    not yet replaced goes back into place; a moved-aside copy that was being deleted, and
+    staging folders of dead runs, are removed."""
+    old = _old(out)
+    if old.is_dir():
+        if not out.exists():
+            old.rename(out)
+        else:
+            shutil.rmtree(old)
+    remove_stale_temps(out.parent, out.name)
+
+
 def build(out: Path, samples_per_family: int, test_samples: int, seed: int = 0,
           families: Optional[List[str]] = None, samples_per_file: int = MAX_PER_FILE,
           force: bool = False, backend: str = "auto", device: Optional[str] = None,
@@ -90,14 +108,13 @@ def build(out: Path, samples_per_family: int, test_samples: int, seed: int = 0,
         raise SynthError(f"--backend must be auto, compile or eager, got {backend!r}")
     if out.exists() and not out.is_dir():
         raise SynthError(f"--out {out} is a file, expected a folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise SynthError(f"{out} exists and is not empty; pass --force to replace it")
     dev = resolve_device(device)
     stats = {} if stats is None else stats
     stats["device"] = str(dev)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    _recover(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise SynthError(f"{out} exists and is not empty; pass --force to replace it")
+    with locked_staging_dir(out) as tmp:
         rng = np.random.default_rng(seed)
         total = len(families) * samples_per_family + test_samples
         bar = progress_bar(total=total, desc="synth", unit="sample")
@@ -134,19 +151,14 @@ def build(out: Path, samples_per_family: int, test_samples: int, seed: int = 0,
             for oid in sorted(oids):
                 for r in range(N_ROWS):
                     fh.write(f"{oid}_y_{r},{vals}\n")
-        # swap into place
+        # swap into place (a kill between the two renames is repaired by the next run's _recover)
         if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
+            old = _old(out)
             out.rename(old)
             tmp.rename(out)
             shutil.rmtree(old)
         else:
             tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -118,7 +118,8 @@ def index_train(root: os.PathLike, families: Optional[Iterable[str]] = None,
         raise LayoutError(f"{root}: no train_samples/ folder")
     wanted = set(families) if families is not None else None
     out: List[FilePair] = []
-    for fam_dir in sorted(p for p in ts.iterdir() if p.is_dir()):
+    # hidden folders (.ipynb_checkpoints, staging folders of interrupted writes) are not families
+    for fam_dir in sorted(p for p in ts.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if wanted is not None and fam_dir.name not in wanted:
             continue
         for s, v in _pairs_in_family(fam_dir):

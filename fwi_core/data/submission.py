@@ -135,36 +135,39 @@ def validate_submission(path: os.PathLike, test_oids: Optional[Iterable[str]] = 
         raise SubmissionError(f"{path}: submission file does not exist")
     rows_of: Dict[str, int] = {}
     n = 0
-    with open(path, newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header != HEADER:
-            raise SubmissionError(f"{path}: header must be 'oid_ypos,x_1,x_3,...,x_69' (35 odd columns), "
-                                  f"got {','.join(header or [])[:120]!r}")
-        for line_no, row in enumerate(reader, start=2):
-            if len(row) != len(HEADER):
-                raise SubmissionError(f"{path}:{line_no}: {len(row)} fields, expected {len(HEADER)}")
-            m = _OID_YPOS.match(row[0])
-            if not m or not 0 <= int(m.group(2)) < N_ROWS:
-                raise SubmissionError(f"{path}:{line_no}: id {row[0]!r} is not '<oid>_y_<row>' with row 0..69")
-            oid, r = m.group(1), int(m.group(2))
-            bit = 1 << r
-            mask = rows_of.get(oid, 0)
-            if mask & bit:
-                raise SubmissionError(f"{path}:{line_no}: row {row[0]!r} appears twice")
-            rows_of[oid] = mask | bit
-            for j, x in enumerate(row[1:]):
-                try:
-                    val = float(x)
-                except ValueError:
-                    raise SubmissionError(f"{path}:{line_no}: {HEADER[j + 1]}={x!r} is not a number") from None
-                if not math.isfinite(val):
-                    raise SubmissionError(f"{path}:{line_no}: {HEADER[j + 1]} is {x!r}, expected a finite number")
-                if not lo <= val <= hi:
-                    n_out += 1
-                    if first_out is None:
-                        first_out = f"line {line_no}, {HEADER[j + 1]} = {x}"
-            n += 1
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header != HEADER:
+                raise SubmissionError(f"{path}: header must be 'oid_ypos,x_1,x_3,...,x_69' (35 odd columns), "
+                                      f"got {','.join(header or [])[:120]!r}")
+            for line_no, row in enumerate(reader, start=2):
+                if len(row) != len(HEADER):
+                    raise SubmissionError(f"{path}:{line_no}: {len(row)} fields, expected {len(HEADER)}")
+                m = _OID_YPOS.match(row[0])
+                if not m or not 0 <= int(m.group(2)) < N_ROWS:
+                    raise SubmissionError(f"{path}:{line_no}: id {row[0]!r} is not '<oid>_y_<row>' with row 0..69")
+                oid, r = m.group(1), int(m.group(2))
+                bit = 1 << r
+                mask = rows_of.get(oid, 0)
+                if mask & bit:
+                    raise SubmissionError(f"{path}:{line_no}: row {row[0]!r} appears twice")
+                rows_of[oid] = mask | bit
+                for j, x in enumerate(row[1:]):
+                    try:
+                        val = float(x)
+                    except ValueError:
+                        raise SubmissionError(f"{path}:{line_no}: {HEADER[j + 1]}={x!r} is not a number") from None
+                    if not math.isfinite(val):
+                        raise SubmissionError(f"{path}:{line_no}: {HEADER[j + 1]} is {x!r}, expected a finite number")
+                    if not lo <= val <= hi:
+                        n_out += 1
+                        if first_out is None:
+                            first_out = f"line {line_no}, {HEADER[j + 1]} = {x}"
+                n += 1
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise SubmissionError(f"{path}: not a UTF-8 CSV text file ({type(e).__name__}: {e})") from e
     full = (1 << N_ROWS) - 1
     for oid, mask in rows_of.items():
         if mask != full:

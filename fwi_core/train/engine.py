@@ -33,7 +33,7 @@ import fwi_core
 from fwi_core.data import (FWIDataset, add_noise, denormalize_velocity, family_kfold,
                            find_competition_root, hflip, index_train, scale_amplitude)
 from fwi_core.metrics import boundary_iou, mae, per_family, ssim
-from fwi_core.utils import atomic_path, atomic_write_text, progress_bar
+from fwi_core.utils import atomic_path, atomic_write_text, progress_bar, remove_stale_temps
 
 from .checkpoint import (FORMAT, CheckpointManager, git_commit, load_checkpoint, now_iso, plain,
                          resolve_resume, rng_state, set_rng_state)
@@ -197,6 +197,8 @@ class Trainer:
             self.budget = None
         self.out = Path(cfg.out or Path(self.platform.out_dir) / f"{cfg.model}-fold{cfg.fold}")
         self.ckpts = CheckpointManager(self.out, cfg.keep_last)
+        if d.is_main:
+            remove_stale_temps(self.out)     # half-written files of a killed run
         resume_path = resolve_resume(cfg.resume, self.out)
         if resume_path is None and self.ckpts.latest() is not None:
             raise ConfigError(f"{self.out} already holds checkpoints of another run: resume it with "
@@ -423,11 +425,14 @@ class Trainer:
         payload = self._payload(self.last_metrics, full=True)
         path = None
         if self.dist.is_main:
-            path = self.ckpts.save(payload, self.step)
+            # best and snapshot first, the resumable checkpoint (which records that they
+            # were written) last: a run killed in between resumes from the previous
+            # checkpoint and writes them again, instead of never writing them
             if best:
                 self.ckpts.save_best(payload)
             if snapshot is not None:
                 self.ckpts.save_snapshot(payload, snapshot)
+            path = self.ckpts.save(payload, self.step)
         barrier(self.dist)
         self.save_time = time.perf_counter() - start
         return path
@@ -920,7 +925,7 @@ class Trainer:
                 self.stopped_reason = reason
                 self._save(best=self._improved, snapshot=snapshot)
                 if self.dist.is_main:
-                    self.csv.append(self.history[-1])
+                    self.csv.write(self.history)
             reason = reason or "completed"
             self.stopped_reason = reason
             if self.batch:     # stopped mid-epoch: evaluate what we have, checkpoint resumably
@@ -928,7 +933,7 @@ class Trainer:
                 snapshot = self.cycle + 1 if (self.time_mode and restarts and reason == "time_budget") else None
                 self._save(best=self._improved, snapshot=snapshot)
                 if self.dist.is_main:
-                    self.csv.append(self.history[-1])
+                    self.csv.write(self.history)
         finally:
             bar.close()
         return self._finish(reason)
@@ -939,6 +944,7 @@ class Trainer:
             self._save(best=self.val_ds is None)
         last = self.ckpts.latest()
         if self.dist.is_main:
+            self.csv.write(self.history)     # complete even if a kill came between a checkpoint and its row
             save_curves(self.history, self.out / "curves.png")
         oof_path = None
         if self.val_ds is not None and self.ckpts.best_path.is_file():

@@ -16,11 +16,26 @@ FIRST_COLUMNS = ["epoch", "step", "lr", "train_loss", "val_mae", "val_mae_raw", 
 
 
 class CSVLog:
-    """Appends history rows to a CSV; a resumed run keeps the existing header (columns
-    are fixed by the first row: the epoch columns, per-family columns, then time)."""
+    """History rows in a CSV (columns fixed by the first row: the epoch columns,
+    per-family columns, then time). :meth:`write` rewrites the whole file atomically from
+    the run's history, which a resumed run restores from its checkpoint, so a kill never
+    leaves a partial line or a missing row; :meth:`append` adds one row."""
 
     def __init__(self, path: os.PathLike):
         self.path = Path(path)
+
+    def write(self, history: Sequence[Dict]) -> None:
+        """Replace the file with ``history`` (atomic)."""
+        if not history:
+            return
+        rest = sorted(k for k in history[0] if k not in FIRST_COLUMNS and k not in ("time", "partial"))
+        header = [c for c in FIRST_COLUMNS if c in history[0]] + rest + ["time", "partial"]
+        with atomic_path(self.path, suffix=".csv") as tmp:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
+                w.writeheader()
+                for row in history:
+                    w.writerow({k: _fmt(v) for k, v in row.items()})
 
     def _header(self, row: Dict) -> List[str]:
         if self.path.is_file() and self.path.stat().st_size:

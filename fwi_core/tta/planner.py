@@ -47,7 +47,7 @@ import torch
 
 from ..data.errors import DataFormatError
 from ..data.normalize import VEL_MAX, VEL_MIN
-from ..utils import atomic_write_text, progress_bar
+from ..utils import atomic_write_text, progress_bar, remove_stale_temps
 from .gains import StageGains
 from .source import batches
 from .stages import (DEFAULT_STAGES, MAP, BatchState, RunContext, Stage, StageError, build_stages,
@@ -735,6 +735,9 @@ class BudgetedInference:
         """Run (or resume) and return the summary; the CSV is complete and valid
         whenever this returns."""
         t_start = self.clock()
+        if self.out_csv is not None:    # half-written CSV / summary files of a killed run
+            remove_stale_temps(self.out_csv.parent, self.out_csv.name)
+            remove_stale_temps(self.out_csv.parent, self.out_csv.stem + "_summary.json")
         budget = None if math.isinf(self.deadline.remaining()) else self.deadline.remaining()
         self.budget = budget
         state = self.store.load_progress() if self.resume else None

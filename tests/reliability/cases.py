@@ -810,6 +810,13 @@ def submission_extra_oid(ws, env):
     return _validate(_csv(ws, _rows("aaaaaaaaaa") + _rows("cccccccccc")), ["aaaaaaaaaa"])
 
 
+@case("submission", SubmissionError, r"submission\.csv: not a UTF-8 CSV text file")
+def submission_not_text(ws, env):
+    p = ws / "submission.csv"
+    p.write_bytes(b"oid_ypos,x_1\n\x80\x81\xff" * 3)
+    return _validate(p)
+
+
 @case("submission", SubmissionError, r"submission\.csv: no rows")
 def submission_header_only(ws, env):
     return _validate(_csv(ws, []))
