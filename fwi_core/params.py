@@ -17,7 +17,7 @@ import numbers
 import os
 from typing import Any, Dict, Mapping, Tuple
 
-__all__ = ["ParameterError", "KERNEL_PARAMETERS", "check_parameters", "check_value"]
+__all__ = ["ParameterError", "KERNEL_PARAMETERS", "check_parameters", "check_value", "int_at_least"]
 
 
 class ParameterError(ValueError):
@@ -93,3 +93,21 @@ def check_parameters(kernel: str, values: Mapping[str, Any]) -> None:
     for name, kinds in spec.items():
         if name in values:
             check_value(f"{kernel} kernel", name, values[name], kinds)
+
+
+def int_at_least(low: int):
+    """An ``argparse`` type: an integer >= ``low``, or the error
+    ``argument --flag: expected an integer >= low, got 'x'``."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse

@@ -27,19 +27,7 @@ from typing import List, Optional
 
 import numpy as np
 
-
-def int_at_least(low: int):
-    """An argparse type: an integer >= ``low`` (a clear message otherwise)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-    parse.__name__ = f"integer >= {low}"
-    return parse
+from fwi_core.params import int_at_least
 
 
 def main(argv: Optional[List[str]] = None) -> int:

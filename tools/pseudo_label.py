@@ -36,6 +36,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from fwi_core.data import DataError, find_competition_root
     from fwi_core.inference import find_checkpoints
     from fwi_core.physics import pseudo_label_round
+    from fwi_core.train import CheckpointError
 
     try:
         root = find_competition_root(a.data)
@@ -43,7 +44,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         res = pseudo_label_round([str(p) for p in ckpts], root, a.out, limit=a.limit, batch_size=a.batch_size,
                                  device=a.device, flip_tta=a.flip_tta, weights=a.weights, family=a.family,
                                  samples_per_file=a.samples_per_file, overwrite=a.force)
-    except (DataError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (DataError, FileNotFoundError, FileExistsError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"pseudo-labelled {res['samples']} test samples with {len(ckpts)} checkpoint(s) on {res['device']}: "

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from ..params import int_at_least
+
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fwi_core.ensemble", description=__doc__.split("\n\n")[1])
@@ -21,16 +23,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     f.add_argument("--out", type=Path, default=None, help="ensemble JSON (default: ensemble.json beside the runs)")
     f.add_argument("--method", default="auto", choices=["auto", "optuna", "projected_gradient"])
     f.add_argument("--select", default="best", choices=["best", "optimised", "static", "equal"])
-    f.add_argument("--n-trials", type=int, default=100, help="optuna trials per weight row")
-    f.add_argument("--iterations", type=int, default=300, help="projected-gradient steps per weight row")
-    f.add_argument("--meta-epochs", type=int, default=100, help="meta-learner training epochs")
+    f.add_argument("--n-trials", type=int_at_least(1), default=100, help="optuna trials per weight row")
+    f.add_argument("--iterations", type=int_at_least(1), default=300, help="projected-gradient steps per weight row")
+    f.add_argument("--meta-epochs", type=int_at_least(1), default=100, help="meta-learner training epochs")
     f.add_argument("--meta", nargs="?", const="yes", default=None, choices=["yes", "always"],
                    help="also fit a meta-learner (written when it beats the static weights; 'always': always)")
     f.add_argument("--data", type=Path, default=None, help="competition root the runs trained on (seismic features)")
     f.add_argument("--family-classifier", type=Path, default=None)
-    f.add_argument("--physics-nt", type=int, default=0, help="physics-residual feature over the first N time samples")
+    f.add_argument("--physics-nt", type=int_at_least(0), default=0,
+                   help="physics-residual feature over the first N time samples")
     f.add_argument("--checkpoint-name", default="best.pt")
     a = ap.parse_args(argv)
+    if a.out is not None and a.out.is_dir():
+        ap.error(f"argument --out: {a.out} is a folder, expected the ensemble JSON file to write")
+    for flag, path in (("--data", a.data), ("--family-classifier", a.family_classifier)):
+        if path is not None and not path.exists():
+            ap.error(f"argument {flag}: {path} does not exist")
 
     from . import fit_ensemble, format_comparison
     from .errors import EnsembleConfigError

@@ -738,6 +738,7 @@ class BudgetedInference:
         if self.out_csv is not None:    # half-written CSV / summary files of a killed run
             remove_stale_temps(self.out_csv.parent, self.out_csv.name)
             remove_stale_temps(self.out_csv.parent, self.out_csv.stem + "_summary.json")
+        remove_stale_temps(self.state_dir)      # and its half-written progress file
         budget = None if math.isinf(self.deadline.remaining()) else self.deadline.remaining()
         self.budget = budget
         state = self.store.load_progress() if self.resume else None

@@ -673,6 +673,75 @@ def ensemble_fit_corrupt_oof(ws, env):
     return lambda: fit_ensemble([ws / "runs"], ws / "runs" / "ensemble.json")
 
 
+def _ensemble_fit(ws, *extra):
+    from fwi_core.ensemble.__main__ import main
+    from tests.ensemble.test_fit import good_and_bad
+    good_and_bad(ws / "runs", n=4)
+    argv = ["fit", str(ws / "runs"), "--out", str(ws / "ensemble.json"), "--method", "projected_gradient", *extra]
+    return lambda: main(argv)
+
+
+@case("ensemble", Exit(2), r"argument --iterations: expected an integer >= 1, got '0'")
+def ensemble_fit_zero_iterations(ws, env):
+    return _ensemble_fit(ws, "--iterations", "0")
+
+
+@case("ensemble", Exit(2), r"argument --n-trials: expected an integer >= 1, got '-5'")
+def ensemble_fit_negative_trials(ws, env):
+    return _ensemble_fit(ws, "--n-trials", "-5")
+
+
+@case("ensemble", Exit(2), r"argument --physics-nt: expected an integer >= 0, got '-3'")
+def ensemble_fit_negative_physics_nt(ws, env):
+    return _ensemble_fit(ws, "--physics-nt", "-3")
+
+
+@case("ensemble", Exit(2), r"argument --out: .*runs is a folder, expected the ensemble JSON file to write")
+def ensemble_fit_out_is_a_folder(ws, env):
+    from fwi_core.ensemble.__main__ import main
+    from tests.ensemble.test_fit import good_and_bad
+    good_and_bad(ws / "runs", n=4)
+    return lambda: main(["fit", str(ws / "runs"), "--out", str(ws / "runs")])
+
+
+@case("ensemble", Exit(2), r"argument --family-classifier: .*nope\.pt does not exist")
+def ensemble_fit_missing_family_classifier(ws, env):
+    return _ensemble_fit(ws, "--family-classifier", str(ws / "nope.pt"))
+
+
+# ============================================================================ tools.pseudo_label
+def _pseudo(ws, *extra, ckpt=None):
+    from tools.pseudo_label import main
+    root = mini_root(ws)
+    ck = ckpt or tiny_checkpoint(ws / "runs" / "a" / "best.pt")
+    argv = ["--data", str(root), "--checkpoints", str(ck), "--out", str(ws / "pseudo"), "--device", "cpu", *extra]
+    return lambda: main(argv)
+
+
+@case("pseudo_label", Exit(2), r"limit must be >= 1, got 0")
+def pseudo_zero_limit(ws, env):
+    return _pseudo(ws, "--limit", "0")
+
+
+@case("pseudo_label", Exit(2), r"family '\.\./x' must be a plain folder name")
+def pseudo_family_path(ws, env):
+    return _pseudo(ws, "--family", "../x")
+
+
+@case("pseudo_label", Exit(2), r"best\.pt: not a readable checkpoint")
+def pseudo_truncated_checkpoint(ws, env):
+    ck = tiny_checkpoint(ws / "runs" / "a" / "best.pt")
+    _truncate(ck, 100)
+    return _pseudo(ws, ckpt=ck)
+
+
+@case("pseudo_label", Exit(2), r"device='cuda' but CUDA is not available on this machine")
+def pseudo_cuda_missing(ws, env):
+    import torch
+    env.setattr(torch.cuda, "is_available", lambda: False)
+    return _pseudo(ws, "--device", "cuda")
+
+
 # ============================================================================ checkpoints
 def _load_model(ck, **kw):
     from fwi_core.train import load_model

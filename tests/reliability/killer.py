@@ -199,17 +199,17 @@ class Tally:
     killed: int = 0
     mid_write: int = 0
     survived: int = 0
+    outlived: int = 0       # points the run outlived, replaced by another
     notes: str = ""
 
     def add(self, point: KillPoint, outcome: KillOutcome) -> None:
         self.tried += 1
         self.killed += int(outcome.killed)
         self.mid_write += int(outcome.mid_write)
-        what = ("killed during a write" if outcome.mid_write else "killed") if outcome.killed else \
-            ("finished first" if outcome.triggered else "never reached")
+        what = ("killed during a write" if outcome.mid_write else "killed") if outcome.killed else "outlived"
         self.notes += f"{'; ' if self.notes else ''}{point}: {what}"
 
     def line(self) -> str:
         return (f"kills[{self.target}]: {self.tried} points tried, {self.killed} killed the run "
-                f"({self.mid_write} during a write), {self.survived} survived (FWI_KILL_SEED={self.seed}) "
-                f"[{self.notes}]")
+                f"({self.mid_write} during a write), {self.survived} survived, {self.outlived} outlived and "
+                f"replaced (FWI_KILL_SEED={self.seed}) [{self.notes}]")

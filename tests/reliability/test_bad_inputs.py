@@ -69,7 +69,7 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(case, tmp_path, capsys
 def test_the_table_covers_every_entry_point():
     areas = {c.area for c in CASES}
     assert areas == {"data", "train", "synth", "evaluate", "build", "kaggle_cli", "predict", "ensemble",
-                     "checkpoint", "submission", "kernel"}
+                     "pseudo_label", "checkpoint", "submission", "kernel"}
     assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
 
 
@@ -81,3 +81,20 @@ def test_kernel_parameter_types_cover_every_parameter_and_accept_the_defaults():
         params = kernel_parameters(kernel)
         assert set(params) == set(KERNEL_PARAMETERS[kernel]), kernel
         check_parameters(kernel, params)
+
+
+def test_a_checkpoint_saved_on_a_gpu_loads_on_a_machine_without_cuda(tmp_path, monkeypatch):
+    import zipfile
+
+    from fwi_core.train import load_model
+    from tests.reliability.cases import cuda_tagged_checkpoint
+
+    ck = cuda_tagged_checkpoint(tmp_path / "best.pt")
+    with zipfile.ZipFile(ck) as z:
+        pickle = [z.read(n) for n in z.namelist() if n.endswith("data.pkl")][0]
+    assert b"cuda:0" in pickle and b"X\x03\x00\x00\x00cpu" not in pickle
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA"):          # what a plain torch.load does
+        torch.load(ck, weights_only=True)
+    model = load_model(ck)
+    assert next(model.parameters()).device.type == "cpu"

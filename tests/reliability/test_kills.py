@@ -48,6 +48,24 @@ def _report(tally: Tally, capsys) -> None:
         print("\n" + tally.line())
 
 
+def _kill(tally: Tally, rng: random.Random, point: KillPoint, window: float, prepare, launch):
+    """Prepare the previous state and launch the run killed at ``point``; a point the run
+    outlives (it finished first, or the k-th write was not seen) is replaced by a random
+    delay in the first half of the run, so every point counted is a run killed midway.
+    Returns (point, outcome)."""
+    for _ in range(4):
+        prepare()
+        outcome = launch(point)
+        if outcome.killed:
+            break
+        assert outcome.returncode == 0, outcome.stderr
+        tally.outlived += 1
+        point = KillPoint(delay=0.5 * window * rng.random())
+    tally.add(point, outcome)
+    assert outcome.killed, f"four kill points outlived by the run ({tally.line()})"
+    return point, outcome
+
+
 # ------------------------------------------------------------------------------ tools.synth
 SYNTH = ["--samples-per-family", "1", "--test-samples", "1", "--families", "FlatVel_A", "FlatFault_A",
          "--samples-per-file", "1", "--backend", "eager", "--device", "cpu", "--seed", "2", "--force"]
@@ -70,12 +88,15 @@ def test_synth_killed_while_writing(tmp_path, n, capsys):
     assert previous != new
     parent = tmp_path / "work"
     out = parent / "ds"
-    for point in kill_points(rng, n, window, writes.count):
+    def prepare():
+        if out.exists():
+            shutil.rmtree(out)
         shutil.copytree(saved, out)
-        outcome = run_and_kill(python("-m", "tools.synth", "--out", str(out), *SYNTH), point,
-                               start=appears(parent, ".ds.*.staging"), watch=parent)
-        tally.add(point, outcome)
-        assert outcome.killed or outcome.returncode == 0, outcome.stderr
+
+    for point in kill_points(rng, n, window, writes.count):
+        point, outcome = _kill(tally, rng, point, window, prepare, lambda p: run_and_kill(
+            python("-m", "tools.synth", "--out", str(out), *SYNTH), p, start=appears(parent, ".ds.*.staging"),
+            watch=parent))
         state = tree_state(out) if out.is_dir() else None
         assert state in (previous, new), f"after a kill {point}: {out} is neither the previous dataset nor " \
                                          f"the new one ({tally.line()})"
@@ -83,7 +104,6 @@ def test_synth_killed_while_writing(tmp_path, n, capsys):
         assert tree_state(out) == new, tally.line()
         assert sorted(p.name for p in parent.iterdir()) == ["ds"], f"left beside the dataset: {tally.line()}"
         tally.survived += 1
-        shutil.rmtree(out)
     _report(tally, capsys)
 
 
@@ -135,19 +155,22 @@ def test_training_killed_while_checkpointing_resumes_to_the_same_result(tmp_path
     with TempWatch(tmp_path) as writes:
         assert main(_train_args(data, ref)) == 0
     window = time.perf_counter() - t
-    for i, point in enumerate(kill_points(rng, n, window, writes.count)):
-        run = tmp_path / f"run{i}"
-        outcome = run_and_kill(python("-m", "fwi_core.train", *_train_args(data, run)), point,
-                               start=appears(run, "config.json"), watch=tmp_path)
-        tally.add(point, outcome)
-        assert outcome.killed or outcome.returncode == 0, outcome.stderr
+    run = tmp_path / "run"
+
+    def prepare():
+        if run.exists():
+            shutil.rmtree(run)
+
+    for point in kill_points(rng, n, window, writes.count):
+        point, outcome = _kill(tally, rng, point, window, prepare, lambda p: run_and_kill(
+            python("-m", "fwi_core.train", *_train_args(data, run)), p, start=appears(run, "config.json"),
+            watch=tmp_path))
         for ck in sorted(run.glob("*.pt")):               # every checkpoint on disk is whole
             load_checkpoint(ck)
         assert main(_train_args(data, run) + ["--resume"]) == 0
         _assert_same_training(ref, run, f"resumed after a kill {point} ({tally.line()})")
         assert not temp_leftovers(run), temp_leftovers(run)
         tally.survived += 1
-        shutil.rmtree(run)
     _report(tally, capsys)
 
 
@@ -173,13 +196,19 @@ def test_predict_killed_while_writing_the_submission_resumes_to_the_same_bytes(t
     full = (ref / "submission.csv").read_bytes()
     work = tmp_path / "work"
     out = work / "submission.csv"
+    previous = write_submission(tmp_path / "previous.csv", oids,
+                                np.full((len(oids), 70, 70), 3000.0, np.float32)).read_bytes()
+
+    def prepare():                                        # a previous submission, no saved progress
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir()
+        out.write_bytes(previous)
+
     for point in kill_points(rng, n, window, writes.count):
-        write_submission(out, oids, np.full((len(oids), 70, 70), 3000.0, np.float32))   # a previous submission
-        previous = out.read_bytes()
-        outcome = run_and_kill(python("-m", "fwi_core.predict", *args, "--out", str(out)), point,
-                               start=appears(work, ".submission.csv.state"), watch=work)
-        tally.add(point, outcome)
-        assert outcome.killed or outcome.returncode == 0, outcome.stderr
+        point, outcome = _kill(tally, rng, point, window, prepare, lambda p: run_and_kill(
+            python("-m", "fwi_core.predict", *args, "--out", str(out)), p,
+            start=appears(work, ".submission.csv.state"), watch=work))
         if out.read_bytes() != previous:                  # a stage finished: a complete, valid CSV
             assert validate_submission(out, oids)["oids"] == len(oids)
         assert main(args + ["--out", str(out), "--resume"]) == 0
@@ -217,16 +246,18 @@ def test_build_killed_while_writing_keeps_the_previous_build(tmp_path, n, capsys
     assert reference.returncode == 0, reference.stderr
     new = tree_state(ref)[0]
     out = tmp_path / "build"
-    for point in kill_points(rng, n, window, writes.count):
+    build(None, tmp_path / "old-build", old_repo)
+    old = tree_state(tmp_path / "old-build")[0]
+    assert old.keys() == new.keys() and old != new
+
+    def prepare():
         if out.exists():
             shutil.rmtree(out)
-        build(None, out, old_repo)
-        old = tree_state(out)[0]
-        assert old.keys() == new.keys() and old != new
-        outcome = run_and_kill(python("-m", "tools.build", "--root", str(repo), "--out", str(out)), point,
-                               watch=out)
-        tally.add(point, outcome)
-        assert outcome.killed or outcome.returncode == 0, outcome.stderr
+        shutil.copytree(tmp_path / "old-build", out)
+
+    for point in kill_points(rng, n, window, writes.count):
+        point, outcome = _kill(tally, rng, point, window, prepare, lambda p: run_and_kill(
+            python("-m", "tools.build", "--root", str(repo), "--out", str(out)), p, watch=out))
         now = {k: v for k, v in tree_state(out)[0].items() if not k.endswith(".tmp")}
         assert now.keys() == old.keys()
         for k, v in now.items():                           # each file the previous build's or the new one
@@ -278,3 +309,26 @@ def test_training_stopped_at_the_end_of_an_epoch_resumes_to_the_same_files(tmp_p
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert _log_rows(tmp_path / "b" / "run") == _log_rows(tmp_path / "a" / "run")
+
+
+def test_predict_removes_what_a_killed_run_left_half_written(tmp_path):
+    """Temporary files of a killed run (the CSV, the summary, the state folder's progress
+    file) are deleted by the next run, which then leaves nothing behind."""
+    from fwi_core.data import validate_submission
+    from fwi_core.predict import main
+    from tests.tta_helpers import tiny_checkpoint, write_test_root
+
+    root = write_test_root(tmp_path / "data", 3)
+    ck = tiny_checkpoint(tmp_path / "runs" / "r" / "best.pt", 0)
+    work = tmp_path / "work"
+    state = work / ".submission.csv.state"
+    state.mkdir(parents=True)
+    debris = [work / ".submission.csv.a1b2c3d4.csv.tmp", work / ".submission_summary.json.x.json.tmp",
+              state / ".progress.json.k3j4.json.tmp"]
+    for p in debris:
+        p.write_text("half")
+    assert main(["--data", str(root), "--checkpoints", str(ck), "--time-budget", "100000", "--out",
+                 str(work / "submission.csv"), "--stages", "members", "--resume"]) == 0
+    assert validate_submission(work / "submission.csv")["oids"] == 3
+    assert not temp_leftovers(work) and sorted(p.name for p in work.iterdir()) == ["submission.csv",
+                                                                                   "submission_summary.json"]

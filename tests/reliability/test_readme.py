@@ -35,3 +35,32 @@ def test_readme_reliability_figures_match_the_tests():
     dev, ci = FUZZ_EXAMPLES["dev"], FUZZ_EXAMPLES["ci"]
     assert f"| fuzz examples ({props} properties) | {props * dev:,} ({dev:,} each) | {props * ci:,} ({ci:,} each) |" in s
     assert f"{dev:,} examples per property in `make test`, {ci:,} in `make test-slow`" in s
+
+
+def test_readme_promises_about_parameters_and_submissions(tmp_path):
+    import numpy as np
+    import pytest
+
+    from fwi_core.data import SubmissionError, SubmissionRangeWarning, validate_submission, write_submission
+    from fwi_core.params import ParameterError, check_parameters
+
+    s = re.sub(r"\s+", " ", _section())
+    quoted = re.search(r"`batch_size = \"16\"` stops with `ParameterError: (.+?)`", s).group(1)
+    with pytest.raises(ParameterError) as e:
+        check_parameters("train", {"batch_size": "16"})
+    assert str(e.value) == quoted
+    v = np.full((1, 70, 70), 3000.0, np.float32)
+    v[0, 10, 3] = 4600.0
+    path = write_submission(tmp_path / "s.csv", ["a"], v)
+    with pytest.warns(SubmissionRangeWarning, match=r"1 values outside \[1500, 4500\] m/s \(first at line 12, x_3 = "):
+        validate_submission(path, ["a"])
+    with pytest.raises(SubmissionError, match="1 values outside"):
+        validate_submission(path, ["a"], out_of_range="error")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert validate_submission(path, ["a"], out_of_range="ignore") == {"oids": 1, "rows": 70}
+    for oid in ("a,b", 'a"b', "a b", "a\nb", ""):
+        with pytest.raises(SubmissionError, match="is not a valid test id"):
+            write_submission(tmp_path / "t.csv", [oid], v)
+    assert not (tmp_path / "t.csv").exists()
