@@ -14,7 +14,10 @@ tracebacks work as in the repository.
 
 Builds are reproducible (byte-identical for identical inputs: stable cell ids, no
 timestamps). A build fails with :class:`BuildError` on an import of a missing fwi_core
-module or on invalid metadata.
+module, on invalid metadata or on a syntax error in a kernel (naming the cell and the
+line); every kernel is built before any file is written, so a failing build leaves the
+previous one as it was, and files are replaced atomically (a killed build's temporary
+files are removed by the next build).
 """
 from __future__ import annotations
 
