@@ -31,7 +31,7 @@ def layered():
 def test_refine_lowers_misfit_and_mae_on_flat_layers(layered):
     v, obs = layered
     start = degrade(v)
-    out, info = refine(start, obs, family="FlatVel_A", max_iter=15, return_info=True, **SMALL)
+    out, info = refine(start, obs, family="FlatVel_A", max_iter=15, return_info=True, shots=(0, 1, 2, 3), **SMALL)
     assert out.shape == start.shape and isinstance(out, np.ndarray)
     i = info[0]
     assert i["kind"] == "flat" and i["kept"]
@@ -196,3 +196,23 @@ def test_lowpass_keeps_low_and_removes_high_frequencies():
     x = (low + high)[None, None, :, None]
     y = rmod.lowpass(x, 10.0, 1e-3)[0, 0, 100:900, 0]
     assert float((y - low[100:900]).abs().max()) < 0.05
+
+
+def test_flat_batches_use_the_two_end_shots_by_default(layered, monkeypatch):
+    v, obs = layered
+    cols = []
+    original = rmod.simulate
+
+    def recording(vel, **kw):
+        cols.append(tuple(kw["source_columns"]))
+        return original(vel, **kw)
+
+    monkeypatch.setattr(rmod, "simulate", recording)
+    refine(degrade(v), obs, family="FlatVel_A", max_iter=1, **SMALL)
+    assert set(cols) == {(0, 19)}                          # end shots only: a flat medium's shots are translations
+    cols.clear()
+    refine(degrade(v), obs, family="CurveVel_A", max_iter=1, **SMALL)
+    assert set(cols) == {(0, 6, 13, 19)}                   # other kinds: every shot
+    cols.clear()
+    refine(degrade(v), obs, family="FlatVel_A", max_iter=1, shots=(1, 2), **SMALL)
+    assert set(cols) == {(6, 13)}                          # an explicit choice wins
