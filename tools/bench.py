@@ -127,6 +127,7 @@ SECTIONS = {
     "simdata": ("Simulated data (SimulatedDataset throughput)", lambda: _section("tools.bench_simdata")),
     "inference": ("Inference (time-budgeted, CPU)", lambda: _section("tools.bench_inference")),
     "refine": ("Test-time refinement (FWI)", lambda: _section("tools.bench_refine")),
+    "pde": ("PDE-consistency term (CPU)", lambda: importlib.import_module("tools.bench_cuda").run_cpu_pde()),
 }
 #: Sections that run only when named (``--sections cuda`` on a GPU machine): ``make bench``
 #: on a CPU machine keeps their last text instead of overwriting it with "skipped".

@@ -86,8 +86,8 @@ class _Mem(torch.utils.data.Dataset):
         return list(self.fam)
 
 
-def _synthetic_set(n: int, seed: int):
-    """n (seismic_norm, velocity_norm, family) samples from the family generators, simulated on the GPU."""
+def _synthetic_set(n: int, seed: int, device: str = "cuda"):
+    """n (seismic_norm, velocity_norm, family) samples from the family generators, simulated on ``device``."""
     from fwi_core.data import normalize_seismic, normalize_velocity
     from fwi_core.physics import FAMILIES, generate, simulate
 
@@ -96,7 +96,7 @@ def _synthetic_set(n: int, seed: int):
     for f in FAMILIES:
         maps.append(generate(f, per, seed=seed))
         fams += [f] * per
-    v = torch.from_numpy(np.concatenate(maps)[:n]).cuda()
+    v = torch.from_numpy(np.concatenate(maps)[:n]).to(device)
     seis = simulate(v)
     return _Mem(normalize_seismic(seis).cpu(), normalize_velocity(v).cpu(), fams[:n])
 
@@ -124,27 +124,36 @@ def bench_training(quick: bool = False) -> List[str]:
     return lines
 
 
-def bench_pde(quick: bool = False) -> List[str]:
-    """Seconds per training step of specproj_unet (batch 16, fp16) without and with the
-    PDE-consistency term, at full cost and in an affordable setting."""
+def bench_pde(quick: bool = False, device: str = "cuda") -> List[str]:
+    """Seconds per training step of specproj_unet without and with the PDE-consistency
+    term, at full cost and in an affordable setting (GPU: batch 16, fp16; CPU: batch 4)."""
     from fwi_core.train import train
 
-    n = 32 if quick else 64
-    train_ds = _synthetic_set(n, 2)
-    lines = ["### PDE-consistency term: cost per training step", "",
+    cuda = device == "cuda"
+    batch = 16 if cuda else 4
+    n = (32 if quick else 64) if cuda else 2 * batch
+    train_ds = _synthetic_set(n, 2, device)
+    lines = [f"### PDE-consistency term: cost per training step ({device}, specproj_unet, batch {batch})", "",
              "| setting | s per step | steps |", "|---|---:|---:|"]
     settings = (("no PDE term", {}),
-                ("pde_weight=1, 16 samples, 5 shots, 1000 steps", {"pde_weight": 1.0}),
-                ("pde_weight=1, 4 samples, shots 0 and 4, 500 steps",
-                 {"pde_weight": 1.0, "pde_samples": 4, "pde_shots": (0, 4), "pde_time": 500}))
+                (f"pde_weight=1, {batch} samples, 5 shots, 1000 steps", {"pde_weight": 1.0}),
+                ("pde_weight=1, 2 samples, shots 0 and 4, 500 steps",
+                 {"pde_weight": 1.0, "pde_samples": 2, "pde_shots": (0, 4), "pde_time": 500}))
     for name, extra in settings:
         with tempfile.TemporaryDirectory() as tmp:
-            res = train({"out": tmp, "model": "specproj_unet", "epochs": 2, "batch_size": 16, "amp": "fp16",
-                         "device": "cuda", "num_workers": 0, "time_budget": 0, "folds": 0, "ema_decay": 0.0,
-                         "max_steps": 4 if quick else 8, "log_every": 1, **extra}, datasets=(train_ds, None))
+            res = train({"out": tmp, "model": "specproj_unet", "epochs": 2, "batch_size": batch,
+                         "amp": "fp16" if cuda else "off", "device": device, "num_workers": 0, "time_budget": 0,
+                         "folds": 0, "ema_decay": 0.0, "max_steps": (4 if quick else 8) if cuda else 3,
+                         "log_every": 1, **extra}, datasets=(train_ds, None))
             lines.append(f"| {name} | {res['wall_time'] / max(1, res['step']):.3f} | {res['step']} |")
-    lines += ["", "(wall time of the run divided by its steps: includes setup and the first, compiling steps)"]
+    lines += ["", "(wall time of the run divided by its steps: includes setup and the first steps, compiling ones "
+              "included)"]
     return lines
+
+
+def run_cpu_pde() -> str:
+    """``make bench``'s CPU section for the PDE term."""
+    return "\n".join(bench_pde(device="cpu"))
 
 
 def run(quick: bool = False, parts: Optional[Sequence[str]] = None) -> str:
