@@ -21,6 +21,8 @@ from .stages import (DEFAULT_STAGES, BatchState, CRFStage, FlipStage, MCDropoutS
 from .store import PredictionStore, StoredArray, format_submission_rows, write_submission_csv
 from . import refine_stage  # noqa: E402,F401  (registers the refine_layered and refine stages)
 from .refine_stage import RefineStage
+from . import consistency_stage  # noqa: E402,F401  (registers the consistency stage)
+from .consistency_stage import ConsistencyStage
 
 __all__ = [
     "BudgetedInference", "Deadline", "RunSummary", "InsufficientBudgetError", "CorruptedFileWarning",
@@ -29,4 +31,5 @@ __all__ = [
     "registered_stages", "DEFAULT_STAGES", "StageGains", "compute_stage_gains", "measure_stage_gains",
     "find_stage_gains", "DEFAULT_GAINS", "GAINS_FILE", "TestFileSource", "ArraySource",
     "PredictionStore", "StoredArray", "format_submission_rows", "write_submission_csv", "RefineStage",
+    "ConsistencyStage",
 ]

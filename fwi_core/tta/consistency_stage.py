@@ -1,0 +1,56 @@
+"""The invertible UNet's consistency check as the planner's last stage: ``consistency``.
+
+The plan's "after CRF, run inverse UNet consistency": with a
+:class:`~fwi_core.consistency.ConsistencyFlagger` (an ``invertible_unet`` checkpoint and
+the threshold the train kernel learned on validation, ``consistency.json``), the stage
+scores every final map (after the ensemble, the CRF and refinement) against the latent
+of its gathers and flags those above the threshold. It does not change predictions: the
+flags are diagnostics (``flagged``: oid -> score; the scores are also kept per file in the
+run's store as ``consistency``), for a person to inspect or for a later pass to
+re-predict. The in-memory list covers the batches this process ran (a resumed run lists
+the flags of its own batches).
+
+Register the flagger as the run's resource ``consistency`` (the infer kernel does when
+``consistency.json`` lies beside an ``invertible_unet`` checkpoint).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+
+from .stages import BatchState, Stage, register_stage
+
+__all__ = ["ConsistencyStage"]
+
+
+class ConsistencyStage(Stage):
+    """Flag final maps that the invertible UNet finds inconsistent with their gathers."""
+
+    name = kind = "consistency"
+    default_gain = 0.01      # diagnostics: cheap, run when there is time left
+    needs_seismic = True
+
+    def __init__(self, flagger):
+        self.flagger = flagger
+        self.flagged: Dict[str, float] = {}
+        self.scored = 0
+
+    def unavailable(self, ctx):
+        return None if self.flagger is not None else "no consistency flagger (consistency.json + invertible_unet)"
+
+    def run(self, batch: BatchState) -> torch.Tensor:
+        scores = self.flagger.score(batch.x, batch.pred)
+        batch.write("consistency", torch.as_tensor(scores, dtype=torch.float32), item_shape=())
+        for oid, s in zip(batch.ids, scores):
+            if s > self.flagger.threshold:
+                self.flagged[oid] = float(s)
+        self.scored += len(batch.ids)
+        return batch.pred
+
+
+def _factory(resources: Dict[str, Any]) -> ConsistencyStage:
+    return ConsistencyStage(resources.get("consistency"))
+
+
+register_stage("consistency", _factory)
