@@ -44,6 +44,8 @@ class ConsistencyFlagger:
                             "(use an invertible_unet checkpoint)")
         self.model = model.eval()
         self.threshold = float(threshold)
+        #: oid -> score of the maps flagged so far by the planner's ``consistency`` stage
+        self.flagged = {}
 
     @torch.no_grad()
     def score(self, x: torch.Tensor, velocity_ms: torch.Tensor, batch_size: int = 16) -> np.ndarray:

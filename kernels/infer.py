@@ -20,7 +20,7 @@ checkpoint_kind = "best"  # best | snapshot | last | all (best + snapshots + las
 ensemble_config = None  # ensemble JSON (members, weights); None: the checkpoints, equal weights
 output_dir = "."
 time_budget = None  # seconds from the kernel's start; None: the platform's session limit minus a margin
-stages = ["members", "flip", "crf", "mc_dropout", "refine_layered", "refine"]  # priority order; the planner picks what fits
+stages = ["members", "flip", "crf", "mc_dropout", "refine_layered", "refine", "consistency"]  # priority order
 refine_iters = [60, 30]  # L-BFGS iterations of physics refinement: flat-layered samples, the others
 batch_size = 16
 flip_tta = True  # False drops the "flip" stage
@@ -68,11 +68,26 @@ print("CRF:", crf if crf is not None else "off", "| gains:", "stage_gains.json" 
 print("time left:", "no deadline" if deadline.at is None else f"{deadline.remaining() / 3600:.2f} h")
 
 # %%
+# the invertible UNet's consistency check (after the CRF): its threshold was learned by the train kernel
+flagger = None
+for name, member in ensemble.members.items():
+    marker = member.path.parent / "consistency.json" if member.path is not None else None
+    if marker is not None and marker.is_file() and hasattr(member.model, "inverse_consistency"):
+        from fwi_core.consistency import ConsistencyFlagger
+
+        flagger = ConsistencyFlagger.load(member.model, marker)
+        print("consistency check:", name, "threshold", flagger.threshold)
+        break
+
 summary = run_budgeted(ensemble, source, out / "submission.csv", deadline=deadline, stages=plan, gains=gains,
                        crf=crf, mc_passes=mc_passes, batch_size=batch_size, num_workers=num_workers,
-                       resume=resume, strict=strict, resources={"refine_iters": list(refine_iters)})
+                       resume=resume, strict=strict,
+                       resources={"refine_iters": list(refine_iters), "consistency": flagger})
 csv = Path(summary.csv)
 print("ran:", ", ".join(summary.ran))
+if flagger is not None and "consistency" in summary.ran:
+    print(f"consistency: {len(flagger.flagged)} test maps flagged as inconsistent with their gathers",
+          *sorted(flagger.flagged.items(), key=lambda kv: -kv[1])[:20], sep="\n  ")
 print("validated:", validate_submission(csv, source.ids), "->", csv)
 
 # %%

@@ -119,6 +119,34 @@ if tuned["improved"]:
     print("saved", save_crf_config(tuned["best_config"], Path(result["best_checkpoint"]).parent))
 
 # %% [markdown]
+# ## Inverse-consistency threshold (invertible UNet only)
+#
+# For an `invertible_unet` run: the consistency score of the final validation maps (after
+# the CRF) against the latent of their gathers, and the threshold that best separates the
+# worst predictions, saved as `consistency.json` beside the checkpoint; the `infer`
+# kernel's `consistency` stage flags test maps above it.
+
+# %%
+if model_name == "invertible_unet":
+    import torch
+
+    from fwi_core.consistency import ConsistencyFlagger
+    from fwi_core.crf import ContinuousCRF
+    from fwi_core.data import FWIDataset, index_train, normalize_seismic
+    from fwi_core.train import load_model
+
+    val = FWIDataset(index_train(root))
+    x_val = torch.from_numpy(np.stack([normalize_seismic(val.raw(int(i))[0]) for i in oof["indices"]]))
+    final = torch.from_numpy(res["pred"]).float()
+    if tuned["improved"]:
+        with torch.no_grad():
+            final = ContinuousCRF(**tuned["best_config"])(final)
+    flagger = ConsistencyFlagger.fit(load_model(result["best_checkpoint"]), x_val, final,
+                                     torch.from_numpy(res["true"]).float())
+    print("consistency threshold", round(flagger.threshold, 4), "->",
+          flagger.save(Path(result["best_checkpoint"]).parent / "consistency.json"))
+
+# %% [markdown]
 # ## Ensemble weights from out-of-fold predictions
 #
 # With `ensemble_runs` (run folders of other folds or models trained by this kernel), the

@@ -47,3 +47,12 @@ def pytest_approx(v):
     import pytest
 
     return pytest.approx(v, rel=1e-5)
+
+
+def test_the_flaggers_own_dict_collects_the_flags():
+    from fwi_core.tta import ConsistencyStage
+
+    torch.manual_seed(0)
+    inv = create_model("invertible_unet", width=4, latent_channels=4, hidden=8, blocks_per_level=1)
+    f = ConsistencyFlagger(inv, 1.0)
+    assert ConsistencyStage(f).flagged is f.flagged == {} and ConsistencyStage(None).flagged == {}

@@ -33,7 +33,8 @@ class ConsistencyStage(Stage):
 
     def __init__(self, flagger):
         self.flagger = flagger
-        self.flagged: Dict[str, float] = {}
+        # the flagger's own dict, so whoever holds the flagger (the infer kernel) sees the flags
+        self.flagged: Dict[str, float] = flagger.flagged if flagger is not None else {}
         self.scored = 0
 
     def unavailable(self, ctx):
