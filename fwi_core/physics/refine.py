@@ -41,13 +41,22 @@ KINDS = ("flat", "tv", "smooth")
 #: default regulariser weights per kind (on the misfit scaled by ``cost_scale``; velocities
 #: in km/s in the regularisers)
 DEFAULT_REG_WEIGHT: Dict[str, float] = {"flat": 0.1, "tv": 0.3, "smooth": 0.3}
-#: default smoothed-TV epsilon (km/s)
-DEFAULT_TV_EPS = 0.01
+#: default smoothed-TV epsilon per kind (km/s). ``sqrt(d^2 + eps^2) - eps`` is convex, so it
+#: prefers a jump split into a staircase of smaller steps (by about ``eps`` per extra step),
+#: which the band-limited data barely see: for 1-D profiles eps is 0.1 m/s (the public
+#: record's choice), which leaves interfaces sharp; the 2-D TV keeps 10 m/s, better on
+#: curved and faulted maps (BENCHMARKS.md, section "refine")
+DEFAULT_TV_EPS: Dict[str, float] = {"flat": 1e-4, "tv": 1e-2}
 #: before any evaluation is measured, one is assumed to cost this many forwards (the
 #: gradient costs about 4 compiled forwards on CPU; more when eager)
 FIRST_EVAL_FORWARDS = 8.0
-#: frequency continuation: (low-pass cutoff in Hz or None for the full band, share of the iterations)
-DEFAULT_STAGES: Tuple[Tuple[Optional[float], float], ...] = ((None, 1.0),)
+#: continuation stages: (low-pass cutoff in Hz or None for the full band, share of the
+#: iterations[, factor on the regulariser weight[, floor on the TV eps, km/s]]); iterations a
+#: stage leaves unused (it converged) go to the next. The default fits with eps at least
+#: 10 m/s (fast early progress) and, once that has converged, sharpens with the kinds' own
+#: eps on whatever budget is left (FlatVel_A in BENCHMARKS.md: 55 -> 2.4 m/s when the first
+#: stage converges, -> 0.4 after sharpening; a short run is the first stage alone)
+DEFAULT_STAGES: Tuple[tuple, ...] = ((None, 1.0, 1.0, 1e-2), (None, 0.0))
 
 
 def family_kind(family: str) -> str:
@@ -186,8 +195,9 @@ class _Model:
                 parts[i] = self.base[i] + upd[j]
         return torch.stack(parts)
 
-    def regulariser(self, v: torch.Tensor, eps: float) -> torch.Tensor:
-        """(B,) float64 regulariser values (velocities in km/s, sums per map column)."""
+    def regulariser(self, v: torch.Tensor, eps: Dict[str, float]) -> torch.Tensor:
+        """(B,) float64 regulariser values (velocities in km/s, sums per map column);
+        ``eps``: the TV smoothing per kind."""
         km = v / 1000.0
         out = torch.zeros(self.b, dtype=torch.float64, device=v.device)
         for k, ids in self.idx.items():
@@ -196,11 +206,13 @@ class _Model:
             m = km[ids]
             if k == "flat":
                 d = m[:, 1:, 0] - m[:, :-1, 0]
-                r = (torch.sqrt(d ** 2 + eps ** 2) - eps).sum(1)
+                e = eps["flat"]
+                r = (torch.sqrt(d ** 2 + e ** 2) - e).sum(1)
             elif k == "tv":
                 dz = m[:, 1:, :-1] - m[:, :-1, :-1]
                 dx = m[:, :-1, 1:] - m[:, :-1, :-1]
-                r = (torch.sqrt(dz ** 2 + dx ** 2 + eps ** 2) - eps).sum((1, 2)) / self.w
+                e = eps["tv"]
+                r = (torch.sqrt(dz ** 2 + dx ** 2 + e ** 2) - e).sum((1, 2)) / self.w
             else:
                 r = (self.params["smooth"] ** 2).sum((1, 2)) / self.w
             out = out.index_put((torch.tensor(ids, device=v.device),), r)
@@ -216,9 +228,9 @@ def refine(
     max_iter: int = 100,
     optimizer: str = "lbfgs",
     reg_weight: Union[float, Dict[str, float], None] = None,
-    tv_eps: float = DEFAULT_TV_EPS,
+    tv_eps: Union[float, Dict[str, float], None] = None,
     depth_power: float = 2.0,
-    stages: Sequence[Tuple[Optional[float], float]] = DEFAULT_STAGES,
+    stages: Sequence[tuple] = DEFAULT_STAGES,
     step_ms: float = 100.0,
     smooth_sigma: float = 2.5,
     cost_scale: float = 1e4,
@@ -249,11 +261,16 @@ def refine(
         optimizer: ``"lbfgs"`` (strong Wolfe line search) or ``"adam"``.
         reg_weight: regulariser weight (one float or a dict per kind; default
             ``DEFAULT_REG_WEIGHT``).
-        tv_eps: smoothing of the TV terms, km/s.
+        tv_eps: smoothing of the TV terms, km/s (one float for both, or a dict with the
+            kinds ``"flat"`` and/or ``"tv"``; default ``DEFAULT_TV_EPS``: 1e-4 for flat
+            profiles, 1e-2 for the 2-D TV).
         depth_power: depth preconditioning exponent (0: none).
         stages: continuation as (cutoff Hz or None for the full band, share of the
-            iterations[, factor on the regulariser weight]) tuples, run in order; each
-            starts from the previous one's best maps.
+            iterations[, factor on the regulariser weight[, floor on the TV eps, km/s]])
+            tuples, run in order; each starts from the previous one's best maps, and
+            iterations a stage leaves unused (L-BFGS converged) go to the next (a share of
+            0: only those). Default ``DEFAULT_STAGES``: full band with eps at least 10 m/s,
+            then, on what that leaves, the kinds' own eps.
         step_ms: velocity scale of one unit of the parameters (m/s).
         smooth_sigma: correlation length (cells) of the Style prior's Gaussian blur.
         cost_scale: factor on the normalised misfit (keeps the optimiser's tolerances
@@ -297,11 +314,12 @@ def refine(
         raise ValueError(f"refine: max_iter must be >= 0, got {max_iter}")
     if time_budget is not None and time_budget < 0:
         raise ValueError(f"refine: time_budget must be >= 0 seconds, got {time_budget}")
-    stages = [tuple(st) + (1.0,) * (3 - len(st)) for st in stages]
+    stages = [tuple(st) + (1.0, 0.0)[len(st) - 2:] if 2 <= len(st) <= 4 else tuple(st) for st in stages]
+    if not stages or any(len(st) != 4 or st[1] < 0 or st[3] < 0 for st in stages) or \
+            not sum(float(st[1]) for st in stages) > 0:
+        raise ValueError(f"refine: stages must be (cutoff_hz or None, share >= 0[, reg factor[, eps floor "
+                         f">= 0 km/s]]) tuples with a positive share in all, got {stages}")
     shares = [float(st[1]) for st in stages]
-    if not stages or any(len(st) != 3 or st[1] <= 0 for st in stages):
-        raise ValueError(f"refine: stages must be (cutoff_hz or None, positive share[, reg factor]) tuples, "
-                         f"got {stages}")
     b, h, w = v0.shape
     kinds = _kinds(family, v0, obs, b)
     weights = dict(DEFAULT_REG_WEIGHT)
@@ -313,6 +331,16 @@ def refine(
     elif reg_weight is not None:
         weights = {k: float(reg_weight) for k in KINDS}
     lam = torch.tensor([weights[k] for k in kinds], dtype=torch.float64, device=dev)
+    eps = dict(DEFAULT_TV_EPS)
+    if isinstance(tv_eps, dict):
+        unknown = set(tv_eps) - set(DEFAULT_TV_EPS)
+        if unknown:
+            raise ValueError(f"refine: tv_eps has unknown kinds {sorted(unknown)}; expected {sorted(DEFAULT_TV_EPS)}")
+        eps.update({k: float(x) for k, x in tv_eps.items()})
+    elif tv_eps is not None:
+        eps = {k: float(tv_eps) for k in DEFAULT_TV_EPS}
+    if any(not (x > 0) for x in eps.values()):
+        raise ValueError(f"refine: tv_eps must be > 0 km/s, got {tv_eps}")
 
     n_src, nt = obs.shape[1], obs.shape[2]
     cols = list(simulate_kwargs.pop("source_columns", None) or
@@ -371,14 +399,21 @@ def refine(
         from ..utils import progress_bar
         bar = progress_bar(total=max_iter, desc="refine", unit="eval")
 
-    budget_iters = [max(1, int(round(max_iter * s / sum(shares)))) for s in shares] if max_iter > 0 else [0] * len(shares)
+    budget_iters = ([max(1, int(round(max_iter * s / sum(shares)))) if s > 0 else 0 for s in shares]
+                    if max_iter > 0 else [0] * len(shares))
     stop = False
-    for (cutoff, _, reg_factor), n_iter in zip(stages, budget_iters):
-        if stop or n_iter == 0:
+    carry = 0  # iterations earlier stages left unused
+    for (cutoff, _, reg_factor, eps_floor), n_stage in zip(stages, budget_iters):
+        n_iter = n_stage + carry
+        if stop:
             break
+        if n_iter == 0:
+            continue
+        iters_before = iters
         model.reset(best_v)
         best_obj.fill_(math.inf)
         lam_stage = lam * float(reg_factor)
+        eps_stage = {k: max(x, float(eps_floor)) for k, x in eps.items()}
         target = obs_sel if cutoff is None else lowpass(obs_sel.double(), float(cutoff), dt)
 
         def closure():
@@ -394,7 +429,7 @@ def refine(
             sim = forward(v)
             if cutoff is not None:
                 sim = lowpass(sim.double(), float(cutoff), dt)
-            per = cost_scale * misfit(sim, target) + lam_stage * model.regulariser(v, tv_eps)
+            per = cost_scale * misfit(sim, target) + lam_stage * model.regulariser(v, eps_stage)
             total = per.sum()
             total.backward()
             with torch.no_grad():
@@ -416,12 +451,14 @@ def refine(
                                         tolerance_grad=0.0, tolerance_change=1e-12)
                 opt.step(closure)
                 iters += int(opt.state[opt._params[0]].get("n_iter", 0))
+                carry = max(0, n_iter - (iters - iters_before))
             else:
                 opt = torch.optim.Adam(params, lr=lr)
                 for _ in range(n_iter):
                     opt.zero_grad()
                     opt.step(closure)
                     iters += 1
+                carry = 0
         except _OutOfTime:
             stop = True
             if optimizer == "lbfgs":

@@ -42,6 +42,26 @@ def test_refine_lowers_misfit_and_mae_on_flat_layers(layered):
     assert float(np.abs(out[0, 0] - out[0, 0].mean(1, keepdims=True)).max()) < 1e-3
 
 
+def test_flat_profiles_are_sharpened_once_the_smooth_stage_has_converged(layered):
+    """A start whose interfaces are smeared over three cells (a staircase the band-limited
+    data barely see). One stage with eps 10 m/s (convex smoothing prefers split jumps)
+    converges on the staircase and stops; the default stages hand the iterations it left to
+    a stage with the flat kind's eps (0.1 m/s), which restores the sharp jumps."""
+    v, obs = layered
+    t = torch.from_numpy(v)
+    start = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(t, (0, 0, 1, 1), mode="replicate"), (3, 1),
+                                           stride=1).numpy()
+    assert rmod.DEFAULT_TV_EPS["flat"] == 1e-4
+    smooth, i_s = refine(start, obs, family="FlatVel_A", max_iter=80, stages=((None, 1.0),), tv_eps=1e-2,
+                         shots=(0, 3), return_info=True, **SMALL)
+    sharp, i_d = refine(start, obs, family="FlatVel_A", max_iter=80, shots=(0, 3), return_info=True, **SMALL)
+    mae_start, mae_smooth, mae_sharp = (float(np.abs(x - v).mean()) for x in (start, smooth, sharp))
+    assert mae_start > 40
+    assert i_s[0]["iterations"] < 80  # the smooth stage converged early ...
+    assert i_d[0]["iterations"] == 80  # ... and the default went on with what it left
+    assert mae_sharp < 2.5 and mae_sharp < 0.7 * mae_smooth, (mae_smooth, mae_sharp)
+
+
 @pytest.mark.slow
 def test_refine_default_geometry_flatvel():
     v = generate("FlatVel_A", 1, seed=5)
@@ -158,6 +178,10 @@ def test_family_kinds_and_detection():
     (dict(optimizer="sgd"), "optimizer"),
     (dict(time_budget=-1), "time_budget"),
     (dict(reg_weight={"curvy": 1.0}), "unknown kinds"),
+    (dict(tv_eps={"smooth": 1e-3}), "unknown kinds"),
+    (dict(tv_eps=0.0), "tv_eps must be > 0"),
+    (dict(stages=((None, 0.0),)), "positive share"),
+    (dict(stages=((None, 1.0, 1.0, -1.0),)), "eps floor"),
 ])
 def test_bad_arguments(layered, kwargs, match):
     v, obs = layered
