@@ -54,8 +54,8 @@ FIRST_EVAL_FORWARDS = 8.0
 #: iterations[, factor on the regulariser weight[, floor on the TV eps, km/s]]); iterations a
 #: stage leaves unused (it converged) go to the next. The default fits with eps at least
 #: 10 m/s (fast early progress) and, once that has converged, sharpens with the kinds' own
-s when the first/s when the first
-#: stage converges, -> 0.4 after sharpening; a short run is the first stage alone)
+#: eps on whatever budget is left (FlatVel_A in BENCHMARKS.md: 55 -> 2.43 m/s when the first
+#: stage converges, -> 0.57 after sharpening; a short run is the first stage alone)
 DEFAULT_STAGES: Tuple[tuple, ...] = ((None, 1.0, 1.0, 1e-2), (None, 0.0))
 
 
