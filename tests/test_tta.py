@@ -386,6 +386,31 @@ def test_stage_list_errors():
     build_stages(["member:m0", "crf", "flip"], ["m0", "m1"], res)   # the CRF is re-applied: allowed
 
 
+def test_stage_classes_must_define_run_and_reapply_stages_a_transform():
+    from fwi_core.tta.stages import Stage
+
+    class NoRun(Stage):
+        name = "norun"
+
+    with pytest.raises(TypeError, match="abstract"):
+        NoRun()
+    with pytest.raises(TypeError, match="reapply = True but defines no transform"):
+        class NoTransform(Stage):
+            reapply = True
+
+            def run(self, batch):
+                return batch.pred
+
+    class Plain(Stage):
+        name = "plain"
+
+        def run(self, batch):
+            return batch.pred
+
+    with pytest.raises(TypeError, match="not a reapply stage"):
+        Plain().transform(torch.zeros(1, 1, 70, 70), None)
+
+
 def test_first_member_is_the_cheapest_good_one():
     g = StageGains(member_mae={"a": 30.0, "b": 31.0, "c": 60.0})
     assert g.member_order(["a", "b", "c"], {"a": 2.0, "b": 1.0, "c": 0.1}) == ["b", "a", "c"]

@@ -35,6 +35,7 @@ in the stage list (only ``reapply`` transforms, such as the CRF, may come earlie
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -62,8 +63,9 @@ def _to_velocity(pred_norm: torch.Tensor) -> torch.Tensor:
     return denormalize_velocity(pred_norm.float()).clamp_(VEL_MIN, VEL_MAX)
 
 
-class Stage:
-    """One improvement pass (see the module doc).
+class Stage(abc.ABC):
+    """One improvement pass (see the module doc). Subclasses implement :meth:`run`; those
+    with ``reapply = True`` also :meth:`transform` (checked when the class is defined).
 
     Attributes:
         name: unique name in a run (e.g. ``member:<member>``, ``flip``, ``crf``).
@@ -94,13 +96,19 @@ class Stage:
     def prepare(self, ctx: "RunContext") -> None:
         """Called once before the stage's first batch (in each process)."""
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.reapply and cls.transform is Stage.transform:
+            raise TypeError(f"stage class {cls.__name__} sets reapply = True but defines no transform(pred, batch)")
+
+    @abc.abstractmethod
     def run(self, batch: "BatchState") -> torch.Tensor:
         """The improved prediction (B,1,70,70) m/s of ``batch``."""
-        raise NotImplementedError
 
     def transform(self, pred: torch.Tensor, batch: "BatchState") -> torch.Tensor:
-        """(reapply transforms) apply the stage to ``pred`` (B,1,70,70) m/s."""
-        raise NotImplementedError
+        """(reapply transforms) apply the stage to ``pred`` (B,1,70,70) m/s. Only stages
+        with ``reapply = True`` have one."""
+        raise TypeError(f"{self!r} is not a reapply stage: it has no transform")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
