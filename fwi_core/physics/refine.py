@@ -219,6 +219,18 @@ class _Model:
         return out
 
 
+def _per_kind(name: str, value: Union[float, Dict[str, float], None], defaults: Dict[str, float]) -> Dict[str, float]:
+    """A per-kind setting: ``defaults`` updated by a dict, or one float for every kind."""
+    if isinstance(value, dict):
+        unknown = set(value) - set(defaults)
+        if unknown:
+            raise ValueError(f"refine: {name} has unknown kinds {sorted(unknown)}; expected {sorted(defaults)}")
+        return {**defaults, **{k: float(x) for k, x in value.items()}}
+    if value is not None:
+        return {k: float(value) for k in defaults}
+    return dict(defaults)
+
+
 def refine(
     velocity: Union[torch.Tensor, np.ndarray],
     seismic: Union[torch.Tensor, np.ndarray],
@@ -322,23 +334,9 @@ def refine(
     shares = [float(st[1]) for st in stages]
     b, h, w = v0.shape
     kinds = _kinds(family, v0, obs, b)
-    weights = dict(DEFAULT_REG_WEIGHT)
-    if isinstance(reg_weight, dict):
-        unknown = set(reg_weight) - set(KINDS)
-        if unknown:
-            raise ValueError(f"refine: reg_weight has unknown kinds {sorted(unknown)}; expected {KINDS}")
-        weights.update({k: float(x) for k, x in reg_weight.items()})
-    elif reg_weight is not None:
-        weights = {k: float(reg_weight) for k in KINDS}
+    weights = _per_kind("reg_weight", reg_weight, DEFAULT_REG_WEIGHT)
     lam = torch.tensor([weights[k] for k in kinds], dtype=torch.float64, device=dev)
-    eps = dict(DEFAULT_TV_EPS)
-    if isinstance(tv_eps, dict):
-        unknown = set(tv_eps) - set(DEFAULT_TV_EPS)
-        if unknown:
-            raise ValueError(f"refine: tv_eps has unknown kinds {sorted(unknown)}; expected {sorted(DEFAULT_TV_EPS)}")
-        eps.update({k: float(x) for k, x in tv_eps.items()})
-    elif tv_eps is not None:
-        eps = {k: float(tv_eps) for k in DEFAULT_TV_EPS}
+    eps = _per_kind("tv_eps", tv_eps, DEFAULT_TV_EPS)
     if any(not (x > 0) for x in eps.values()):
         raise ValueError(f"refine: tv_eps must be > 0 km/s, got {tv_eps}")
 
