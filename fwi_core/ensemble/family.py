@@ -103,15 +103,9 @@ class FamilyClassifier(nn.Module):
 
     @classmethod
     def load(cls, path: PathLike, device: Union[str, torch.device] = "cpu") -> "FamilyClassifier":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: family classifier not found")
-        try:
-            d = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{path}: not a readable family classifier ({type(exc).__name__}: {exc})") from exc
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a family classifier file (format {FORMAT!r} expected)")
+        from .errors import load_saved
+
+        d = load_saved(path, "family classifier", FORMAT)
         clf = cls(d["families"], **d["kwargs"])
         clf.load_state_dict(d["state"])
         clf.report = d.get("report")

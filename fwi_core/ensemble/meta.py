@@ -255,15 +255,9 @@ class MetaLearner(nn.Module):
 
     @classmethod
     def load(cls, path: PathLike, device: Union[str, torch.device] = "cpu") -> "MetaLearner":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: meta-learner not found")
-        try:
-            d = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{path}: not a readable meta-learner ({type(exc).__name__}: {exc})") from exc
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a meta-learner file (format {FORMAT!r} expected)")
+        from .errors import load_saved
+
+        d = load_saved(path, "meta-learner", FORMAT)
         meta = cls(d["member_names"], d["n_features"], MetaFeatureSpec.from_dict(d["spec"]), d["hidden"])
         meta.load_state_dict(d["state"])
         meta.report = d.get("report")
