@@ -36,7 +36,7 @@ time step and about 10 GB for plain autograd. The checkpoints grow as nt/k, the 
 k. Cost: the forward, one recomputation of the forward and the adjoint pass.
 
 The buffers use the halo layout and (where ``torch.compile`` works) compiled fused steps of
-:mod:`forward`; the same code runs on CUDA (the device follows the input). Float64 inputs
+:mod:`.stencil`; the same code runs on CUDA (the device follows the input). Float64 inputs
 propagate in float64 (eager steps), which the tests use for finite-difference checks.
 """
 from __future__ import annotations
@@ -47,8 +47,9 @@ from typing import Optional
 
 import torch
 
-from .forward import (AUTO_COMPILE_MIN_SHOT_STEPS, C1, C2, C3, Geometry, _compiled_step, _EagerStep,
-                      _fill_halo, _step_fused, damping_profile, denormals_flushed, scheme_coefficients)
+from .stencil import (AUTO_COMPILE_MIN_SHOT_STEPS, C1, EagerStep, FlushDenormals, Geometry, compile_checked,
+                      compiled_step, damping_profile, fill_halo, probe_fields, scheme_coefficients, step_fused,
+                      stencil_weights)
 from .wavelet import ricker
 
 #: steps between wavefield checkpoints (balances checkpoint memory nt/k against segment memory k)
@@ -80,7 +81,7 @@ def gradient_memory_bytes(nt: int = 1000, checkpoint_every: int = DEFAULT_CHECKP
 
 def _step_into(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, temp1: torch.Tensor,
                neg_temp2: torch.Tensor, alpha: torch.Tensor, c2: float, c3: float) -> None:
-    """:func:`forward._step_fused` writing p_{t+1} into ``out`` (same arithmetic, same order)."""
+    """:func:`.stencil.step_fused` writing p_{t+1} into ``out`` (same arithmetic, same order)."""
     s1 = cur[..., 2:-2, 3:-1] + cur[..., 2:-2, 1:-3] + cur[..., 3:-1, 2:-2] + cur[..., 1:-3, 2:-2]
     s2 = cur[..., 2:-2, 4:] + cur[..., 2:-2, 0:-4] + cur[..., 4:, 2:-2] + cur[..., 0:-4, 2:-2]
     out[..., 2:-2, 2:-2].copy_(neg_temp2 * prev[..., 2:-2, 2:-2] + temp1 * cur[..., 2:-2, 2:-2]
@@ -106,15 +107,9 @@ def _accumulate_t2(g_n: torch.Tensor, lam: torch.Tensor, p2: torch.Tensor) -> No
     g_n.add_((lam[..., 2:-2, 2:-2] * p2[..., 2:-2, 2:-2]).sum(1, keepdim=True))
 
 
-_COMPILED: dict = {}
-
-
 def _probe(name: str, fn) -> None:
     """Run a compiled function once on a tiny problem (compiles it; raises if broken)."""
-    a = torch.zeros(1, 1, 9, 9)
-    a[..., 4, 4] = 1.0
-    b = a.clone()
-    c = torch.ones(1, 1, 5, 5)
+    a, b, c = probe_fields()
     if name == "into":
         fn(torch.zeros_like(a), b, a, c, -c, c, 1.0, 0.5)
     else:
@@ -123,18 +118,8 @@ def _probe(name: str, fn) -> None:
 
 def _compiled(name: str):
     """The ``torch.compile`` of one of the fused steps, or None where compiling fails."""
-    if name not in _COMPILED:
-        import logging
-
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        fn = {"into": _step_into, "accumulate": _accumulate}[name]
-        try:
-            cfn = torch.compile(fn, dynamic=False)
-            _probe(name, cfn)
-            _COMPILED[name] = cfn
-        except Exception:  # noqa: BLE001 - any failure means: use the eager step
-            _COMPILED[name] = None
-    return _COMPILED[name]
+    fn = {"into": _step_into, "accumulate": _accumulate}[name]
+    return compile_checked(f"adjoint.{name}", fn, lambda cfn: _probe(name, cfn))
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,41 +150,16 @@ class _Plan:
         self.n_segments = math.ceil(g.nt / self.k)
 
 
-class _Flush:
-    """Scoped ``torch.set_flush_denormal(True)`` on CPU (see ``simulate(flush_denormal=)``)."""
-
-    def __init__(self, on: bool):
-        self.on = on
-        self.restore = None
-
-    def __enter__(self):
-        if self.on:
-            self.restore = denormals_flushed()
-            torch.set_flush_denormal(True)
-
-    def __exit__(self, *exc):
-        if self.restore is not None:
-            torch.set_flush_denormal(self.restore)
-        return False
-
-
 def _steps(plan: _Plan, dtype: torch.dtype):
     """The (step_into, step_in_place, accumulate) callables for this run: the compiled ones
     where asked for and available, else eager (float32 in place: the fast path's own eager
     step, so that the forward values are the fast path's)."""
     if plan.compile and dtype == torch.float32:
-        fused = _compiled_step()
+        fused = compiled_step()
         into, acc = _compiled("into"), _compiled("accumulate")
         if None not in (fused, into, acc):
             return into, fused, acc
-    return _step_into, (_EagerStep() if dtype == torch.float32 else _step_fused), _accumulate
-
-
-def _constants(dtype: torch.dtype):
-    """The stencil weights as the forward uses them (float32-rounded Python floats)."""
-    if dtype == torch.float32:
-        return float(torch.tensor(C2, dtype=torch.float32)), float(torch.tensor(C3, dtype=torch.float32))
-    return C2, C3
+    return _step_into, (EagerStep() if dtype == torch.float32 else step_fused), _accumulate
 
 
 def _source_rows(plan: _Plan, amp: torch.Tensor, wav: torch.Tensor, wp: int) -> torch.Tensor:
@@ -222,14 +182,14 @@ class _WaveFunction(torch.autograd.Function):
         ns, nr, nt, k = len(plan.src), len(plan.rec), geom.nt, plan.k
         need_grad = any(ctx.needs_input_grad[:4])
         _, fused, _ = _steps(plan, dtype)
-        c2, c3 = _constants(dtype)
+        c2, c3 = stencil_weights(dtype)
         wav = torch.from_numpy(ricker(geom.freq, geom.dt, nt)).to(device=dev, dtype=dtype)
         rsel = slice(plan.rec[0], plan.rec[-1] + 1) if plan.contiguous else torch.tensor(plan.rec, device=dev)
         sz, rz = plan.sz, plan.rz
         n_ck = plan.n_segments - 1
         ckpt = torch.empty(b, n_ck, 2, ns, hp, wp, device=dev, dtype=dtype) if need_grad else None
         out = torch.empty(b, ns, nt, nr, device=dev, dtype=dtype)
-        with _Flush(plan.flush_denormal and dev.type == "cpu"):
+        with FlushDenormals(plan.flush_denormal and dev.type == "cpu"):
             for s0 in range(0, b, plan.chunk):
                 s1 = min(b, s0 + plan.chunk)
                 n = s1 - s0
@@ -244,7 +204,7 @@ class _WaveFunction(torch.autograd.Function):
                         j = it // k - 1
                         ckpt[s0:s1, j, 0] = cur[..., 2:-2, 2:-2]  # p_{it-1}
                         ckpt[s0:s1, j, 1] = prev[..., 2:-2, 2:-2]  # p_{it-2}
-                    _fill_halo(cur)
+                    fill_halo(cur)
                     fused(prev, cur, t1, nt2, al, c2, c3)
                     o = prev[..., 2:-2, 2:-2]
                     o[:, :, sz, :] += src_rows[it]
@@ -266,7 +226,7 @@ class _WaveFunction(torch.autograd.Function):
         ns, nt, k = len(plan.src), geom.nt, plan.k
         need_t1, need_t2, need_al, need_amp = ctx.needs_input_grad[:4]
         into, step, acc = _steps(plan, dtype)
-        c2, c3 = _constants(dtype)
+        c2, c3 = stencil_weights(dtype)
         g = grad_out.to(dtype).contiguous()
         wav = torch.from_numpy(ricker(geom.freq, geom.dt, nt)).to(device=dev, dtype=dtype)
         sz, rz = plan.sz, plan.rz
@@ -277,7 +237,7 @@ class _WaveFunction(torch.autograd.Function):
         g_al = torch.zeros_like(g_t1)
         g_n = torch.zeros_like(g_t1) if need_t2 else None
         g_amp = torch.zeros(b, ns, device=dev, dtype=dtype)
-        with _Flush(plan.flush_denormal and dev.type == "cpu"):
+        with FlushDenormals(plan.flush_denormal and dev.type == "cpu"):
             for s0 in range(0, b, plan.chunk):
                 s1 = min(b, s0 + plan.chunk)
                 n = s1 - s0
@@ -302,13 +262,13 @@ class _WaveFunction(torch.autograd.Function):
                         seg[1][..., 2:-2, 2:-2] = ckpt[s0:s1, j - 1, 0]
                         seg[0][..., 2:-2, 2:-2] = ckpt[s0:s1, j - 1, 1]
                     for i in range(t_end - t0):
-                        _fill_halo(seg[i + 1])
+                        fill_halo(seg[i + 1])
                         into(seg[i + 2], seg[i], seg[i + 1], t1, nt2, al, c2, c3)
                         seg[i + 2][..., 2 + sz, 2:-2] += src_rows[t0 + i]
                     # adjoint steps t_end-1 .. t0 on r = A q: seg[t - t0 + 1] holds p_{t-1} (halo
                     # filled by the recomputation), seg[t - t0] holds p_{t-2}
                     for t in range(t_end - 1, t0 - 1, -1):
-                        _fill_halo(r_cur)
+                        fill_halo(r_cur)
                         step(r_prev, r_cur, t1, nt2, al, c2, c3)
                         r = r_prev  # r_t before its receiver term
                         if plan.contiguous:
@@ -333,7 +293,7 @@ class _WaveFunction(torch.autograd.Function):
 
 def _coefficients(vel: torch.Tensor, geom: Geometry) -> dict:
     """Scheme coefficients, differentiable w.r.t. ``vel`` (B,H,W); vmin of the sponge is a
-    constant. Float32: exactly :func:`forward.scheme_coefficients` (the host's rounding);
+    constant. Float32: exactly :func:`.stencil.scheme_coefficients` (the host's rounding);
     float64: the same formulas in float64 (the sponge profile from the float32 code)."""
     if vel.dtype == torch.float32:
         return scheme_coefficients(vel, geom)

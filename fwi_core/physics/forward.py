@@ -14,108 +14,34 @@ are sensitive to their rounding at the 1e-5 level). The implementation keeps eve
 in a buffer with a 2-cell halo refreshed by copying the opposite edges (the wrap) each
 step, reuses two preallocated buffers (p_{t+1} overwrites p_{t-1}), lets the shots of a
 map share its coefficient planes, and runs each time step as one fused loop when
-``torch.compile`` is available. The same code runs on CPU and CUDA.
+``torch.compile`` is available. The same code runs on CPU and CUDA. The scheme's pieces
+(geometry, coefficients, step kernels) live in :mod:`.stencil`; inputs that require grad
+go through :mod:`.adjoint`.
 
 Public API: :func:`simulate` (a function) and :class:`ForwardModel` (an ``nn.Module``
-wrapper), plus :class:`Geometry` and :func:`damping_profile`.
+wrapper), plus :class:`Geometry` and :func:`damping_profile` (from :mod:`.stencil`).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from ..utils import progress_bar
+from .adjoint import simulate_differentiable
+from .stencil import (AUTO_COMPILE_MIN_SHOT_STEPS, C1, C2, C3, CFL_LIMIT, DEFAULT_SOURCE_COLUMNS, EagerStep,
+                      FlushDenormals, Geometry, compiled_step, damping_profile, default_source_columns,
+                      denormals_flushed, fill_halo, scheme_coefficients, stencil_weights)
 from .wavelet import ricker
 
+# the scheme's names (defined in :mod:`.stencil`) stay importable from here
+__all__ = ["simulate", "simulate_host_style", "ForwardModel", "Backend", "Geometry", "damping_profile",
+           "scheme_coefficients", "default_source_columns", "denormals_flushed", "DEFAULT_SOURCE_COLUMNS",
+           "CFL_LIMIT", "AUTO_COMPILE_MIN_SHOT_STEPS", "C1", "C2", "C3"]
+
 ArrayLike = Union[np.ndarray, torch.Tensor]
-
-C1 = -2.5
-C2 = 4.0 / 3.0
-C3 = -1.0 / 12.0
-#: The largest Courant number ``v*dt/dx`` for which this 2-D scheme is stable
-#: (alpha * 32/3 <= 4, i.e. sqrt(3/8)).
-CFL_LIMIT = math.sqrt(3.0 / 8.0)
-
-DEFAULT_SOURCE_COLUMNS = (0, 17, 34, 52, 69)
-#: ``backend="auto"`` compiles the time step for jobs of at least this many shot-steps
-#: (4 full samples); smaller jobs run eagerly rather than wait for the compiler.
-AUTO_COMPILE_MIN_SHOT_STEPS = 4 * 5 * 1000
-
-
-def default_source_columns(n_sources: int = 5, nx: int = 70, dx: float = 10.0) -> tuple:
-    """Source columns as the host placed them: ``round(linspace(0, (nx-1)*dx, n) / dx)``."""
-    xs = np.linspace(0, (nx - 1) * dx, n_sources)
-    return tuple(int(c) for c in np.round(xs / dx))
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Acquisition and grid parameters (defaults: the competition's)."""
-
-    source_columns: Sequence[int] = DEFAULT_SOURCE_COLUMNS
-    source_row: int = 1
-    receiver_row: int = 1
-    receiver_columns: Optional[Sequence[int]] = None  # None: every column
-    nt: int = 1000
-    dt: float = 1e-3
-    dx: float = 10.0
-    freq: float = 15.0
-    nbc: int = 120
-
-    def receivers(self, nx: int) -> list:
-        return list(range(nx)) if self.receiver_columns is None else [int(c) for c in self.receiver_columns]
-
-
-def damping_profile(vel_padded: torch.Tensor, nbc: int, dx: float) -> torch.Tensor:
-    """The host's sponge: ``k0 * (d*dx/a)^2`` for a cell ``d`` cells into the pad.
-
-    Computed in float32 with the host's order of operations (the seismic is sensitive
-    to the rounding of these coefficients at the 1e-5 level).
-
-    Args:
-        vel_padded: (B, Hp, Wp) edge-padded velocity (m/s), float32.
-    Returns:
-        (B, Hp, Wp) float32 damping in 1/s, zero inside the model; in the corners the
-        x-direction (column) profile wins, as in the host code that wrote it over all rows.
-    """
-    b, hp, wp = vel_padded.shape
-    nz, nx = hp - 2 * nbc, wp - 2 * nbc
-    dev = vel_padded.device
-    a = (nbc - 1) * dx
-    vmin = vel_padded.amin(dim=(1, 2))
-    k0 = 3.0 * vmin * torch.log(torch.tensor(1e7, device=dev)) / (2.0 * a)  # (B,)
-    prof = k0[:, None] * ((torch.arange(nbc, dtype=torch.float32, device=dev) * dx / a) ** 2)
-    damp = torch.zeros(b, hp, wp, dtype=torch.float32, device=dev)
-    damp[:, :, :nbc] = prof.flip(1)[:, None, :]
-    damp[:, :, nx + nbc:] = prof[:, None, :]
-    damp[:, :nbc, nbc:nbc + nx] = prof.flip(1)[:, :, None]
-    damp[:, nz + nbc:, nbc:nbc + nx] = prof[:, :, None]
-    return damp
-
-
-def scheme_coefficients(vel: torch.Tensor, geom: "Geometry") -> dict:
-    """Float32 coefficients of the update, computed exactly as the host did.
-
-    Args:
-        vel: (B,H,W) float32 velocity.
-    Returns:
-        dict of (B,Hp,Wp) tensors ``temp1``, ``temp2``, ``alpha``, ``beta`` and the padded
-        velocity ``vp``; differentiable w.r.t. ``vel`` except through the sponge's min(v).
-    """
-    nbc = geom.nbc
-    vp = torch.nn.functional.pad(vel[:, None], (nbc, nbc, nbc, nbc), mode="replicate")[:, 0]
-    # the sponge depends on min(v) only; under autograd that min is a constant (detached)
-    damp = damping_profile(vp.detach(), nbc, geom.dx)
-    alpha = (vp * geom.dt / geom.dx) ** 2
-    kappa = damp * geom.dt
-    c1 = torch.tensor(C1, dtype=torch.float32, device=vel.device)
-    temp1 = 2 + 2 * c1 * alpha - kappa
-    temp2 = 1 - kappa
-    beta = (vp * geom.dt) ** 2
-    return {"vp": vp, "alpha": alpha, "temp1": temp1, "temp2": temp2, "beta": beta}
+Backend = Literal["auto", "compile", "eager"]
 
 
 def _as_tensor(velocity: ArrayLike, device) -> tuple:
@@ -174,81 +100,6 @@ def _check_geometry(geom: "Geometry", h: int, w: int) -> None:
             raise ValueError(f"simulate: {name}={r} must lie in 0..{h - 1}")
 
 
-def _fill_halo(buf: torch.Tensor) -> None:
-    """Periodic halo of width 2 (the host's ``torch.roll`` wrap): copy opposite edges.
-
-    ``buf`` is (..., H+4, W+4); rows first, then full columns (which fills the corners).
-    """
-    buf[..., 0:2, 2:-2] = buf[..., -4:-2, 2:-2]
-    buf[..., -2:, 2:-2] = buf[..., 2:4, 2:-2]
-    buf[..., :, 0:2] = buf[..., :, -4:-2]
-    buf[..., :, -2:] = buf[..., :, 2:4]
-
-
-def _step_fused(prev: torch.Tensor, cur: torch.Tensor, temp1: torch.Tensor, neg_temp2: torch.Tensor,
-                alpha: torch.Tensor, c2: float, c3: float) -> None:
-    """One time step written as a single expression (what ``torch.compile`` fuses into one
-    loop): ``prev`` (halo buffer holding p_{t-1}) is overwritten in its interior with p_{t+1}.
-
-    prev, cur: (S, n, H+4, W+4); temp1, neg_temp2, alpha: (S, 1, H, W) (shared by the shots).
-    """
-    s1 = cur[..., 2:-2, 3:-1] + cur[..., 2:-2, 1:-3] + cur[..., 3:-1, 2:-2] + cur[..., 1:-3, 2:-2]
-    s2 = cur[..., 2:-2, 4:] + cur[..., 2:-2, 0:-4] + cur[..., 4:, 2:-2] + cur[..., 0:-4, 2:-2]
-    o = prev[..., 2:-2, 2:-2]
-    o.copy_(neg_temp2 * o + temp1 * cur[..., 2:-2, 2:-2] + alpha * (c2 * s1 + c3 * s2))
-
-
-class _EagerStep:
-    """The same step as :func:`_step_fused` with in-place ops on preallocated scratch
-    buffers (no per-step allocation); used where ``torch.compile`` is unavailable."""
-
-    def __init__(self):
-        self.scratch = None
-
-    def __call__(self, prev, cur, temp1, neg_temp2, alpha, c2, c3):
-        shape = prev[..., 2:-2, 2:-2].shape
-        if self.scratch is None or self.scratch[0].shape != shape:
-            self.scratch = (torch.empty(shape, device=prev.device), torch.empty(shape, device=prev.device))
-        s1, s2 = self.scratch
-        o = prev[..., 2:-2, 2:-2]
-        o.mul_(neg_temp2)
-        o.addcmul_(cur[..., 2:-2, 2:-2], temp1)
-        torch.add(cur[..., 2:-2, 3:-1], cur[..., 2:-2, 1:-3], out=s1)
-        s1.add_(cur[..., 3:-1, 2:-2]).add_(cur[..., 1:-3, 2:-2])
-        torch.add(cur[..., 2:-2, 4:], cur[..., 2:-2, 0:-4], out=s2)
-        s2.add_(cur[..., 4:, 2:-2]).add_(cur[..., 0:-4, 2:-2])
-        s1.mul_(c2).add_(s2, alpha=c3)
-        o.addcmul_(s1, alpha)
-
-
-_COMPILED = {}
-
-
-def _compiled_step():
-    """``torch.compile`` of :func:`_step_fused`, built once per process (None if compiling
-    is not possible here, e.g. no C++ compiler)."""
-    if "step" not in _COMPILED:
-        import logging
-
-        # on CPU-only machines torch logs "No CUDA runtime is found" while compiling
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        try:
-            fn = torch.compile(_step_fused, dynamic=False)
-            # compile and check on a tiny problem before trusting it
-            a = torch.zeros(1, 1, 9, 9)
-            a[..., 4, 4] = 1.0
-            b = a.clone()
-            c = torch.ones(1, 1, 5, 5)
-            fn(b, a, c, -c, c, 1.0, 0.5)
-            _COMPILED["step"] = fn
-        except Exception:  # noqa: BLE001 - any failure means: use the eager step
-            _COMPILED["step"] = None
-    return _COMPILED["step"]
-
-
-Backend = Literal["auto", "compile", "eager"]
-
-
 def _propagate(vel: torch.Tensor, geom: "Geometry", samples_per_chunk: int, progress: bool,
                backend: Backend = "auto") -> torch.Tensor:
     """Run every shot of a batch. vel: (B,H,W) float32 on the target device.
@@ -273,22 +124,20 @@ def _propagate(vel: torch.Tensor, geom: "Geometry", samples_per_chunk: int, prog
 
     step = None
     if backend in ("auto", "compile"):
-        step = _compiled_step()
+        step = compiled_step()
         if step is None and backend == "compile":
             raise RuntimeError("simulate: backend='compile' requested but torch.compile failed here; "
                                "use backend='eager'")
     if step is None:
-        step = _EagerStep()
+        step = EagerStep()
 
     co = scheme_coefficients(vel, geom)
     hp, wp = co["vp"].shape[-2:]
     wav = torch.from_numpy(ricker(geom.freq, geom.dt, nt)).to(device)
-    c2 = float(torch.tensor(C2, dtype=torch.float32))
-    c3 = float(torch.tensor(C3, dtype=torch.float32))
+    c2, c3 = stencil_weights(torch.float32)
     out = torch.empty(b, ns, nt, nr, device=device)
     bar = None
     if progress:
-        from ..utils import progress_bar
         bar = progress_bar(total=b, desc="simulate", unit="sample")
     bufs = None
     for s0 in range(0, b, samples_per_chunk):
@@ -310,7 +159,7 @@ def _propagate(vel: torch.Tensor, geom: "Geometry", samples_per_chunk: int, prog
         prev, cur = bufs
         rec = out[s0:s1]
         for it in range(nt):
-            _fill_halo(cur)
+            fill_halo(cur)
             step(prev, cur, t1, nt2, al, c2, c3)
             o = prev[..., 2:-2, 2:-2]
             o[:, :, sz, :] += src_rows[it]
@@ -321,12 +170,6 @@ def _propagate(vel: torch.Tensor, geom: "Geometry", samples_per_chunk: int, prog
     if bar is not None:
         bar.close()
     return out
-
-
-def denormals_flushed() -> bool:
-    """Whether the CPU currently flushes denormal floats to zero (torch has no getter:
-    a denormal times one is zero exactly when flushing is on)."""
-    return float(torch.tensor([1e-39], dtype=torch.float32) * 1.0) == 0.0
 
 
 def simulate(
@@ -417,8 +260,6 @@ def simulate(
     if backend == "auto" and v.shape[0] * len(geom.source_columns) * geom.nt < AUTO_COMPILE_MIN_SHOT_STEPS:
         backend = "eager"
     if torch.is_tensor(velocity) and velocity.requires_grad and torch.is_grad_enabled():
-        from .adjoint import simulate_differentiable
-
         vg = velocity[:, 0] if velocity.dim() == 4 else velocity
         if not vg.is_floating_point():
             raise ValueError(f"simulate: velocity dtype {vg.dtype} cannot require grad")
@@ -427,16 +268,8 @@ def simulate(
         return simulate_differentiable(vg.to(device=device, dtype=torch.float32), geom,
                                        batch_chunk=int(batch_chunk), checkpoint_every=checkpoint_every,
                                        backend=backend, flush_denormal=flush_denormal)
-    restore = None
-    if flush_denormal and device.type == "cpu":
-        restore = denormals_flushed()
-        torch.set_flush_denormal(True)
-    try:
-        with torch.no_grad():
-            out = _propagate(v, geom, int(batch_chunk), progress, backend)
-    finally:
-        if restore is not None:
-            torch.set_flush_denormal(restore)
+    with FlushDenormals(flush_denormal and device.type == "cpu"), torch.no_grad():
+        out = _propagate(v, geom, int(batch_chunk), progress, backend)
     return out.cpu().numpy() if is_numpy else out
 
 

@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from .families import FAMILIES
-from .forward import DEFAULT_SOURCE_COLUMNS, default_source_columns, simulate
+from .forward import simulate
 from .pde_loss import misfit
+from .stencil import AUTO_COMPILE_MIN_SHOT_STEPS, DEFAULT_SOURCE_COLUMNS, compiled_step, default_source_columns
 
 KINDS = ("flat", "tv", "smooth")
 #: default regulariser weights per kind (on the misfit scaled by ``cost_scale``; velocities
@@ -351,11 +352,9 @@ def refine(
     dt = float(simulate_kwargs.get("dt", 1e-3))
     if simulate_kwargs.get("backend", "auto") == "auto":
         # the whole refinement, not one call, decides whether compiling pays off
-        from .forward import AUTO_COMPILE_MIN_SHOT_STEPS, _compiled_step
-
         work = b * len(shot_ids) * nt * max(1, max_iter)
         simulate_kwargs["backend"] = ("compile" if work >= 4 * AUTO_COMPILE_MIN_SHOT_STEPS
-                                      and _compiled_step() is not None else "eager")
+                                      and compiled_step() is not None else "eager")
     lo, hi = float(clamp[0]), float(clamp[1])
 
     def forward(v: torch.Tensor) -> torch.Tensor:
