@@ -36,19 +36,27 @@ converges to the exact MAP. (Only floating-point rounding can raise the energy, 
 each iteration so this can be monitored.
 
 Public API: :class:`ContinuousCRF` (an ``nn.Module``, optionally trainable through the
-unrolled iterations) and :func:`tune_crf` (grid or optuna search on a validation set).
+unrolled iterations), :func:`tune_crf` (grid or optuna search on a validation set) and
+:func:`save_crf_config` / :func:`load_crf` (the tuned configuration as ``crf.json`` beside
+the checkpoints).
 """
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
 import warnings
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .metrics import mae
+from .utils import atomic_write_text
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -297,8 +305,6 @@ def tune_crf(predictions: ArrayLike, targets: ArrayLike, guides: Optional[ArrayL
         "cnn_mae": the metric of the unrefined predictions, "improved": bool,
         "trials": [(config, value), ...]}``.
     """
-    from .metrics import mae
-
     metric = metric or mae
     p = torch.as_tensor(predictions, dtype=torch.float32)
     t = torch.as_tensor(targets, dtype=torch.float32, device=p.device)
@@ -353,3 +359,32 @@ def tune_crf(predictions: ArrayLike, targets: ArrayLike, guides: Optional[ArrayL
     best_cfg = ContinuousCRF(**best_cfg).config()
     return {"best_config": best_cfg, "crf_mae": best, "cnn_mae": cnn, "improved": best < cnn,
             "trials": trials}
+
+
+# ------------------------------------------------------------------ saved configuration
+CRF_CONFIG_FILE = "crf.json"
+
+
+def save_crf_config(config: dict, folder: Union[str, os.PathLike]) -> Path:
+    """Write a tuned :class:`~fwi_core.crf.ContinuousCRF` configuration beside checkpoints."""
+    path = Path(folder) / CRF_CONFIG_FILE
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True))
+    return path
+
+
+def load_crf(checkpoint_dirs: Sequence[Union[str, os.PathLike]]):
+    """The CRF saved by :func:`save_crf_config` in the first of ``checkpoint_dirs`` that
+    holds one (a checkpoint file means its folder), or None."""
+    for d in checkpoint_dirs:
+        d = Path(d)
+        f = (d.parent if d.is_file() else d) / CRF_CONFIG_FILE
+        if f.is_file():
+            try:
+                config = json.loads(f.read_text())
+                if not isinstance(config, dict):
+                    raise TypeError(f"expected a JSON object, got {type(config).__name__}")
+                return ContinuousCRF(**config)
+            except (ValueError, TypeError, UnicodeDecodeError) as e:   # bad JSON, unknown or bad fields
+                raise ValueError(f"{f}: not a CRF configuration ({type(e).__name__}: {e}); delete it or "
+                                 "tune it again (the train kernel writes it)") from e
+    return None

@@ -1,4 +1,5 @@
-"""Per-sample metrics for velocity maps, seismic consistency and uncertainty.
+"""Per-sample metrics for velocity maps and uncertainty (pure: no simulation; the seismic
+misfit of a predicted map is :func:`fwi_core.physics.misfit.seismic_misfit`).
 
 Every metric takes a batch and returns one value per sample: a ``(B,)`` float64 tensor,
 or a numpy array when the first argument was numpy. Inputs are ``(B, C, H, W)`` or
@@ -12,7 +13,6 @@ argument says otherwise (``data_range`` for SSIM, ``threshold`` for boundaries).
   :func:`rmse`;
 - structure: :func:`ssim` (MONAI's definition), :func:`edge_map`, :func:`boundary_iou`;
 - CRF: :func:`crf_energy_reduction`;
-- physics: :func:`physical_consistency` (normalised seismic misfit of a predicted map);
 - uncertainty: :func:`gaussian_nll`, :func:`interval_coverage`, :func:`calibration_curve`,
   :func:`calibration_error`.
 """
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 __all__ = ["mae", "competition_mae", "rmse", "ssim", "edge_map", "boundary_iou",
-           "crf_energy_reduction", "physical_consistency", "gaussian_nll",
+           "crf_energy_reduction", "gaussian_nll",
            "interval_coverage", "calibration_curve", "calibration_error", "per_family"]
 
 
@@ -212,38 +212,6 @@ def crf_energy_reduction(energies) -> ArrayLike:
     red = torch.where(first != 0, (first - last) / torch.where(first != 0, first, torch.ones_like(first)),
                       torch.zeros_like(first))
     return _ret(red, is_np)
-
-
-# --------------------------------------------------------------------------- physics
-def physical_consistency(velocity: ArrayLike, observed: ArrayLike,
-                         simulator: Optional[Callable] = None, **simulate_kwargs) -> ArrayLike:
-    """Normalised seismic misfit ``||simulate(v) - obs|| / ||obs||`` per sample (0 = exact).
-
-    Args:
-        velocity: (B,1,70,70) or (B,70,70) predicted velocity in m/s.
-        observed: (B, n_sources, nt, n_receivers) observed (or host-simulated) seismic.
-        simulator: ``f(velocity, **kw) -> seismic``; default
-            :func:`fwi_core.physics.simulate` (about 1 s per sample on CPU at nt=1000).
-        **simulate_kwargs: passed on; ``nt`` defaults to ``observed.shape[-2]``.
-    """
-    is_np = not torch.is_tensor(velocity)
-    v = velocity if torch.is_tensor(velocity) else torch.from_numpy(np.asarray(velocity))
-    v = v.detach().to(torch.float32)
-    obs = _as_tensor(observed, v.device)
-    if obs.dim() != 4 or obs.shape[0] != v.shape[0]:
-        raise ValueError(f"physical_consistency: observed must be (B, sources, nt, receivers) with "
-                         f"B={v.shape[0]}, got {tuple(obs.shape)}")
-    if simulator is None:
-        from .physics import simulate as simulator
-    simulate_kwargs.setdefault("nt", obs.shape[-2])
-    sim = _as_tensor(simulator(v, **simulate_kwargs), v.device)
-    if sim.shape != obs.shape:
-        raise ValueError(f"physical_consistency: simulated {tuple(sim.shape)} vs observed "
-                         f"{tuple(obs.shape)}: pass matching nt / geometry")
-    b = obs.shape[0]
-    num = (sim - obs).reshape(b, -1).norm(dim=1)
-    den = obs.reshape(b, -1).norm(dim=1)
-    return _ret(num / den.clamp_min(1e-30), is_np)
 
 
 # ----------------------------------------------------------------------- uncertainty

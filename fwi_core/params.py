@@ -17,11 +17,9 @@ import numbers
 import os
 from typing import Any, Dict, Mapping, Tuple
 
+from .errors import ParameterError
+
 __all__ = ["ParameterError", "KERNEL_PARAMETERS", "check_parameters", "check_value", "int_at_least"]
-
-
-class ParameterError(ValueError):
-    """A kernel parameter of the wrong type (the message names it and what was expected)."""
 
 
 # kinds of values

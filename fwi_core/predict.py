@@ -71,8 +71,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from fwi_core.data import DataError, DataFormatError, find_competition_root
     from fwi_core.ensemble import Ensemble, EnsembleConfigError
-    from fwi_core.inference import find_checkpoints, load_crf
-    from fwi_core.train.errors import CheckpointError
+    from fwi_core.crf import load_crf
+    from fwi_core.models.checkpoint import find_checkpoints
+    from fwi_core.errors import CheckpointError
     from fwi_core.tta import (DEFAULT_STAGES, InsufficientBudgetError, StageError, StageGains,
                               TestFileSource, find_stage_gains, run_budgeted)
 

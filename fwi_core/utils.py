@@ -8,6 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, List, Optional, Union
 
+import numpy as np
+import torch
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no advisory locks, stale temporaries stay
@@ -161,3 +164,23 @@ def atomic_save_npy(path: PathLike, array) -> None:
 def atomic_write_text(path: PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def plain(obj):
+    """``obj`` with numpy scalars and arrays turned into Python numbers and lists and
+    tuples into lists (what ``weights_only`` loading and JSON accept)."""
+    if isinstance(obj, dict):
+        return {str(k) if isinstance(k, np.generic) else k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, str):
+        return str(obj)   # str subclasses (e.g. torch's TorchVersion) are not weights_only-safe
+    return obj
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -47,7 +47,8 @@ deadline = Deadline.from_budget(time_budget) if time_budget else Deadline.platfo
 from fwi_core.data import find_competition_root, load_solution, load_test_sample, validate_submission
 from fwi_core.data import score_submission
 from fwi_core.ensemble import Ensemble
-from fwi_core.inference import find_checkpoints, load_crf
+from fwi_core.crf import load_crf
+from fwi_core.models.checkpoint import find_checkpoints
 from fwi_core.plotting import plot_predictions, plot_uncertainty_by_family, show
 from fwi_core.tta import TestFileSource, find_stage_gains, run_budgeted
 
@@ -73,7 +74,7 @@ flagger = None
 for name, member in ensemble.members.items():
     marker = member.path.parent / "consistency.json" if member.path is not None else None
     if marker is not None and marker.is_file() and hasattr(member.model, "inverse_consistency"):
-        from fwi_core.consistency import ConsistencyFlagger
+        from fwi_core.inverse_consistency import ConsistencyFlagger
 
         flagger = ConsistencyFlagger.load(member.model, marker)
         print("consistency check:", name, "threshold", flagger.threshold)

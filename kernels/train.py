@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from fwi_core.data import find_competition_root
-from fwi_core.inference import format_table, score_predictions
+from fwi_core.scoring import format_table, score_predictions
 from fwi_core.plotting import plot_curves, plot_predictions, show
 from fwi_core.params import check_parameters
 from fwi_core.train import TrainConfig, default_epochs, detect_platform, train
@@ -110,8 +110,7 @@ show(fig, out / "val_predictions.png")
 # validation MAE.
 
 # %%
-from fwi_core.crf import tune_crf
-from fwi_core.inference import save_crf_config
+from fwi_core.crf import save_crf_config, tune_crf
 
 tuned = tune_crf(res["pred"], res["true"])
 print(f"validation MAE: CNN {tuned['cnn_mae']:.2f} m/s, CNN + CRF {tuned['crf_mae']:.2f} m/s")
@@ -130,10 +129,10 @@ if tuned["improved"]:
 if model_name == "invertible_unet":
     import torch
 
-    from fwi_core.consistency import ConsistencyFlagger
+    from fwi_core.inverse_consistency import ConsistencyFlagger
     from fwi_core.crf import ContinuousCRF
     from fwi_core.data import FWIDataset, index_train, normalize_seismic
-    from fwi_core.train import load_model
+    from fwi_core.models.checkpoint import load_model
 
     val = FWIDataset(index_train(root))
     x_val = torch.from_numpy(np.stack([normalize_seismic(val.raw(int(i))[0]) for i in oof["indices"]]))

@@ -3,7 +3,7 @@ maps inconsistent with their gathers; predictions are not changed."""
 import numpy as np
 import torch
 
-from fwi_core.consistency import ConsistencyFlagger
+from fwi_core.inverse_consistency import ConsistencyFlagger
 from fwi_core.data import normalize_seismic
 from fwi_core.models import create_model
 from fwi_core.tta import ArraySource, BudgetedInference, Deadline

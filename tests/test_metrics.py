@@ -123,27 +123,6 @@ def test_crf_energy_reduction_from_crf():
     assert red.shape == (2,) and ((red > 0) & (red < 1)).all()
 
 
-# --------------------------------------------------------------------- physics
-def test_physical_consistency_hand_cases():
-    from fwi_core.physics import simulate
-    v = step_map(30, 2000.0, 3000.0).float()
-    obs = simulate(v, nt=150)
-    # ||s - 2s|| / ||2s|| = 1/2 exactly when the re-simulated s equals obs / 2
-    assert M.physical_consistency(v, 2 * obs).item() == pytest.approx(0.5, rel=1e-6)
-    # a wrong near-surface velocity misfits (the direct wave moves); numpy in, numpy out
-    out = M.physical_consistency(step_map(30, 2300.0, 3000.0).numpy(), obs.numpy())
-    assert isinstance(out, np.ndarray) and out.shape == (1,) and out[0] > 0.05
-
-
-def test_physical_consistency_custom_simulator():
-    obs = torch.ones(2, 5, 10, 70)
-    fake = lambda v, nt: torch.zeros(v.shape[0], 5, nt, 70)     # noqa: E731
-    torch.testing.assert_close(M.physical_consistency(torch.zeros(2, 1, 70, 70), obs, simulator=fake),
-                               torch.ones(2, dtype=torch.float64))
-    with pytest.raises(ValueError, match="observed"):
-        M.physical_consistency(torch.zeros(2, 1, 70, 70), obs[0], simulator=fake)
-
-
 # ----------------------------------------------------------------- uncertainty
 def test_gaussian_nll_by_hand():
     mean = torch.zeros(2, 1, 1, 2)

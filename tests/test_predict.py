@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import fwi_core.train.platform as platform_mod
+import fwi_core.platform as platform_mod
 from fwi_core.data import list_test, validate_submission
-from fwi_core.inference import find_checkpoints
+from fwi_core.models.checkpoint import find_checkpoints
 from fwi_core.predict import main
 from tests.tta_helpers import tiny_checkpoint, write_test_root
 
@@ -194,7 +194,7 @@ def test_find_checkpoints_kinds(tmp_path):
 
 
 def test_cli_reads_crf_json_and_stage_gains_beside_the_checkpoints(setup, tmp_path, monkeypatch):
-    from fwi_core.inference import save_crf_config
+    from fwi_core.crf import save_crf_config
     from fwi_core.tta import StageGains
 
     root, ck = setup

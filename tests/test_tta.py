@@ -476,7 +476,7 @@ def test_validate_rejects_a_truncated_csv_so_the_atomic_write_matters(tmp_path):
 
 
 def test_evaluate_writes_the_stage_gains_table_beside_the_checkpoint(fake_root, tmp_path, capsys):
-    from fwi_core.inference import save_crf_config
+    from fwi_core.crf import save_crf_config
     from tests.tta_helpers import tiny_checkpoint
     from tools import evaluate
 

@@ -5,7 +5,7 @@
                              [--mc-dropout T] [--json OUT] [--stage-gains [OUT]]
 
 Prints MAE (overall and per family) with the competition's MAE (odd columns), RMSE, SSIM
-and boundary IoU; ``--physics N`` adds the physical-consistency score (normalised seismic
+and boundary IoU; ``--physics N`` adds the seismic misfit (normalised seismic
 misfit of the predicted maps, simulated with the exact forward model) on N samples;
 ``--crf`` also scores the predictions after a continuous-CRF pass (the tuned ``crf.json``
 beside the checkpoint when there is one, else the default CRF with its temperature in m/s); ``--mc-dropout T``
@@ -27,7 +27,20 @@ from typing import List, Optional
 
 import numpy as np
 
+import torch
+
+from fwi_core.crf import default_crf_ms, load_crf
+from fwi_core.data import FWIDataset, index_train
+from fwi_core.ensemble import Ensemble, member_name_for
+from fwi_core.errors import FWIError
+from fwi_core.inference import predict_dataset
+from fwi_core.metrics import mae, per_family
+from fwi_core.models.checkpoint import load_model
 from fwi_core.params import int_at_least
+from fwi_core.physics.misfit import seismic_misfit
+from fwi_core.scoring import format_table, score_predictions, score_uncertainty
+from fwi_core.tta import measure_stage_gains
+from fwi_core.utils import atomic_write_text
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -40,7 +53,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--max-samples", type=int_at_least(1), default=None, help="evaluate the first N samples only")
     ap.add_argument("--families", nargs="*", default=None)
     ap.add_argument("--physics", type=int_at_least(0), default=0, metavar="N",
-                    help="physical-consistency score on the first N samples (about 0.2-0.6 s each)")
+                    help="seismic misfit on the first N samples (about 0.2-0.6 s each)")
     ap.add_argument("--crf", action="store_true",
                     help="also score after a continuous-CRF pass: the tuned crf.json beside the checkpoint, "
                          "else the default CRF in m/s units")
@@ -54,9 +67,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.mc_dropout == 1:
         ap.error("argument --mc-dropout: expected 0 (off) or at least 2 passes, got 1")
 
-    from fwi_core.data import DataError, FWIDataset, index_train
-    from fwi_core.inference import format_table, load_crf, predict_dataset, score_predictions
-    from fwi_core.train import CheckpointError, load_model
 
     for c in a.checkpoint:
         if not c.is_file():
@@ -64,7 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     try:
         ds = FWIDataset(index_train(a.data, families=a.families))
-    except DataError as e:
+    except FWIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.max_samples:
@@ -73,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         models = [load_model(c, weights=a.weights) for c in a.checkpoint]
         if a.crf:
             load_crf(a.checkpoint)          # a damaged crf.json fails now, not after predicting
-    except (CheckpointError, ValueError) as e:
+    except (FWIError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     res = predict_dataset(models, ds, batch_size=a.batch_size, flip_tta=a.flip_tta, mc_passes=a.mc_dropout)
@@ -86,19 +96,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("\nmodel comparison: MAE (m/s) per family of each member and of the ensemble")
         print(format_table(out["comparison"]))
     if a.mc_dropout:
-        from fwi_core.inference import score_uncertainty
-
         unc = score_uncertainty(res["pred"], res["var"], res["true"], res["family"])
         print(f"\nMC dropout ({a.mc_dropout} passes): uncertainty calibration")
         print(format_table(unc))
         out["uncertainty"] = unc
     if a.crf:
-        import torch
-
-        from fwi_core.crf import default_crf_ms
-        from fwi_core.inference import load_crf
-        from fwi_core.metrics import mae, per_family
-
         # the CRF the train kernel tuned (crf.json beside the checkpoint) if there is one,
         # else the default CRF with its temperature converted to m/s: predictions are in m/s
         crf = load_crf(a.checkpoint)
@@ -111,28 +113,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         out["crf_mae"] = crf_mae
         out["crf"] = {"source": source, "config": crf.config()}
     if a.physics:
-        from fwi_core.metrics import per_family, physical_consistency
-
         n = min(a.physics, len(ds))
         obs = np.stack([ds.raw(i)[0] for i in range(n)])
-        score = physical_consistency(res["pred"][:n], obs)
+        score = seismic_misfit(res["pred"][:n], obs)
         pc = per_family(score, list(res["family"][:n]))
-        print(f"\nphysical consistency (||sim(pred) - observed|| / ||observed||, {n} samples):",
+        print(f"\nseismic misfit (||sim(pred) - observed|| / ||observed||, {n} samples):",
               ", ".join(f"{k} {v:.3f}" for k, v in pc.items()))
-        out["physical_consistency"] = pc
+        out["seismic_misfit"] = pc
     if a.stage_gains is not None:
         out["stage_gains"] = _stage_gains(a, ds)
     if a.json:
-        from fwi_core.utils import atomic_write_text
         atomic_write_text(a.json, json.dumps(out, indent=2))
     return 0
 
 
 def _compare_members(paths, models, res, ds, batch_size, flip_tta):
     """{family: {member name: MAE, ..., "ensemble": MAE}} (m/s, 'all' included)."""
-    from fwi_core.ensemble import member_name_for
-    from fwi_core.inference import predict_dataset
-    from fwi_core.metrics import mae, per_family
 
     names = [member_name_for(p) for p in paths]
     names = [n if names.count(n) == 1 else str(p) for n, p in zip(names, paths)]
@@ -148,9 +144,6 @@ def _compare_members(paths, models, res, ds, batch_size, flip_tta):
 
 def _stage_gains(a, ds) -> dict:
     """Measure each inference stage's gain on ``ds`` and save ``stage_gains.json``."""
-    from fwi_core.ensemble import Ensemble
-    from fwi_core.inference import load_crf
-    from fwi_core.tta import measure_stage_gains
 
     ens = Ensemble.from_checkpoints(a.checkpoint)
     true = np.stack([ds.raw(i)[1] for i in range(len(ds))])

@@ -35,7 +35,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from fwi_core.data import DataError, find_competition_root
     from fwi_core.inference import find_checkpoints
-    from fwi_core.physics import pseudo_label_round
+    from fwi_core.recipes import pseudo_label_round
     from fwi_core.train import CheckpointError
 
     try:

@@ -2,7 +2,7 @@
 augmentation and submissions."""
 from .augment import add_noise, hflip, scale_amplitude
 from .dataset import FWIDataset, TestDataset
-from .errors import DataError, DataFormatError, LayoutError, MissingPairError, SubmissionError
+from ..errors import DataError, DataFormatError, LayoutError, MissingPairError, SubmissionError
 from .io import SEIS_SHAPE, VEL_SHAPE, open_npy
 from .layout import FilePair, find_competition_root, index_train, list_test, load_test_sample
 from .normalize import (denormalize_seismic, denormalize_velocity, normalize_seismic,

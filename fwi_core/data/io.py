@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .errors import DataFormatError
+from ..errors import DataFormatError
 
 SEIS_SHAPE = (5, 1000, 70)
 VEL_SHAPE = (1, 70, 70)

@@ -14,7 +14,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import LayoutError, MissingPairError
+from ..errors import LayoutError, MissingPairError
 from .io import SEIS_SHAPE, VEL_SHAPE, open_npy
 
 COMPETITION_SLUG = "waveform-inversion"

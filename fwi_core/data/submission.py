@@ -16,7 +16,7 @@ from typing import Dict, Iterable, Optional, Sequence
 import numpy as np
 
 from ..utils import atomic_path
-from .errors import SubmissionError
+from ..errors import SubmissionError
 
 ODD_COLUMNS = list(range(1, 70, 2))
 HEADER = ["oid_ypos"] + [f"x_{c}" for c in ODD_COLUMNS]

@@ -1,5 +1,6 @@
 """Ensembles: members with weights that are data, weights from validation, a family
-classifier, a meta-learner, MC-dropout uncertainty, distillation and OOF fitting.
+classifier, a meta-learner, MC-dropout uncertainty and OOF fitting (distillation into one
+student is a recipe: :mod:`fwi_core.recipes.distill`).
 
     from fwi_core.ensemble import Ensemble, Member, EnsembleWeights
     ens = Ensemble.from_checkpoints(paths, config="ensemble.json")
@@ -9,14 +10,13 @@ Modules: :mod:`.weights` (EnsembleWeights, JSON), :mod:`.config` (the ensemble f
 :mod:`.ensemble` (Ensemble, Member), :mod:`.optimize` (static / optimised weights and
 their comparison), :mod:`.uncertainty` (MC dropout, inverse-variance weights, CRF
 confidence), :mod:`.family` (FamilyClassifier), :mod:`.meta` (MetaLearner), :mod:`.fit` (fit_ensemble:
-weights and meta-learner from the engine's out-of-fold files), :mod:`.distill` (a fast
-student trained on the ensemble's predictions).
+weights and meta-learner from the engine's out-of-fold files), :mod:`.saved` (how the small
+networks are saved).
 """
+from ..errors import EnsembleConfigError
 from .config import EnsembleConfig, MemberSpec
 from .ensemble import Ensemble, Member, member_name_for
-from .errors import EnsembleConfigError
 from .family import FamilyClassifier, train_family_classifier
-from .distill import TeacherTargets, distill, teacher_targets
 from .fit import fit_ensemble
 from .meta import (MetaFeatureSpec, MetaLearner, evaluate_meta_learner, meta_features, physics_misfit,
                    train_meta_learner)
@@ -32,5 +32,5 @@ __all__ = [
     "format_comparison", "member_family_mae", "mc_dropout_predict", "inverse_variance_weights",
     "mixture_variance", "uncertainty_map", "crf_confidence", "FamilyClassifier", "train_family_classifier",
     "MetaFeatureSpec", "MetaLearner", "meta_features", "physics_misfit", "train_meta_learner",
-    "evaluate_meta_learner", "fit_ensemble", "distill", "teacher_targets", "TeacherTargets",
+    "evaluate_meta_learner", "fit_ensemble",
 ]

@@ -12,7 +12,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from ..errors import EnsembleConfigError
 from ..params import int_at_least
+from .fit import fit_ensemble
+from .optimize import format_comparison
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -40,8 +43,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         if path is not None and not path.exists():
             ap.error(f"argument {flag}: {path} does not exist")
 
-    from . import fit_ensemble, format_comparison
-    from .errors import EnsembleConfigError
 
     meta = {"yes": True, "always": "always", None: False}[a.meta]
     kwargs = {"n_trials": a.n_trials, "iterations": a.iterations}

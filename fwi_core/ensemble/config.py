@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
-from .errors import EnsembleConfigError
+from ..errors import EnsembleConfigError
+from ..utils import atomic_write_text, plain
 from .weights import FORMAT, EnsembleWeights, read_json
 
 PathLike = Union[str, os.PathLike]
@@ -158,9 +159,6 @@ class EnsembleConfig:
 
     def save(self, path: Optional[PathLike] = None) -> Path:
         """Write the JSON atomically (to ``path``, default where it was loaded from)."""
-        from fwi_core.train.checkpoint import plain
-        from fwi_core.utils import atomic_write_text
-
         path = Path(path) if path is not None else self.path
         if path is None:
             raise ValueError("EnsembleConfig.save: no path given")

@@ -22,8 +22,14 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ..errors import EnsembleConfigError
+from ..inference import predict_batch, to_velocity
+from ..models.checkpoint import find_checkpoints, load_model
+from ..utils import default_device
 from .config import EnsembleConfig, MemberSpec
-from .errors import EnsembleConfigError
+from .family import FamilyClassifier
+from .meta import MetaLearner
+from .uncertainty import inverse_variance_weights, mc_dropout_predict, mixture_variance
 from .weights import EnsembleWeights
 
 PathLike = Union[str, os.PathLike]
@@ -141,9 +147,6 @@ class Ensemble:
                 optional family classifier and meta-learner.
             device: where to put the models (default: CUDA if available).
         """
-        from fwi_core.inference import default_device, find_checkpoints
-        from fwi_core.train import load_model
-
         device = torch.device(device) if device is not None else default_device()
         paths = [Path(p) for p in (paths or ())]
         if config is None:
@@ -167,10 +170,8 @@ class Ensemble:
             members.append(Member(spec.name, model, ck, spec.kind, spec.group))
         family_classifier = meta_learner = None
         if cfg.family_classifier:
-            from .family import FamilyClassifier
             family_classifier = FamilyClassifier.load(_existing(cfg, "family_classifier"), device=device)
         if cfg.meta_learner:
-            from .meta import MetaLearner
             meta_learner = MetaLearner.load(_existing(cfg, "meta_learner"), device=device)
         return cls(members, cfg.weights, family_classifier, meta_learner)
 
@@ -195,7 +196,6 @@ class Ensemble:
     def predict_member(self, name: str, x_norm: torch.Tensor, flip_tta: bool = False) -> torch.Tensor:
         """Normalised prediction (B,1,70,70) of one member (no grad; on ``x_norm``'s
         device). ``flip_tta`` averages with the un-flipped prediction of the flipped input."""
-        from fwi_core.inference import predict_batch
 
         if name not in self.members:
             raise KeyError(f"Ensemble: no member {name!r}; members: {', '.join(self.members)}")
@@ -206,7 +206,6 @@ class Ensemble:
     def predict_member_mc(self, name: str, x_norm: torch.Tensor, passes: int,
                           flip_tta: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """MC-dropout mean and variance (normalised units, (B,1,70,70) each) of one member."""
-        from .uncertainty import mc_dropout_predict
 
         if name not in self.members:
             raise KeyError(f"Ensemble: no member {name!r}; members: {', '.join(self.members)}")
@@ -320,9 +319,7 @@ class Ensemble:
             distributions (within-member variance plus disagreement), or None without
             MC dropout.
         """
-        from fwi_core.inference import to_velocity
 
-        from .uncertainty import mixture_variance
 
         names = list(members) if members is not None else self.member_names
         if mc_passes == 1 or mc_passes < 0:
@@ -355,7 +352,6 @@ def _weighted(stack: torch.Tensor, w: torch.Tensor, var: Optional[torch.Tensor],
     if inverse_variance:
         if var is None:
             raise ValueError("Ensemble: inverse_variance needs MC-dropout variances")
-        from .uncertainty import inverse_variance_weights
 
         pw = inverse_variance_weights(var, prior=w)                                 # (M,B,1,H,W)
         return (pw * stack).sum(0), pw

@@ -23,14 +23,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from ..models.blocks import ConvBnAct
+from ..utils import progress_bar
+from .saved import SavedModule
 
 PathLike = Union[str, os.PathLike]
-FORMAT = "fwi_core.ensemble.family_classifier/1"
 
 __all__ = ["FamilyClassifier", "train_family_classifier"]
 
 
-class FamilyClassifier(nn.Module):
+class FamilyClassifier(SavedModule, nn.Module):
     """Seismic -> family logits.
 
     Args:
@@ -43,10 +47,12 @@ class FamilyClassifier(nn.Module):
     Shapes: ``forward(x (B, S, T, R)) -> logits (B, F)``.
     """
 
+    FORMAT = "fwi_core.ensemble.family_classifier/1"
+    WHAT = "family classifier"
+
     def __init__(self, families: Sequence[str], in_channels: int = 5, width: int = 16,
                  time_size: int = 128, receiver_size: int = 35, drop_rate: float = 0.1):
         super().__init__()
-        from fwi_core.models.blocks import ConvBnAct
 
         self.families: List[str] = [str(f) for f in families]
         if len(self.families) < 2 or len(set(self.families)) != len(self.families):
@@ -90,27 +96,12 @@ class FamilyClassifier(nn.Module):
         return [self.families[i] for i in self.predict_proba(x).argmax(1).tolist()]
 
     # ------------------------------------------------------------------ files
-    def save(self, path: PathLike) -> Path:
-        """Write families, constructor arguments and weights (atomic, weights_only-safe)."""
-        from fwi_core.utils import atomic_path
-
-        path = Path(path)
-        with atomic_path(path, suffix=".pt") as tmp:
-            torch.save({"format": FORMAT, "families": self.families, "kwargs": self.kwargs,
-                        "state": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-                        "report": getattr(self, "report", None)}, tmp)
-        return path
+    def saved_fields(self) -> Dict[str, Any]:
+        return {"families": self.families, "kwargs": self.kwargs}
 
     @classmethod
-    def load(cls, path: PathLike, device: Union[str, torch.device] = "cpu") -> "FamilyClassifier":
-        from .errors import load_saved
-
-        d = load_saved(path, "family classifier", FORMAT)
-        clf = cls(d["families"], **d["kwargs"])
-        clf.load_state_dict(d["state"])
-        clf.report = d.get("report")
-        return clf.to(device).eval()
-
+    def from_saved_fields(cls, fields: Dict[str, Any]) -> "FamilyClassifier":
+        return cls(fields["families"], **fields["kwargs"])
 
 def train_family_classifier(dataset, families: Optional[Sequence[str]] = None, epochs: int = 3,
                             batch_size: int = 16, lr: float = 2e-3, weight_decay: float = 1e-4,
@@ -132,9 +123,7 @@ def train_family_classifier(dataset, families: Optional[Sequence[str]] = None, e
         ``train_accuracy`` and (with ``val_dataset``) ``val_accuracy`` and
         ``val_accuracy_per_family``, ``seconds``.
     """
-    from torch.utils.data import DataLoader
 
-    from fwi_core.utils import progress_bar
 
     start = time.perf_counter()
     labels = _families_of(dataset)
@@ -210,8 +199,6 @@ def _families_of(ds) -> List[str]:
 
 @torch.no_grad()
 def _accuracy(clf: FamilyClassifier, ds, batch_size: int, dev) -> tuple:
-    from torch.utils.data import DataLoader
-
     hits: Dict[str, List[bool]] = {}
     for x, _, fam in DataLoader(ds, batch_size=batch_size):
         pred = clf.predict(x.to(dev))

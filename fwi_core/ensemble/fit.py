@@ -33,7 +33,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..data import FWIDataset, find_competition_root, index_train
+from ..data.normalize import normalize_velocity
 from .config import EnsembleConfig, MemberSpec
+from .family import FamilyClassifier
+from .meta import MetaFeatureSpec, evaluate_meta_learner, meta_features, train_meta_learner
 from .optimize import compare_weightings
 from .weights import EnsembleWeights
 
@@ -148,8 +152,6 @@ def _expand(weights: EnsembleWeights, groups: Dict[str, List[str]]) -> EnsembleW
 
 def _meta_features_batched(spec, preds_norm: np.ndarray, x_of, fam_clf, batch: int = 64,
                            simulator=None) -> torch.Tensor:
-    from .meta import meta_features
-
     n = preds_norm.shape[1]
     rows = []
     for s in range(0, n, batch):
@@ -227,14 +229,8 @@ def fit_ensemble(sources: Sequence[PathLike], out_json: Optional[PathLike] = Non
 
     meta_report, meta_written, meta_file, clf_file = None, False, None, None
     if meta:
-        from fwi_core.data.normalize import normalize_velocity
-
-        from .meta import MetaFeatureSpec, evaluate_meta_learner, train_meta_learner
-
         x_of, fam_clf = None, None
         if data is not None:
-            from fwi_core.data import FWIDataset, find_competition_root, index_train
-
             ds = FWIDataset(index_train(find_competition_root(data)))
             position = {int(g): i for i, g in enumerate(np.asarray(ds.indices).tolist())}
             missing = [k[1] for k in keys if k[1] not in position]
@@ -246,7 +242,6 @@ def fit_ensemble(sources: Sequence[PathLike], out_json: Optional[PathLike] = Non
                 return torch.stack([ds[position[keys[r][1]]][0] for r in rows])
 
             if family_classifier is not None:
-                from .family import FamilyClassifier
                 fam_clf = FamilyClassifier.load(family_classifier)
                 clf_file = os.path.relpath(Path(family_classifier).resolve(), out_dir)
         spec = MetaFeatureSpec(family=fam_clf is not None, seismic=data is not None,

@@ -12,7 +12,7 @@ Features (:func:`meta_features`, one row per sample; which groups are used is a
 - ``mc_variance``: per member, the mean MC-dropout standard deviation (M);
 - ``physics``: per member, the physics residual: simulate its prediction with the exact
   forward model over the first ``physics_nt`` time samples and take the normalised misfit
-  against the observed gathers (:func:`fwi_core.metrics.physical_consistency`; the misfit
+  against the observed gathers (:func:`fwi_core.physics.misfit.seismic_misfit`; the misfit
   correlates with the error). This is the expensive one (a simulation per member).
 
 The model (:class:`MetaLearner`) standardises the features and maps them with a small MLP
@@ -36,6 +36,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..data.normalize import denormalize_seismic, denormalize_velocity
+from ..metrics import per_family
+from ..physics.misfit import seismic_misfit
+from .optimize import optimize_weights
+from .saved import SavedModule
 
 PathLike = Union[str, os.PathLike]
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -123,8 +129,6 @@ def physics_misfit(preds_norm: torch.Tensor, x_norm: torch.Tensor, nt: int,
         preds_norm: (M, B, 1, H, W) normalised predictions.
         x_norm: (B, S, T, R) normalised observed gathers (``T >= nt``).
     """
-    from fwi_core.data.normalize import denormalize_seismic, denormalize_velocity
-    from fwi_core.metrics import physical_consistency
 
     p = _stack(preds_norm)
     if nt < 1 or nt > x_norm.shape[-2]:
@@ -133,7 +137,7 @@ def physics_misfit(preds_norm: torch.Tensor, x_norm: torch.Tensor, nt: int,
     out = []
     for m in range(p.shape[0]):
         v = denormalize_velocity(p[m].clamp(-1, 1))
-        out.append(torch.as_tensor(physical_consistency(v, obs, simulator=simulator, nt=nt)).float())
+        out.append(torch.as_tensor(seismic_misfit(v, obs, simulator=simulator, nt=nt)).float())
     return torch.stack(out, 1).to(x_norm.device)
 
 
@@ -185,7 +189,7 @@ def meta_features(spec: MetaFeatureSpec, preds_norm: ArrayLike, x_norm: Optional
     return torch.cat(cols, 1).float()
 
 
-class MetaLearner(nn.Module):
+class MetaLearner(SavedModule, nn.Module):
     """Per-sample member weights from features: standardise, MLP (or linear), softmax.
 
     Args:
@@ -197,6 +201,9 @@ class MetaLearner(nn.Module):
 
     Shapes: ``forward(features (B, D)) -> weights (B, M)`` (rows sum to 1).
     """
+
+    FORMAT = FORMAT
+    WHAT = "meta-learner"
 
     def __init__(self, member_names: Sequence[str], n_features: int, spec: Optional[MetaFeatureSpec] = None,
                  hidden: int = 32, prior: Optional[Sequence[float]] = None):
@@ -242,27 +249,14 @@ class MetaLearner(nn.Module):
         return self(feats)
 
     # ------------------------------------------------------------------ files
-    def save(self, path: PathLike) -> Path:
-        from fwi_core.utils import atomic_path
-
-        path = Path(path)
-        with atomic_path(path, suffix=".pt") as tmp:
-            torch.save({"format": FORMAT, "member_names": self.member_names, "spec": self.spec.to_dict(),
-                        "n_features": self.n_features, "hidden": self.hidden,
-                        "state": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-                        "report": getattr(self, "report", None)}, tmp)
-        return path
+    def saved_fields(self) -> Dict[str, Any]:
+        return {"member_names": self.member_names, "spec": self.spec.to_dict(), "n_features": self.n_features,
+                "hidden": self.hidden}
 
     @classmethod
-    def load(cls, path: PathLike, device: Union[str, torch.device] = "cpu") -> "MetaLearner":
-        from .errors import load_saved
-
-        d = load_saved(path, "meta-learner", FORMAT)
-        meta = cls(d["member_names"], d["n_features"], MetaFeatureSpec.from_dict(d["spec"]), d["hidden"])
-        meta.load_state_dict(d["state"])
-        meta.report = d.get("report")
-        return meta.to(device).eval()
-
+    def from_saved_fields(cls, fields: Dict[str, Any]) -> "MetaLearner":
+        return cls(fields["member_names"], fields["n_features"], MetaFeatureSpec.from_dict(fields["spec"]),
+                   fields["hidden"])
 
 def train_meta_learner(preds: ArrayLike, targets: ArrayLike, features: ArrayLike,
                        member_names: Optional[Sequence[str]] = None, spec: Optional[MetaFeatureSpec] = None,
@@ -357,9 +351,7 @@ def evaluate_meta_learner(preds: ArrayLike, targets: ArrayLike, families: Sequen
         ``BEAT_TOLERANCE`` of it: ties and rounding do not count), "gain": static - meta
         (overall MAE), "folds": number of folds}``.
     """
-    from fwi_core.metrics import per_family
 
-    from .optimize import optimize_weights
 
     p = _flat(preds)
     t = torch.as_tensor(np.asarray(targets) if not torch.is_tensor(targets) else targets).float()

@@ -1,7 +1,7 @@
 """Ensemble weights from validation data.
 
 - :func:`weights_from_validation`: static weights from each member's per-family
-  validation MAE (inverse-MAE^p or softmin), optionally scaled by physical consistency
+  validation MAE (inverse-MAE^p or softmin), optionally scaled by the seismic misfit
   (the normalised seismic misfit of the member's predictions).
 - :func:`optimize_weights`: weights minimising the out-of-fold MAE of the weighted mean,
   non-negative and summing to 1, per family: optuna's TPE sampler when installed,
@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..metrics import per_family
 from .weights import DEFAULT, EnsembleWeights
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -86,7 +87,6 @@ def project_simplex(v: torch.Tensor) -> torch.Tensor:
 def member_family_mae(preds: ArrayLike, targets: ArrayLike, families: Sequence[str],
                       member_names: Sequence[str]) -> Dict[str, Dict[str, float]]:
     """{member: {family: MAE, ..., "all": MAE}} of each member's own predictions."""
-    from fwi_core.metrics import per_family
 
     p, t, fams = _flat_inputs(preds, targets, families)
     if len(member_names) != p.shape[0]:
@@ -106,7 +106,7 @@ def weights_from_validation(member_mae: Mapping[str, Mapping[str, float]],
         member_mae: {member: {family: MAE}} (e.g. :func:`member_family_mae`, or the
             ``val_mae_per_family`` of each run); an ``"all"`` entry sets the default row,
             else the default uses the mean over the member's families.
-        physics: optional {member: {family: misfit}} (:func:`fwi_core.metrics.physical_consistency`
+        physics: optional {member: {family: misfit}} (:func:`fwi_core.physics.misfit.seismic_misfit`
             averaged per family); weights are further multiplied by
             ``(misfit / best misfit) ** -physics_power``.
         method: "inverse" (``w ∝ MAE^-power``) or "softmin"
@@ -310,7 +310,6 @@ def compare_weightings(preds: ArrayLike, targets: ArrayLike, families: Sequence[
         "weights": {"static": EnsembleWeights, "optimised": EnsembleWeights}}`` (the
         returned weights are fitted on all samples).
     """
-    from fwi_core.metrics import per_family
 
     p, t, fams = _flat_inputs(preds, targets, families)
     m, n = p.shape[:2]

@@ -17,6 +17,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..inference import predict_batch
+from ..models import enable_mc_dropout
+
 __all__ = ["mc_dropout_predict", "inverse_variance_weights", "mixture_variance", "uncertainty_map",
            "crf_confidence"]
 
@@ -37,8 +40,6 @@ def mc_dropout_predict(model: nn.Module, x: torch.Tensor, passes: int = 8,
         (mean, variance) of the passes, each (B,1,H,W) in the model's output units
         (unbiased variance).
     """
-    from fwi_core.inference import predict_batch
-    from fwi_core.models import enable_mc_dropout
 
     if passes < 2:
         raise ValueError(f"mc_dropout_predict: need at least 2 passes, got {passes}")

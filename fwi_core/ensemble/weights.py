@@ -26,7 +26,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .errors import EnsembleConfigError
+from ..errors import EnsembleConfigError
+from ..utils import atomic_write_text
 
 FORMAT = "fwi_core.ensemble/1"
 DEFAULT = "default"
@@ -184,7 +185,6 @@ class EnsembleWeights:
     def save(self, path: PathLike) -> Path:
         """Write ``{"format", "weights"}`` as JSON, atomically. To store weights inside an
         ensemble configuration use :class:`~fwi_core.ensemble.config.EnsembleConfig`."""
-        from fwi_core.utils import atomic_write_text
 
         path = Path(path)
         atomic_write_text(path, json.dumps({"format": FORMAT, "weights": self.to_dict()}, indent=2) + "\n")

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .registry import UnknownModelError, create_model, is_model, list_models, register_model
+from ..errors import UnknownModelError
+from .registry import Capabilities, create_model, is_model, list_models, model_capabilities, register_model
 from . import inversionnet, invertible_unet, specproj_unet, timm_unet  # noqa: F401  (registration)
 from . import residual_stacker  # noqa: F401  (registration)
 from . import residual  # noqa: F401  (registration: residual_stage)
@@ -20,7 +21,8 @@ from . import heat_diffusion  # noqa: F401  (registration)
 from . import se3_transformer  # noqa: F401  (registration; e3nn is imported when built)
 from . import meshcnn  # noqa: F401  (registration)
 
-__all__ = ["create_model", "list_models", "register_model", "is_model", "UnknownModelError",
+__all__ = ["create_model", "list_models", "register_model", "is_model", "UnknownModelError", "Capabilities",
+           "model_capabilities",
            "enable_mc_dropout", "count_parameters"]
 
 

@@ -197,7 +197,7 @@ def check_prior(prior: Optional[torch.Tensor], batch: int, model_name: str) -> N
     if not torch.is_tensor(prior) or tuple(prior.shape) != shape or not prior.is_floating_point():
         got = (f"{tuple(prior.shape)} {prior.dtype}" if torch.is_tensor(prior) else type(prior).__name__)
         raise ValueError(f"{model_name}: prior must be the backbone's normalised velocity, a float "
-                         f"tensor of shape {shape} = (batch, 1, depth, x), got {got}")
+                         f"tensor (B, 1, 70, 70) = (batch, 1, depth, x), here {shape}, got {got}")
 
 
 def prior_channels(prior: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import ConvBnAct, check_prior, check_seismic, prior_channels
-from .registry import register_model
+from .registry import Capabilities, register_model
 from .survey import (N_SOURCES, TraceEncoder, batch_edge_index, grid_positions,
                      positions_like, survey_graph)
 
@@ -235,7 +235,6 @@ class EGNNNet(nn.Module):
             the head (MC dropout).
     """
 
-    accepts_prior = True
 
     def __init__(self, hidden: int = 128, layers: int = 4, trace_dim: int = 64, trace_width: int = 64,
                  k_receivers: int = 6, decoder_dim: int = 64, heads: int = 4,
@@ -296,7 +295,7 @@ class EGNNNet(nn.Module):
         return torch.tanh(self.head(q))                                        # (B, 1, 70, 70)
 
 
-@register_model
+@register_model(capabilities=Capabilities(accepts_prior=True))
 def egnn(**kwargs) -> EGNNNet:
     """EGNN over 70 receivers + 5 sources (4 layers, 128 features) with a query decoder."""
     return EGNNNet(**kwargs)

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import VELOCITY_SHAPE, GatherToGrid, check_prior, check_seismic, prior_channels
-from .registry import register_model
+from .registry import Capabilities, register_model
 
 __all__ = ["dct_matrix", "neumann_eigenvalues", "heat_kernel", "grid_gradient", "HeatDiffusion",
            "SpatialGradientFeatures", "DiffusionBlock", "HeatDiffusionNet", "heat_diffusion"]
@@ -224,7 +224,6 @@ class HeatDiffusionNet(nn.Module):
         drop_rate: ``Dropout`` in the MLPs (MC dropout).
     """
 
-    accepts_prior = True
 
     def __init__(self, width: int = 32, channels: int = 64, blocks: int = 4, mlp_hidden: int = 96,
                  laplacian: str = "spectral", gradient_features: bool = True, drop_rate: float = 0.1):
@@ -248,7 +247,7 @@ class HeatDiffusionNet(nn.Module):
         return torch.tanh(self.head(h))                                    # (B, 1, 70, 70)
 
 
-@register_model
+@register_model(capabilities=Capabilities(accepts_prior=True))
 def heat_diffusion(**kwargs) -> HeatDiffusionNet:
     """DiffusionNet on the 70 x 70 grid: 4 blocks of 64 channels, exact spectral heat kernels."""
     return HeatDiffusionNet(**kwargs)

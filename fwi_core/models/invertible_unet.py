@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import ConvBnAct, check_seismic
-from .registry import register_model
+from .registry import Capabilities, register_model
 
 __all__ = ["CouplingBlock", "InvertibleUNetFlow", "InvertibleUNet", "invertible_unet"]
 
@@ -225,7 +225,7 @@ class InvertibleUNet(nn.Module):
         return err / z.flatten(1).norm(dim=1).clamp_min(1e-12)
 
 
-@register_model
+@register_model(capabilities=Capabilities(auxiliary_losses=True, inverse_consistency=True))
 def invertible_unet(**kwargs) -> InvertibleUNet:
     """Invertible UNet: 16-channel 70x70 latent, 3 x 4 affine couplings."""
     return InvertibleUNet(**kwargs)

@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import VELOCITY_SHAPE, ConvBnAct, GatherToGrid, check_prior, check_seismic, prior_channels
-from .registry import register_model
+from .registry import Capabilities, register_model
 
 __all__ = ["grid_mesh", "mesh_edges", "MeshConv", "MeshResBlock", "MeshCNN", "meshcnn"]
 
@@ -183,7 +183,6 @@ class MeshCNN(nn.Module):
         drop_rate: ``Dropout`` in the blocks, ``Dropout2d`` in the head (MC dropout).
     """
 
-    accepts_prior = True
 
     def __init__(self, width: int = 32, grid_channels: int = 48, channels: int = 64, blocks: int = 4,
                  mesh_size: int = 35, head_channels: int = 48, drop_rate: float = 0.1):
@@ -242,7 +241,7 @@ class MeshCNN(nn.Module):
         return torch.tanh(self.head(torch.cat([v, grid], dim=1)))             # (B, 1, 70, 70)
 
 
-@register_model
+@register_model(capabilities=Capabilities(accepts_prior=True))
 def meshcnn(**kwargs) -> MeshCNN:
     """MeshCNN edge convolutions on a 35 x 35 union-jack mesh (4 blocks, 64 features)."""
     return MeshCNN(**kwargs)

@@ -5,7 +5,7 @@ heat diffusion, SE(3) transformer, MeshCNN) is trained on what a frozen backbone
 wrong: the stage predicts ``prior + correction`` where ``prior`` is the backbone's
 prediction, so its loss against the truth is the member's loss on the residual target
 ``truth - prior``; the member also *sees* the prior (``forward(x, prior=...)``, the
-members' ``accepts_prior``). For ``residual_stacker`` (``accepts_residual``) the stage
+members that declare ``accepts_prior``). For ``residual_stacker`` (``accepts_residual``) the stage
 also computes the data residual ``x - normalize(simulate(prior))`` with the exact
 simulator and passes it on: stacking on residuals.
 
@@ -13,7 +13,7 @@ Shapes: x (B, 5, 1000, 70) normalised seismic -> (B, 1, 70, 70) normalised veloc
 [-1, 1]. The correction of a generic member (its output ``t`` in [-1, 1]) is scaled per
 pixel by ``min(max_correction, 1 - prior)`` upwards and ``min(max_correction, 1 + prior)``
 downwards, so the output stays in [-1, 1] and differentiable; members whose class sets
-``adds_prior = True`` (the stacker) return the corrected map themselves.
+``adds_prior`` (the stacker) return the corrected map themselves (capabilities: :mod:`.registry`).
 
 The backbone is frozen: no gradients, always in eval mode (its BatchNorm statistics and
 dropout do not change while the member trains), and its weights travel in the stage's
@@ -28,7 +28,9 @@ import torch
 import torch.nn as nn
 
 from .blocks import check_seismic
-from .registry import create_model, register_model
+from .checkpoint import load_model
+from .registry import create_model, model_capabilities, register_model
+from .residual_stacker import compute_residual
 
 __all__ = ["ResidualStage", "residual_stage"]
 
@@ -64,8 +66,9 @@ class ResidualStage(nn.Module):
             p.requires_grad_(False)
         self.backbone.eval()
         self.max_correction = float(max_correction)
-        self.accepts_prior = bool(getattr(self.member, "accepts_prior", False))
-        accepts_residual = bool(getattr(self.member, "accepts_residual", False))
+        caps = model_capabilities(self.member)
+        self.member_takes_prior, self.member_adds_prior = caps.accepts_prior, caps.adds_prior
+        accepts_residual = caps.accepts_residual
         self.residual_seismic = accepts_residual if residual_seismic is None else bool(residual_seismic)
         if self.residual_seismic and not accepts_residual:
             raise ValueError(f"residual_stage: member {member!r} does not take residual=")
@@ -77,8 +80,6 @@ class ResidualStage(nn.Module):
 
     def load_backbone(self, path, weights: str = "auto") -> None:
         """Load the backbone's weights from a training checkpoint of the backbone model."""
-        from fwi_core.train.checkpoint import load_model
-
         src = load_model(path, weights=weights)
         self.backbone.load_state_dict(src.state_dict())
 
@@ -91,14 +92,12 @@ class ResidualStage(nn.Module):
         check_seismic(x, type(self).__name__)
         prior = self.prior(x).to(x.dtype if x.is_floating_point() else torch.float32)   # (B, 1, 70, 70)
         kwargs = {}
-        if self.accepts_prior:
+        if self.member_takes_prior:
             kwargs["prior"] = prior
         if self.residual_seismic:
-            from .residual_stacker import compute_residual
-
             kwargs["residual"] = compute_residual(x.float(), prior.float()).to(x.dtype)   # (B, 5, 1000, 70)
         out = self.member(x, **kwargs)                                               # (B, 1, 70, 70)
-        if getattr(self.member, "adds_prior", False):
+        if self.member_adds_prior:
             return out
         t = out.float()
         up = (1.0 - prior.float()).clamp(0.0, self.max_correction)

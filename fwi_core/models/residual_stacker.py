@@ -33,8 +33,8 @@ receiver-averaged context and the prior, and decoded by 3x3 convolutions with
 ``Dropout2d`` (MC dropout) to one channel ``h``. The last layer starts small
 (``init_scale``) so an untrained stacker starts close to the prior.
 
-Class attributes ``accepts_prior = True`` and ``accepts_residual = True`` tell a
-training or inference wrapper to pass ``prior=`` and ``residual=``.
+Registered with the capabilities ``accepts_prior``, ``accepts_residual`` and ``adds_prior``:
+they tell a training or inference wrapper to pass ``prior=`` and ``residual=``.
 """
 from __future__ import annotations
 
@@ -44,8 +44,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import VELOCITY_SHAPE, ConvBnAct, check_seismic
-from .registry import register_model
+from ..data.normalize import denormalize_velocity, normalize_seismic
+from ..physics.forward import simulate
+from .blocks import VELOCITY_SHAPE, ConvBnAct, check_prior, check_seismic
+from .registry import Capabilities, register_model
 
 __all__ = ["ResidualStacker", "residual_stacker", "compute_residual"]
 
@@ -64,9 +66,6 @@ class ResidualStacker(nn.Module):
     or None) -> (B,1,70,70)`` in [-1, 1].
     """
 
-    accepts_prior = True
-    accepts_residual = True
-    adds_prior = True   # returns prior + correction itself (residual_stage passes it through)
 
     def __init__(self, width: int = 32, max_correction: float = 0.5, drop_rate: float = 0.1,
                  init_scale: float = 0.1):
@@ -98,11 +97,9 @@ class ResidualStacker(nn.Module):
         name = type(self).__name__
         check_seismic(x, name)
         b = x.shape[0]
+        check_prior(prior, b, name)
         if prior is None:
             prior = x.new_zeros(b, 1, *VELOCITY_SHAPE)
-        elif tuple(prior.shape) != (b, 1, *VELOCITY_SHAPE):
-            raise ValueError(f"{name}: prior must be the normalised first prediction (B, 1, 70, 70) "
-                             f"with B={b}, got {tuple(prior.shape)}")
         if residual is None:
             residual = x
         elif residual.shape != x.shape:
@@ -133,10 +130,7 @@ def compute_residual(x_norm: torch.Tensor, prior_norm: torch.Tensor,
     Returns:
         (B, S, nt, R) on ``x_norm``'s device and dtype.
     """
-    from fwi_core.data.normalize import denormalize_velocity, normalize_seismic
-
-    if simulator is None:
-        from fwi_core.physics import simulate as simulator
+    simulator = simulator or simulate
     simulate_kwargs.setdefault("nt", x_norm.shape[-2])
     with torch.no_grad():
         v = denormalize_velocity(prior_norm.detach().float().clamp(-1.0, 1.0))
@@ -146,7 +140,7 @@ def compute_residual(x_norm: torch.Tensor, prior_norm: torch.Tensor,
     return x_norm - normalize_seismic(sim)
 
 
-@register_model
+@register_model(capabilities=Capabilities(accepts_prior=True, accepts_residual=True, adds_prior=True))
 def residual_stacker(**kwargs) -> ResidualStacker:
     """Second-stage residual corrector (``forward(x, prior=None, residual=None)``)."""
     return ResidualStacker(**kwargs)

@@ -59,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import ConvBnAct, check_prior, check_seismic, prior_channels
-from .registry import register_model
+from .registry import Capabilities, register_model
 from .survey import (N_RECEIVERS, N_SOURCES, TraceEncoder, batch_edge_index, knn_edge_index,
                      positions_like, survey_graph)
 
@@ -206,7 +206,6 @@ class SE3Transformer(nn.Module):
             (MC dropout; l > 0 features are never dropped, which keeps equivariance).
     """
 
-    accepts_prior = True
 
     def __init__(self, irreps_hidden: str = "32x0e + 8x1o + 4x2e", scalars_out: int = 32,
                  layers: int = 3, lattice: Sequence[int] = (14, 7), trace_dim: int = 32,
@@ -312,7 +311,7 @@ class SE3Transformer(nn.Module):
         return torch.tanh(self.decoder(g))                                     # (B, 1, 70, 70)
 
 
-@register_model
+@register_model(capabilities=Capabilities(accepts_prior=True))
 def se3_transformer(**kwargs) -> SE3Transformer:
     """SE(3)-equivariant attention (e3nn) over 75 survey + 14x7 lattice nodes, 3 layers."""
     return SE3Transformer(**kwargs)

@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import ConvBnAct, UNetDecoder, center_crop, check_seismic
-from .registry import register_model
+from .registry import Capabilities, register_model
 
 __all__ = ["fan_filter_masks", "SpectralProjector", "SpecProjUNet", "specproj_unet",
            "DEFAULT_V_BANDS", "FAMILY_INITS"]
@@ -282,7 +282,7 @@ class SpecProjUNet(nn.Module):
             raise ValueError(f"SpecProjUNet: family_idx values must lie in [0, {self.num_families})")
 
 
-@register_model
+@register_model(capabilities=Capabilities(family_terms=True, auxiliary_losses=True))
 def specproj_unet(**kwargs) -> SpecProjUNet:
     """Spectral projector (8 f-k masks) + UNet, base width 32."""
     return SpecProjUNet(**kwargs)

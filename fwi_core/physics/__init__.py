@@ -8,15 +8,12 @@ __all__ = ["simulate", "simulate_host_style", "ForwardModel", "Geometry", "dampi
 from .families import FAMILIES, FAULT_FAMILIES, family_statistics, generate
 
 __all__ += ["FAMILIES", "FAULT_FAMILIES", "generate", "family_statistics"]
-from .pde_loss import pde_loss
+from .misfit import pde_loss, seismic_misfit
 from .refine import detect_family_kind, family_kind, refine
 
-__all__ += ["pde_loss", "refine", "detect_family_kind", "family_kind"]
+__all__ += ["pde_loss", "seismic_misfit", "refine", "detect_family_kind", "family_kind"]
 from .map_augment import DEFAULT_AUGMENT, affine_warp, augment_map, blend, crop_resize, crop_window, warp
 from .simulated import MixedDataset, SimulatedDataset, mix_datasets
 
 __all__ += ["SimulatedDataset", "MixedDataset", "mix_datasets", "DEFAULT_AUGMENT", "crop_resize", "crop_window",
             "affine_warp", "warp", "blend", "augment_map"]
-from .pseudo_label import pseudo_dataset, pseudo_label_round
-
-__all__ += ["pseudo_label_round", "pseudo_dataset"]

@@ -8,12 +8,13 @@ platform defaults.
 
 Command line: ``python -m fwi_core.train --help`` (also under ``torchrun``).
 """
-from .checkpoint import CheckpointManager, family_sources, load_checkpoint, load_model, read_metadata
+from ..models.checkpoint import family_sources, load_checkpoint, load_model, read_metadata
+from .checkpoint import CheckpointManager
 from .config import AMP_MODES, MONITORS, OPTIMIZERS, SCHEDULES, TrainConfig
 from .engine import summarize, train
-from .errors import CheckpointError, ConfigError, TrainError
+from ..errors import CheckpointError, ConfigError, TrainError
 from .losses import boundary_loss, velocity_loss
-from .platform import Platform, default_epochs, detect_platform
+from ..platform import Platform, default_epochs, detect_platform
 
 __all__ = ["TrainConfig", "train", "load_model", "family_sources", "detect_platform", "default_epochs", "Platform", "read_metadata",
            "load_checkpoint", "CheckpointManager", "summarize", "boundary_loss", "velocity_loss",

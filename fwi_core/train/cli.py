@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .config import AMP_MODES, MONITORS, OPTIMIZERS, SCHEDULES, TrainConfig
-from .errors import TrainError
+from ..errors import FWIError, TrainError
 
 _CHOICES = {"amp": AMP_MODES, "schedule": SCHEDULES, "optimizer": OPTIMIZERS, "monitor": MONITORS}
 _HELP = {
@@ -113,16 +113,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = config_from_args(argv)
         result = train(cfg)
-    except TrainError as exc:
+    except FWIError as exc:        # bad data, config, checkpoint, or a run that cannot go on
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:
-        from fwi_core.data import DataError
-
-        if isinstance(exc, DataError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
     if int(os.environ.get("RANK", "0")) == 0:
         summary = {k: v for k, v in result.items() if k != "history"}
         print(json.dumps(summary, indent=1, default=str))

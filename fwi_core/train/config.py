@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 AMP_MODES = ("off", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "onecycle", "cosine_restarts")

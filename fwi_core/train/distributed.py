@@ -17,7 +17,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from fwi_core.data import balanced_indices
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 @dataclass

@@ -35,16 +35,17 @@ from fwi_core.data import (FWIDataset, add_noise, denormalize_velocity, family_k
 from fwi_core.metrics import boundary_iou, mae, per_family, ssim
 from fwi_core.utils import atomic_path, atomic_write_text, progress_bar, remove_stale_temps
 
-from .checkpoint import (FORMAT, CheckpointManager, git_commit, load_checkpoint, now_iso, plain,
-                         resolve_resume, rng_state, set_rng_state)
+from ..models.checkpoint import FORMAT, load_checkpoint, read_metadata
+from ..utils import plain
+from .checkpoint import CheckpointManager, git_commit, now_iso, resolve_resume, rng_state, set_rng_state
 from .config import MAXIMISED, TrainConfig
 from .distributed import (DistInfo, EpochSampler, all_gather_objects, any_rank, barrier,
                           init_distributed, mean_over_ranks)
-from .errors import ConfigError, TrainError
+from ..errors import ConfigError, TrainError
 from .logs import CSVLog, save_curves
 from .losses import velocity_loss
 from .optim import autocast, build_optimizer, build_scheduler, make_scaler, resolve_amp, schedule_of
-from .platform import detect_platform, process_age
+from ..platform import detect_platform, process_age
 
 log = logging.getLogger("fwi_core.train")
 
@@ -300,7 +301,6 @@ class Trainer:
         cfg = self.cfg
         if not cfg.backbone_checkpoint:
             return cfg.model, dict(cfg.model_kwargs)
-        from .checkpoint import read_metadata
 
         meta = read_metadata(cfg.backbone_checkpoint)
         if meta.get("model") == "residual_stage":

@@ -35,7 +35,7 @@ import torch
 from torch.optim import lr_scheduler as sched
 
 from .config import AMP_MODES, OPTIMIZERS, SCHEDULES
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger("fwi_core.train")
 

@@ -1,7 +1,7 @@
 """The invertible UNet's consistency check as the planner's last stage: ``consistency``.
 
 The plan's "after CRF, run inverse UNet consistency": with a
-:class:`~fwi_core.consistency.ConsistencyFlagger` (an ``invertible_unet`` checkpoint and
+:class:`~fwi_core.inverse_consistency.ConsistencyFlagger` (an ``invertible_unet`` checkpoint and
 the threshold the train kernel learned on validation, ``consistency.json``), the stage
 scores every final map (after the ensemble, the CRF and refinement) against the latent
 of its gathers and flags those above the threshold. It does not change predictions: the

@@ -45,7 +45,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..data.errors import DataFormatError
+from ..errors import DataFormatError, InsufficientBudgetError
 from ..data.normalize import VEL_MAX, VEL_MIN
 from ..utils import atomic_write_text, progress_bar, remove_stale_temps
 from .gains import StageGains
@@ -66,28 +66,6 @@ PROBE_MIN_FRACTION = 0.1
 
 __all__ = ["BudgetedInference", "Deadline", "RunSummary", "InsufficientBudgetError", "CorruptedFileWarning",
            "run_budgeted", "default_state_dir", "DEFAULT_SAFETY_MARGIN"]
-
-
-class InsufficientBudgetError(RuntimeError):
-    """The time left cannot cover one pass of the cheapest member over every file.
-
-    Attributes:
-        needed: seconds the pass needs (measured on its first batch, CSV included).
-        available: seconds the deadline left when the pass started.
-        suggested_budget: a ``--time-budget`` (seconds from the process start) that fits.
-    """
-
-    def __init__(self, stage: str, files: int, per_file: float, csv_seconds: float, available: float,
-                 spent_before: float, batch_files: int):
-        self.needed = per_file * files + csv_seconds
-        self.available = available
-        self.suggested_budget = math.ceil(spent_before + self.needed * 1.2 + 1.0)
-        super().__init__(
-            f"the time budget is too small: the first pass ({stage} over {files} files) needs about "
-            f"{self.needed:.1f} s ({per_file:.4f} s per file measured on the first batch of {batch_files}, "
-            f"plus {csv_seconds:.1f} s to write the CSV), but only {max(available, 0.0):.1f} s were left. "
-            f"Give a budget of at least {self.suggested_budget} s (counted from the process start) or a "
-            "cheaper first member.")
 
 
 class CorruptedFileWarning(UserWarning):
@@ -116,8 +94,8 @@ class Deadline:
     def from_budget(cls, seconds: Optional[float], clock: Callable[[], float] = time.monotonic,
                     age: Optional[float] = None) -> "Deadline":
         """``seconds`` after the process start (``age``: seconds since then; default the
-        real process age from :func:`fwi_core.train.platform.process_age`)."""
-        from ..train.platform import process_age
+        real process age from :func:`fwi_core.platform.process_age`)."""
+        from ..platform import process_age
 
         now = clock()
         origin = now - (process_age() if age is None else float(age))
@@ -133,7 +111,7 @@ class Deadline:
         """The platform's session limit (:func:`fwi_core.train.detect_platform`: 11.5 h
         on Kaggle, 11 h on Colab, none locally) minus ``safety_margin`` seconds, from
         the process start."""
-        from ..train.platform import detect_platform
+        from ..platform import detect_platform
 
         limit = detect_platform().time_budget
         return cls.from_budget(None if limit is None else max(1.0, limit - safety_margin), clock, age)
@@ -217,7 +195,7 @@ def default_state_dir(out_csv: Optional[PathLike]) -> Optional[Path]:
     session)."""
     import tempfile
 
-    from ..train.platform import detect_platform
+    from ..platform import detect_platform
 
     if out_csv is None:
         return None

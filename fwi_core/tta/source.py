@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.errors import LayoutError
+from ..errors import LayoutError
 from ..data.io import SEIS_SHAPE
 from ..data.layout import list_test, load_test_sample
 

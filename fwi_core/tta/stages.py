@@ -44,6 +44,7 @@ import torch
 
 from ..data.augment import hflip
 from ..data.normalize import VEL_MAX, VEL_MIN, denormalize_velocity, normalize_seismic
+from ..errors import StageError
 
 __all__ = ["Stage", "BatchState", "RunContext", "MemberStage", "FlipStage", "CRFStage", "MCDropoutStage",
            "register_stage", "registered_stages", "build_stages", "DEFAULT_STAGES", "StageError"]
@@ -53,10 +54,6 @@ __all__ = ["Stage", "BatchState", "RunContext", "MemberStage", "FlipStage", "CRF
 DEFAULT_STAGES = ("members", "flip", "crf", "mc_dropout")
 
 MAP = (70, 70)
-
-
-class StageError(ValueError):
-    """A stage list that cannot run (unknown name, bad order, no member first)."""
 
 
 def _to_velocity(pred_norm: torch.Tensor) -> torch.Tensor:

@@ -223,7 +223,8 @@ def test_package_needs_only_numpy_and_torch():
     code = ("import sys\n"
             "for m in ('optuna', 'scipy', 'timm', 'torch_geometric', 'e3nn', 'monai'): sys.modules[m] = None\n"
             "import numpy as np\n"
-            "from fwi_core.ensemble import Ensemble, optimize_weights, fit_ensemble, distill, MetaLearner\n"
+            "from fwi_core.ensemble import Ensemble, optimize_weights, fit_ensemble, MetaLearner\n"
+            "from fwi_core.recipes import distill\n"
             "p = np.random.default_rng(0).normal(size=(2, 10, 4, 4)).astype('float32')\n"
             "w = optimize_weights(p, p[0], method='auto', iterations=5)\n"
             "print(w.info['method'])\n")

@@ -125,24 +125,6 @@ def test_trace_attributes_reach_the_right_edges():
     assert set(model.trace_index[changed].tolist()) == {2 * 70 + 40} and changed.numel() == 2
 
 
-def test_prior_changes_output_and_is_checked():
-    torch.manual_seed(0)
-    model = create_model("egnn", **TINY).eval()
-    assert model.accepts_prior
-    x = torch.randn(2, 5, 1000, 70) / 3
-    prior = torch.rand(2, 1, 70, 70) * 2 - 1
-    with torch.no_grad():
-        base = model(x)
-        with_prior = model(x, prior=prior)
-        assert not torch.allclose(base, with_prior)
-        assert not torch.allclose(with_prior, model(x, prior=-prior))
-        assert not torch.allclose(base, model(x, prior=torch.zeros_like(prior)))  # 0 != no prior
-    for bad in (torch.zeros(2, 70, 70), torch.zeros(1, 1, 70, 70), torch.zeros(2, 1, 70, 69),
-                torch.zeros(2, 1, 70, 70, dtype=torch.long)):
-        with pytest.raises(ValueError, match="prior"):
-            model(x, prior=bad)
-
-
 def test_deepcopy_and_pickle():
     """EMA (AveragedModel) deep-copies the model; checkpoints may pickle it."""
     torch.manual_seed(0)

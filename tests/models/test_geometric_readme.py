@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from fwi_core.models import count_parameters, create_model
+from fwi_core.models import count_parameters, create_model, model_capabilities
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MEMBERS = ["egnn", "heat_diffusion", "se3_transformer", "meshcnn"]
@@ -28,7 +28,7 @@ def test_table_parameters_and_prior(name):
     torch.manual_seed(0)
     model = create_model(name)
     assert count_parameters(model) == int(row.group(1).replace(",", ""))
-    assert model.accepts_prior
+    assert model_capabilities(model).accepts_prior
 
 
 def requirements(dist: str) -> set:

@@ -100,21 +100,6 @@ def test_invalid_settings():
         neumann_eigenvalues(5, 0.0)
 
 
-def test_prior_changes_output_and_is_checked():
-    torch.manual_seed(0)
-    model = create_model("heat_diffusion", **TINY).eval()
-    assert model.accepts_prior
-    x = torch.randn(2, 5, 1000, 70) / 3
-    prior = torch.rand(2, 1, 70, 70) * 2 - 1
-    with torch.no_grad():
-        base = model(x)
-        assert not torch.allclose(base, model(x, prior=prior))
-        assert not torch.allclose(base, model(x, prior=torch.zeros_like(prior)))
-    for bad in (torch.zeros(2, 1, 35, 35), torch.zeros(3, 1, 70, 70)):
-        with pytest.raises(ValueError, match="prior"):
-            model(x, prior=bad)
-
-
 def test_diffusion_runs_in_float32_under_autocast():
     layer = HeatDiffusion(2, spacing=H)
     u = gaussian_2d(345.0, 345.0, 30.0 ** 2).expand(1, 2, N, N).bfloat16()

@@ -111,16 +111,3 @@ def test_invalid_meshes_and_settings():
         create_model("meshcnn", **dict(TINY, mesh_size=8))
     with pytest.raises(ValueError, match="n must"):
         grid_mesh(1)
-
-
-def test_prior_changes_output_and_is_checked():
-    torch.manual_seed(0)
-    model = create_model("meshcnn", **TINY).eval()
-    assert model.accepts_prior
-    x = torch.randn(2, 5, 1000, 70) / 3
-    prior = torch.rand(2, 1, 70, 70) * 2 - 1
-    with torch.no_grad():
-        base = model(x)
-        assert not torch.allclose(base, model(x, prior=prior))
-    with pytest.raises(ValueError, match="prior"):
-        model(x, prior=prior[:, :, :, :35])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fwi_core.models import (UnknownModelError, count_parameters, create_model,
-                             enable_mc_dropout, is_model, list_models)
+                             enable_mc_dropout, is_model, list_models, model_capabilities)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -109,6 +109,45 @@ def test_loss_decreases(name, batch):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", [n for n in ZOO if n in list_models(capability="accepts_prior")])
+def test_prior_changes_output_and_is_checked(name):
+    """Every model that declares ``accepts_prior`` uses the prior (and a zero prior is not
+    the same as none) and rejects a prior of the wrong shape or dtype."""
+    model = tiny(name).eval()
+    caps = model_capabilities(model)
+    assert caps.accepts_prior
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 1000, 70) / 3
+    prior = torch.rand(2, 1, 70, 70) * 2 - 1
+    with torch.no_grad():
+        base = model(x)
+        with_prior = model(x, prior=prior)
+        assert not torch.allclose(base, with_prior)
+        assert not torch.allclose(with_prior, model(x, prior=-prior))
+        if not caps.adds_prior:   # a corrector (residual_stacker) reads no prior as prior 0 by design
+            assert not torch.allclose(base, model(x, prior=torch.zeros_like(prior)))  # 0 != no prior
+    for bad in (torch.zeros(2, 70, 70), torch.zeros(1, 1, 70, 70), torch.zeros(2, 1, 70, 69),
+                torch.zeros(2, 1, 35, 35), torch.zeros(3, 1, 70, 70), torch.zeros(2, 1, 70),
+                torch.zeros(2, 1, 70, 70, dtype=torch.long)):
+        with pytest.raises(ValueError, match="prior"):
+            model(x, prior=bad)
+
+
+def test_capabilities_are_declared_in_the_registry():
+    assert set(list_models(capability="accepts_prior")) >= {"egnn", "heat_diffusion", "meshcnn", "se3_transformer",
+                                                           "residual_stacker"}
+    assert list_models(capability="adds_prior") == ["residual_stacker"]
+    assert "specproj_unet" in list_models(capability="family_terms")
+    assert model_capabilities("invertible_unet").inverse_consistency
+    assert model_capabilities("inversionnet").names() == []
+    assert model_capabilities(tiny("egnn")).names() == ["accepts_prior"]
+    assert model_capabilities(torch.nn.Linear(2, 2)).names() == []       # not built by create_model
+    with pytest.raises(ValueError, match="unknown capability"):
+        list_models(capability="flies")
+    with pytest.raises(UnknownModelError):
+        model_capabilities("no_such_model")
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fwi_core.data.normalize import normalize_seismic, normalize_velocity
-from fwi_core.models import create_model
+from fwi_core.models import create_model, model_capabilities
 from fwi_core.models.residual_stacker import ResidualStacker, compute_residual
 
 
@@ -27,7 +27,8 @@ def inputs():
 def test_flags_and_registry():
     from fwi_core.models import count_parameters
 
-    assert ResidualStacker.accepts_prior and ResidualStacker.accepts_residual
+    caps = model_capabilities("residual_stacker")
+    assert caps.accepts_prior and caps.accepts_residual and caps.adds_prior
     assert isinstance(create_model("residual_stacker", width=4), ResidualStacker)
     assert count_parameters(create_model("residual_stacker")) == 154_337     # README
 

@@ -116,20 +116,6 @@ def test_segment_softmax_normalises_per_target():
     assert torch.allclose(alpha[:2], torch.softmax(logits[:2], 0))
 
 
-def test_prior_changes_output_and_is_checked():
-    torch.manual_seed(0)
-    model = create_model("se3_transformer", **TINY).eval()
-    assert model.accepts_prior
-    x = torch.randn(2, 5, 1000, 70) / 3
-    prior = torch.rand(2, 1, 70, 70) * 2 - 1
-    with torch.no_grad():
-        base = model(x)
-        assert not torch.allclose(base, model(x, prior=prior))
-    for bad in (torch.zeros(2, 1, 70), torch.zeros(1, 1, 70, 70)):
-        with pytest.raises(ValueError, match="prior"):
-            model(x, prior=bad)
-
-
 def test_deepcopy_and_pickle():
     torch.manual_seed(0)
     model = create_model("se3_transformer", **TINY).eval()

@@ -70,9 +70,9 @@ def case(area: str, expect, match: str):
 
 
 def _errors():
-    from fwi_core.data.errors import DataFormatError, LayoutError, MissingPairError, SubmissionError
+    from fwi_core.errors import DataFormatError, LayoutError, MissingPairError, SubmissionError
     from fwi_core.ensemble import EnsembleConfigError
-    from fwi_core.train.errors import CheckpointError, ConfigError
+    from fwi_core.errors import CheckpointError, ConfigError
     return DataFormatError, LayoutError, MissingPairError, SubmissionError, EnsembleConfigError, CheckpointError, \
         ConfigError
 

@@ -20,8 +20,10 @@ def test_evaluate_prints_metrics_per_family(fake_root, checkpoint, tmp_path, cap
 
     from fwi_core.crf import default_crf_ms
     from fwi_core.data import FWIDataset, index_train
-    from fwi_core.inference import predict_dataset, score_predictions, score_uncertainty
-    from fwi_core.metrics import mae, per_family, physical_consistency
+    from fwi_core.inference import predict_dataset
+    from fwi_core.scoring import score_predictions, score_uncertainty
+    from fwi_core.metrics import mae, per_family
+    from fwi_core.physics.misfit import seismic_misfit
     from fwi_core.train import load_model
 
     out = tmp_path / "metrics.json"
@@ -48,14 +50,14 @@ def test_evaluate_prints_metrics_per_family(fake_root, checkpoint, tmp_path, cap
                          list(res["family"]))
     assert data["crf_mae"] == pytest.approx(crf_mae, rel=1e-5)
     obs = np.stack([ds.raw(0)[0]])
-    pc = physical_consistency(res["pred"][:1], obs)
-    assert data["physical_consistency"]["all"] == pytest.approx(float(np.mean(pc)), rel=1e-4)
+    pc = seismic_misfit(res["pred"][:1], obs)
+    assert data["seismic_misfit"]["all"] == pytest.approx(float(np.mean(pc)), rel=1e-4)
 
 
 def test_evaluate_crf_uses_the_tuned_crf_json(fake_root, checkpoint, tmp_path, capsys):
     from pathlib import Path
 
-    from fwi_core.inference import save_crf_config
+    from fwi_core.crf import save_crf_config
 
     cfg = {"window": 5, "iterations": 20, "lambda_feature": 4.0, "lambda_spatial": 1.0, "temperature": 400.0}
     save_crf_config(cfg, Path(checkpoint).parent)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fwi_core.data import FWIDataset, index_train, list_test, load_test_sample, normalize_seismic
-from fwi_core.physics import generate, pseudo_dataset, pseudo_label_round, simulate
+from fwi_core.physics import generate, simulate
+from fwi_core.recipes import pseudo_dataset, pseudo_label_round
 from tools import pseudo_label
 
 
@@ -112,7 +113,7 @@ def test_models_are_averaged_and_defaults(tmp_path):
     import inspect
 
     from fwi_core.inference import predict_batch, to_velocity
-    from fwi_core.physics import pseudo_label as pl
+    from fwi_core.recipes import pseudo_label as pl
 
     assert inspect.signature(pseudo_label_round).parameters["samples_per_file"].default == 500
     torch.manual_seed(0)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from fwi_core.ensemble import Ensemble, EnsembleWeights, Member
-from fwi_core.ensemble.distill import TeacherTargets, distill, teacher_targets
+from fwi_core.recipes.distill import TeacherTargets, distill, teacher_targets
 
-from .helpers import TinyNet
+from ..ensemble.helpers import TinyNet
 from tests.train.helpers import TinyDataset, tiny_cfg
 
 

@@ -16,16 +16,19 @@ ensemble's accuracy for the student's speed.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .ensemble import Ensemble
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fwi_core.train import TrainConfig
+from ..data.normalize import denormalize_velocity
+from ..ensemble.ensemble import Ensemble
+from ..inference import to_velocity
+from ..metrics import mae, per_family
+from ..models.checkpoint import load_model
+from ..train import TrainConfig, train
+from ..utils import progress_bar
 
 __all__ = ["TeacherTargets", "teacher_targets", "distill"]
 
@@ -81,7 +84,6 @@ def teacher_targets(teacher: Ensemble, dataset: Dataset, batch_size: int = 16, f
                     progress: bool = True) -> torch.Tensor:
     """(N, 1, H, W) normalised ensemble predictions of a dataset's maps (clamped to
     [-1, 1]); with ``use_families`` the dataset's family labels pick per-family weights."""
-    from fwi_core.utils import progress_bar
 
     dev = torch.device(device) if device is not None else None
     out = []
@@ -101,8 +103,6 @@ def teacher_targets(teacher: Ensemble, dataset: Dataset, batch_size: int = 16, f
 def _evaluate(predict, dataset: Dataset, batch_size: int, max_samples: Optional[int]):
     """Per-family MAE (m/s) of ``predict(x) -> m/s`` on ``dataset`` and its ms per sample
     (the first batch, a warm-up, is not timed unless it is the only one)."""
-    from fwi_core.data.normalize import denormalize_velocity
-    from fwi_core.metrics import mae, per_family
 
     errs, fams, times = [], [], []
     for x, y, fam in DataLoader(dataset, batch_size=batch_size):
@@ -144,9 +144,6 @@ def distill(teacher: Ensemble, train_dataset: Dataset, val_dataset: Optional[Dat
         "ensemble_mae" ({family: m/s, "all"}), "student_ms_per_sample",
         "ensemble_ms_per_sample", "speedup", "n_teacher_targets"}}``.
     """
-    from fwi_core.inference import to_velocity
-    from fwi_core.train import TrainConfig, load_model, train
-
     cfg = TrainConfig.from_dict(student_cfg) if isinstance(student_cfg, dict) else (student_cfg or TrainConfig())
     parts = [TeacherTargets(train_dataset, teacher_targets(teacher, train_dataset, batch_size, flip_tta,
                                                            device=device, progress=progress))]

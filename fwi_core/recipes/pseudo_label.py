@@ -27,10 +27,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Subset
 
+from ..data import FWIDataset, index_train
+from ..data.dataset import TestDataset
+from ..inference import predict_batch, to_velocity
+from ..models.checkpoint import load_model
+from ..physics.families import VEL_HI, VEL_LO
+from ..physics.forward import simulate
 from ..utils import atomic_save_npy, atomic_write_text, progress_bar
-from .families import VEL_HI, VEL_LO
-from .forward import simulate
 
 PathLike = Union[str, os.PathLike]
 Predictor = Union[Callable[[torch.Tensor], Any], torch.nn.Module, Sequence[torch.nn.Module], PathLike,
@@ -41,14 +46,10 @@ MANIFEST = "pseudo_labels.json"
 
 def _predict_fn(predictor: Predictor, device: torch.device, flip_tta: bool, weights: str) -> tuple:
     """(callable normalised batch -> m/s maps, a description) for any accepted predictor."""
-    from ..inference import predict_batch, to_velocity
-
     items = list(predictor) if isinstance(predictor, (list, tuple)) else [predictor]
     if not items:
         raise ValueError("pseudo_label_round: no predictor given (an empty list)")
     if all(isinstance(p, (str, os.PathLike)) for p in items):
-        from ..train import load_model
-
         models = [load_model(p, weights=weights, device=device) for p in items]
         desc = [str(p) for p in items]
     elif all(isinstance(p, torch.nn.Module) for p in items):
@@ -95,7 +96,7 @@ def pseudo_label_round(predictor: Predictor, test_root: PathLike, out_root: Path
         predictor: a callable mapping a normalised batch (B, 5, 1000, 70) on ``device`` to
             velocities in m/s (B, 1, 70, 70) (tensor or array); or a model or list of models
             (averaged, :func:`fwi_core.inference.predict_batch` + ``to_velocity``); or
-            checkpoint path(s) (:func:`fwi_core.train.load_model` with ``weights``).
+            checkpoint path(s) (:func:`fwi_core.models.checkpoint.load_model` with ``weights``).
         test_root: the competition root (holding ``test/``) or the test folder.
         out_root: where ``train_samples/<family>/`` and ``pseudo_labels.json`` go.
         limit: use only the first ``limit`` test files (sorted by oid).
@@ -118,10 +119,6 @@ def pseudo_label_round(predictor: Predictor, test_root: PathLike, out_root: Path
     The folder is built beside its destination and renamed into place at the end, so an
     interrupted round leaves no partial family folder; each file is written atomically.
     """
-    from torch.utils.data import DataLoader, Subset
-
-    from ..data.dataset import TestDataset
-
     if samples_per_file < 1 or batch_size < 1:
         raise ValueError(f"pseudo_label_round: samples_per_file ({samples_per_file}) and batch_size "
                          f"({batch_size}) must be >= 1")
@@ -201,6 +198,5 @@ def pseudo_label_round(predictor: Predictor, test_root: PathLike, out_root: Path
 def pseudo_dataset(out_root: PathLike, family: str = PSEUDO_FAMILY, **kwargs):
     """The pseudo-labelled samples under ``out_root`` as an :class:`fwi_core.data.FWIDataset`
     (``kwargs`` go to it, e.g. ``flip_prob``); concatenate it with the real training set."""
-    from ..data import FWIDataset, index_train
 
     return FWIDataset(index_train(out_root, families=[family]), **kwargs)

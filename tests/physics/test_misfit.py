@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from fwi_core.physics import generate, simulate
-from fwi_core.physics.pde_loss import pde_loss
+from fwi_core.physics.misfit import pde_loss, seismic_misfit
+
+from ..test_metrics import step_map
 
 NT = 80  # short traces keep the tests fast; the loss only sees what it simulates
 
@@ -102,3 +104,23 @@ def test_velocity_is_clamped_to_the_plausible_range(truth):
     a = pde_loss(low, obs, max_time=40, backend="eager")
     b = pde_loss(at, obs, max_time=40, backend="eager")
     assert float(a) == float(b) > 0
+
+
+def test_seismic_misfit_hand_cases():
+    from fwi_core.physics import simulate
+    v = step_map(30, 2000.0, 3000.0).float()
+    obs = simulate(v, nt=150)
+    # ||s - 2s|| / ||2s|| = 1/2 exactly when the re-simulated s equals obs / 2
+    assert seismic_misfit(v, 2 * obs).item() == pytest.approx(0.5, rel=1e-6)
+    # a wrong near-surface velocity misfits (the direct wave moves); numpy in, numpy out
+    out = seismic_misfit(step_map(30, 2300.0, 3000.0).numpy(), obs.numpy())
+    assert isinstance(out, np.ndarray) and out.shape == (1,) and out[0] > 0.05
+
+
+def test_seismic_misfit_custom_simulator():
+    obs = torch.ones(2, 5, 10, 70)
+    fake = lambda v, nt: torch.zeros(v.shape[0], 5, nt, 70)     # noqa: E731
+    torch.testing.assert_close(seismic_misfit(torch.zeros(2, 1, 70, 70), obs, simulator=fake),
+                               torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="observed"):
+        seismic_misfit(torch.zeros(2, 1, 70, 70), obs[0], simulator=fake)

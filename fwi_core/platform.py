@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
+from .data.layout import find_competition_root
+from .errors import LayoutError
+
 KAGGLE_BUDGET = 11.5 * 3600.0   # 12 h session, minus time to save and upload
 COLAB_BUDGET = 11.0 * 3600.0    # sessions last up to about 12 h
 
@@ -60,8 +63,6 @@ def _has_module(name: str) -> bool:
 
 
 def _kaggle_data() -> Optional[str]:
-    from fwi_core.data import LayoutError, find_competition_root
-
     try:
         return str(find_competition_root())
     except LayoutError:

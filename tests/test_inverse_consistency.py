@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fwi_core.consistency import ConsistencyFlagger
+from fwi_core.inverse_consistency import ConsistencyFlagger
 from fwi_core.data import denormalize_velocity
 from fwi_core.models import create_model
 
