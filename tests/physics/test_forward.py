@@ -12,7 +12,7 @@ def _rel(a, b):
 def test_matches_host_reference_within_1e5(reference):
     vel, seis = reference["velocity"], reference["seismic"]
     out = simulate(vel, backend="eager")
-    assert out.shape == (8, 5, 1000, 70) and out.dtype == np.float32
+    assert out.shape == (len(vel), 5, 1000, 70) and out.dtype == np.float32
     errs = [_rel(out[i], seis[i]) for i in range(len(vel))]
     assert max(errs) <= 1e-5, errs
 
