@@ -132,6 +132,41 @@ def test_cli_ensemble_config_weights(setup, tmp_path, monkeypatch):
     assert out.read_bytes() == only_a.read_bytes()      # b weighs 0: the ensemble is member a
 
 
+@pytest.mark.parametrize("step", ["summary", "state removal"])
+def test_killed_after_the_finished_commit_resumes_to_the_same_files(setup, tmp_path, monkeypatch, step):
+    """The last steps of a run are: commit "finished", save the summary, remove the state
+    folder. A run killed between them (a kill test at the summary's write found it) must
+    still end, when resumed, with the CSV, the summary and no state folder."""
+    from fwi_core.tta import PredictionStore, RunSummary
+
+    root, ck = setup
+    age(monkeypatch, 0.0)
+    args = ["--data", str(root), "--checkpoints", str(ck[0]), "--time-budget", "600", "--stages", "members"]
+    ref = tmp_path / "ref"
+    assert main(args + ["--out", str(ref / "sub.csv")]) == 0
+    out = tmp_path / "work" / "sub.csv"
+    target = (RunSummary, "save") if step == "summary" else (PredictionStore, "remove")
+    real = getattr(*target)
+    calls = []
+
+    def die(self, *a):
+        if target[1] == "remove" and not calls:      # the fresh start's cleanup: let it pass
+            calls.append("start")
+            return real(self, *a)
+        raise KeyboardInterrupt(f"killed at the {step}")
+
+    with monkeypatch.context() as m:
+        m.setattr(*target, die)
+        with pytest.raises(KeyboardInterrupt):
+            main(args + ["--out", str(out)])
+    assert json.loads((tmp_path / "work" / ".sub.csv.state" / "progress.json").read_text())["finished"]
+    assert main(args + ["--out", str(out), "--resume"]) == 0
+    assert out.read_bytes() == (ref / "sub.csv").read_bytes()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["sub.csv", "sub_summary.json"]
+    summary = json.loads((out.parent / "sub_summary.json").read_text())
+    assert summary["files"] == 7 and summary["stages"][0]["status"] == "complete"
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {root!r})

@@ -734,10 +734,13 @@ class BudgetedInference:
                 self.store.remove()
                 raise
         elif state.get("finished"):
+            # killed after the finished commit, before the summary file or the state's removal
             self.log(f"{self.state_dir}: this run already finished")
             if self.out_csv is not None and not (self.csv_fresh and self.out_csv.is_file()):
                 self._write_csv()
-            return RunSummary(**state["summary"])
+            summary = RunSummary(**state["summary"])
+            self._wrap_up(summary)
+            return summary
         self.ctx.stages = {s.name: s for s in self.stages}
         for s in self.stages:
             self._record(s)
@@ -806,12 +809,17 @@ class BudgetedInference:
             fallback_files=len(self.ctx.bad_rows) + self._unreached(), resumed=self.resumed,
             uncertainty=self._uncertainty())
         self._commit(finished=True, summary=summary.to_dict())
+        self._wrap_up(summary)
+        self.log(summary.format())
+        return summary
+
+    def _wrap_up(self, summary: RunSummary) -> None:
+        """After the finished commit: save the summary beside the CSV, remove the state
+        (a run killed in between does this when resumed)."""
         if self.out_csv is not None:
             summary.save(self.out_csv.with_name(self.out_csv.stem + "_summary.json"))
         if not self.keep_state:
             self.store.remove()
-        self.log(summary.format())
-        return summary
 
     def _unreached(self) -> int:
         first = self.records.get(self.stages[0].name, {})
