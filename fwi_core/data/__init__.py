@@ -7,7 +7,7 @@ from .io import SEIS_SHAPE, VEL_SHAPE, open_npy
 from .layout import FilePair, find_competition_root, index_train, list_test, load_test_sample
 from .normalize import (denormalize_seismic, denormalize_velocity, normalize_seismic,
                         normalize_velocity)
-from .sampling import FamilyBalancedSampler, balanced_indices, family_counts, family_kfold
+from .sampling import balanced_indices, family_kfold
 from .submission import (HEADER, ODD_COLUMNS, SubmissionRangeWarning, SubmissionWriter, load_solution,
                          score_submission, validate_submission, write_submission)
 
@@ -16,7 +16,7 @@ __all__ = [
     "MissingPairError", "SubmissionError", "SEIS_SHAPE", "VEL_SHAPE", "open_npy", "FilePair",
     "find_competition_root", "index_train", "list_test", "load_test_sample",
     "normalize_seismic", "denormalize_seismic", "normalize_velocity", "denormalize_velocity",
-    "FamilyBalancedSampler", "balanced_indices", "family_counts", "family_kfold",
+    "balanced_indices", "family_kfold",
     "HEADER", "ODD_COLUMNS", "SubmissionWriter", "write_submission", "validate_submission",
     "score_submission", "load_solution", "SubmissionRangeWarning",
 ]

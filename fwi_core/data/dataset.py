@@ -51,10 +51,6 @@ class FWIDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    @property
-    def total_samples(self) -> int:
-        return int(self.offsets[-1])
-
     def locate(self, global_index: int) -> Tuple[int, int]:
         """(pair index, row within the file) of a global sample index."""
         f = int(np.searchsorted(self.offsets, global_index, side="right") - 1)

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from torch.utils.data import Sampler
 
 
 def _by_family(families: Sequence[str]) -> Dict[str, np.ndarray]:
@@ -34,32 +33,6 @@ def balanced_indices(families: Sequence[str], per_family: Optional[int] = None, 
     res = np.concatenate(out)
     rng.shuffle(res)
     return res.astype(np.int64)
-
-
-def family_counts(families: Sequence[str]) -> Dict[str, int]:
-    return {f: len(ix) for f, ix in _by_family(families).items()}
-
-
-class FamilyBalancedSampler(Sampler):
-    """Each epoch draws ``per_family`` items from every family (see
-    :func:`balanced_indices`), a fresh draw per epoch (``set_epoch``)."""
-
-    def __init__(self, families: Sequence[str], per_family: Optional[int] = None, seed: int = 0):
-        self.families = list(families)
-        self.per_family = per_family
-        self.seed = seed
-        self.epoch = 0
-        groups = _by_family(self.families)
-        self._len = len(groups) * int(per_family or np.median([len(v) for v in groups.values()])) if groups else 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(balanced_indices(self.families, self.per_family, self.seed + self.epoch).tolist())
-
-    def __len__(self) -> int:
-        return self._len
 
 
 def family_kfold(families: Sequence[str], k: int = 5, seed: int = 0) -> List[Tuple[np.ndarray, np.ndarray]]:

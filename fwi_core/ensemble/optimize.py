@@ -28,7 +28,7 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 METHODS = ("auto", "optuna", "projected_gradient")
 
 __all__ = ["weights_from_validation", "optimize_weights", "compare_weightings", "format_comparison",
-           "member_family_mae", "project_simplex", "weighted_mean", "per_sample_mae", "METHODS"]
+           "member_family_mae", "project_simplex", "weighted_mean", "METHODS"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -59,13 +59,6 @@ def weighted_mean(preds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     if w.dim() == 1:
         return torch.tensordot(w, preds, dims=([0], [0]))
     return torch.einsum("nm,mn...->n...", w, preds)
-
-
-def per_sample_mae(preds: ArrayLike, targets: ArrayLike, weights: Optional[ArrayLike] = None) -> np.ndarray:
-    """(N,) MAE of the weighted mean of ``preds`` (M, N, ...) (equal weights by default)."""
-    p, t, _ = _flat_inputs(preds, targets)
-    w = torch.full((p.shape[0],), 1.0 / p.shape[0]) if weights is None else _as_float(weights)
-    return (weighted_mean(p, w) - t).abs().mean(1).double().numpy()
 
 
 def _mae(p: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> float:

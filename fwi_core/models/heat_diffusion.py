@@ -145,11 +145,6 @@ class HeatDiffusion(nn.Module):
         """Diffusion times in m^2, (C,)."""
         return self.log_time.exp() * self.spacing ** 2
 
-    def set_time(self, t: torch.Tensor) -> None:
-        """Set the diffusion times (m^2), e.g. for a test against the analytic solution."""
-        with torch.no_grad():
-            self.log_time.copy_(torch.log(torch.as_tensor(t, dtype=self.log_time.dtype) / self.spacing ** 2))
-
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         if tuple(u.shape[-2:]) != self.size or u.shape[-3] != self.log_time.shape[0]:
             raise ValueError(f"HeatDiffusion: expected (B, {self.log_time.shape[0]}, {self.size[0]}, "

@@ -15,7 +15,7 @@ returns the same maps for the same arguments.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 
@@ -141,21 +141,3 @@ def generate(family: str, n: int, seed: int = 0) -> np.ndarray:
     maps = [generate_one(family, rng) for _ in range(n)]
     out = np.stack(maps)[:, None] if maps else np.zeros((0, 1, SIZE, SIZE))
     return np.clip(out, VEL_LO, VEL_HI).astype(np.float32)
-
-
-def family_statistics(maps: np.ndarray) -> Dict[str, float]:
-    """Summary statistics of a stack of maps (n,1,70,70) used to compare A and B variants:
-    mean distinct values per column (layer count), share of columns whose velocity ever
-    decreases with depth, mean absolute vertical+horizontal gradient (roughness) and range."""
-    m = np.asarray(maps, dtype=np.float64).reshape(-1, SIZE, SIZE)
-    dz = np.diff(m, axis=1)
-    layer_counts = [(np.abs(dz[i]) > 1e-3).sum(axis=0).mean() + 1 for i in range(len(m))]
-    non_monotone = (dz < -1e-3).any(axis=1).mean()
-    rough = (np.abs(dz).mean() + np.abs(np.diff(m, axis=2)).mean()) / 2
-    return {
-        "layers_per_column": float(np.mean(layer_counts)),
-        "non_monotone_columns": float(non_monotone),
-        "roughness": float(rough),
-        "min": float(m.min()),
-        "max": float(m.max()),
-    }

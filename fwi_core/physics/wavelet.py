@@ -35,9 +35,3 @@ def ricker(freq: float = 15.0, dt: float = 1e-3, nt: int = 1000) -> np.ndarray:
     n = min(nt, nw)
     out[:n] = w[:n].numpy()
     return out
-
-
-def ricker_peak_delay(freq: float = 15.0, dt: float = 1e-3) -> float:
-    """Time in seconds from the first sample (t=0) to the Ricker wavelet's peak."""
-    nw = 2 * (int(2.2 / freq / dt) // 2) + 1
-    return (nw // 2) * dt

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from fwi_core.ensemble import compare_weightings, format_comparison, optimize_weights
-from fwi_core.ensemble.optimize import per_sample_mae, project_simplex, weighted_mean
+from fwi_core.ensemble.optimize import project_simplex, weighted_mean
+
+
+def per_sample_mae(preds, targets, weights=None) -> np.ndarray:
+    """(N,) MAE of the weighted mean of ``preds`` (M, N, ...) (equal weights by default)."""
+    p = torch.as_tensor(np.asarray(preds), dtype=torch.float32).flatten(2)
+    t = torch.as_tensor(np.asarray(targets), dtype=torch.float32).flatten(1)
+    w = torch.full((p.shape[0],), 1.0 / p.shape[0]) if weights is None else torch.as_tensor(weights).float()
+    return (weighted_mean(p, w) - t).abs().mean(1).double().numpy()
 
 
 def constructed(n=60, hw=8, seed=0):

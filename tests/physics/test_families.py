@@ -1,7 +1,26 @@
 import numpy as np
 import pytest
 
-from fwi_core.physics import FAMILIES, family_statistics, generate, simulate
+from fwi_core.physics import FAMILIES, generate, simulate
+from fwi_core.physics.families import SIZE
+
+
+def family_statistics(maps: np.ndarray) -> dict:
+    """Summary statistics of a stack of maps (n,1,70,70) used to compare A and B variants:
+    mean distinct values per column (layer count), share of columns whose velocity ever
+    decreases with depth, mean absolute vertical+horizontal gradient (roughness) and range."""
+    m = np.asarray(maps, dtype=np.float64).reshape(-1, SIZE, SIZE)
+    dz = np.diff(m, axis=1)
+    layer_counts = [(np.abs(dz[i]) > 1e-3).sum(axis=0).mean() + 1 for i in range(len(m))]
+    non_monotone = (dz < -1e-3).any(axis=1).mean()
+    rough = (np.abs(dz).mean() + np.abs(np.diff(m, axis=2)).mean()) / 2
+    return {
+        "layers_per_column": float(np.mean(layer_counts)),
+        "non_monotone_columns": float(non_monotone),
+        "roughness": float(rough),
+        "min": float(m.min()),
+        "max": float(m.max()),
+    }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
