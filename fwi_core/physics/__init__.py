@@ -1,13 +1,13 @@
 """Physics: the host's forward simulator, wavelets and velocity-family generators."""
 from .forward import (CFL_LIMIT, DEFAULT_SOURCE_COLUMNS, ForwardModel, Geometry, damping_profile,
                       simulate, simulate_host_style)
-from .wavelet import ricker, ricker_peak_delay
+from .wavelet import ricker
 
 __all__ = ["simulate", "simulate_host_style", "ForwardModel", "Geometry", "damping_profile",
-           "ricker", "ricker_peak_delay", "CFL_LIMIT", "DEFAULT_SOURCE_COLUMNS"]
-from .families import FAMILIES, FAULT_FAMILIES, family_statistics, generate
+           "ricker", "CFL_LIMIT", "DEFAULT_SOURCE_COLUMNS"]
+from .families import FAMILIES, FAULT_FAMILIES, generate
 
-__all__ += ["FAMILIES", "FAULT_FAMILIES", "generate", "family_statistics"]
+__all__ += ["FAMILIES", "FAULT_FAMILIES", "generate"]
 from .misfit import pde_loss, seismic_misfit
 from .refine import detect_family_kind, family_kind, refine
 
