@@ -1,8 +1,9 @@
 """Test-time refinement: full-waveform inversion started from a network's prediction.
 
 ``refine(velocity, seismic)`` minimises, per sample, the normalised data misfit between
-the observed gathers and ``simulate(v)`` (:func:`.pde_loss.misfit`, accumulated in
-float64, scaled by ``cost_scale``) plus a regulariser chosen by the sample's family kind:
+the observed gathers and ``simulate(v)`` (:func:`.misfit.misfit`, accumulated in
+float64, scaled by ``cost_scale``) plus a regulariser chosen by the sample's family kind
+(:mod:`.kind_routing`; the kinds' parametrisations and priors are in :mod:`.priors`):
 
 - ``"flat"`` (FlatVel): the map is a 1-D depth profile (70 unknowns instead of 4,900),
   regularised by the smoothed total variation along depth ``sum sqrt(d^2 + eps^2)``;
@@ -23,31 +24,33 @@ say would overrun the budget, time for the final misfit check (one forward) incl
 budget holds as long as evaluation times are steady; a machine whose load jumps between
 evaluations can push the last one over. With ``backend`` not given, the simulation is
 compiled when the whole refinement is long enough to pay for it.
+
+This module is the optimisation loop: the inputs (:class:`_Inputs`), the simulation it
+fits (:class:`_Simulator`), the time budget (:class:`_Budget`), one evaluation and the
+best maps so far (:class:`_Search`), the continuation stages (:func:`_run_stages`) and the
+final check (:func:`_final_check`).
 """
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from .families import FAMILIES
+from ..utils import progress_bar
 from .forward import simulate
-from .pde_loss import misfit
+from .kind_routing import detect_family_kind, family_kind, sample_kinds
+from .misfit import misfit
+from .priors import DEFAULT_REG_WEIGHT, DEFAULT_TV_EPS, KINDS, Parametrisation, per_kind
 from .stencil import AUTO_COMPILE_MIN_SHOT_STEPS, DEFAULT_SOURCE_COLUMNS, compiled_step, default_source_columns
 
-KINDS = ("flat", "tv", "smooth")
-#: default regulariser weights per kind (on the misfit scaled by ``cost_scale``; velocities
-#: in km/s in the regularisers)
-DEFAULT_REG_WEIGHT: Dict[str, float] = {"flat": 0.1, "tv": 0.3, "smooth": 0.3}
-#: default smoothed-TV epsilon per kind (km/s). ``sqrt(d^2 + eps^2) - eps`` is convex, so it
-#: prefers a jump split into a staircase of smaller steps (by about ``eps`` per extra step),
-#: which the band-limited data barely see: for 1-D profiles eps is 0.1 m/s (the public
-#: record's choice), which leaves interfaces sharp; the 2-D TV keeps 10 m/s, better on
-#: curved and faulted maps (BENCHMARKS.md, section "refine")
-DEFAULT_TV_EPS: Dict[str, float] = {"flat": 1e-4, "tv": 1e-2}
+# the kinds and their defaults (from :mod:`.kind_routing` and :mod:`.priors`) stay importable here
+__all__ = ["refine", "lowpass", "detect_family_kind", "family_kind", "KINDS", "DEFAULT_REG_WEIGHT",
+           "DEFAULT_TV_EPS", "CONTINUATION_STAGES", "FIRST_EVAL_FORWARDS"]
+
 #: before any evaluation is measured, one is assumed to cost this many forwards (the
 #: gradient costs about 4 compiled forwards on CPU; more when eager)
 FIRST_EVAL_FORWARDS = 8.0
@@ -57,69 +60,7 @@ FIRST_EVAL_FORWARDS = 8.0
 #: 10 m/s (fast early progress) and, once that has converged, sharpens with the kinds' own
 #: eps on whatever budget is left (FlatVel_A in BENCHMARKS.md: 55 -> 2.43 m/s when the first
 #: stage converges, -> 0.57 after sharpening; a short run is the first stage alone)
-DEFAULT_STAGES: Tuple[tuple, ...] = ((None, 1.0, 1.0, 1e-2), (None, 0.0))
-
-
-def family_kind(family: str) -> str:
-    """The regulariser kind of an OpenFWI family name: ``"flat"``, ``"tv"`` or ``"smooth"``."""
-    if family in KINDS:
-        return family
-    if family not in FAMILIES:
-        raise ValueError(f"refine: unknown family {family!r}; expected one of {', '.join(FAMILIES)} "
-                         f"or a kind {', '.join(KINDS)}")
-    if family.startswith("FlatVel"):
-        return "flat"
-    if family.startswith("Style"):
-        return "smooth"
-    return "tv"
-
-
-def detect_family_kind(velocity: Union[torch.Tensor, np.ndarray], seismic: Union[torch.Tensor, np.ndarray, None] = None,
-                       *, flat_data_tol: float = 1e-3, flat_map_tol: float = 25.0,
-                       layered_share: float = 0.5, jump: float = 5.0) -> List[str]:
-    """Guess each sample's regulariser kind from simple tests.
-
-    - ``"flat"``: with ``seismic``, the first shot and the mirrored last shot agree (a
-      laterally flat medium makes them mirror images: relative L2 difference below
-      ``flat_data_tol``); without it, the lateral standard deviation of every row of the
-      map is below ``flat_map_tol`` m/s.
-    - ``"tv"``: layered (piecewise-constant) maps: more than ``layered_share`` of the
-      neighbour differences are below ``jump`` m/s.
-    - ``"smooth"``: the rest (Style-like smooth fields).
-
-    Args:
-        velocity: (B,1,H,W) or (B,H,W) m/s.
-        seismic: optional (B, n_sources, nt, W) observed gathers (sources symmetric about
-            the centre, as the competition's).
-    Returns:
-        a list of B kinds.
-    """
-    v = torch.as_tensor(np.asarray(velocity) if isinstance(velocity, np.ndarray) else velocity).detach().double()
-    if v.dim() == 4:
-        v = v[:, 0]
-    if v.dim() != 3:
-        raise ValueError(f"detect_family_kind: velocity of shape {tuple(v.shape)} must be (B,1,H,W) or (B,H,W)")
-    if seismic is not None:
-        s = torch.as_tensor(np.asarray(seismic) if isinstance(seismic, np.ndarray) else seismic).detach().double()
-        a, b = s[:, 0], s[:, -1].flip(-1)
-        flat = ((a - b).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1).clamp_min(1e-30)) < flat_data_tol
-    else:
-        flat = v.std(dim=2).amax(dim=1) < flat_map_tol
-    dz = (v[:, 1:, :] - v[:, :-1, :]).abs().flatten(1)
-    dx = (v[:, :, 1:] - v[:, :, :-1]).abs().flatten(1)
-    share = torch.cat([dz, dx], 1).lt(jump).double().mean(1)
-    return ["flat" if bool(f) else "tv" if float(sh) > layered_share else "smooth" for f, sh in zip(flat, share)]
-
-
-def _kinds(family, velocity, seismic, b: int) -> List[str]:
-    if family is None:
-        return detect_family_kind(velocity, seismic)
-    if isinstance(family, str):
-        return [family_kind(family)] * b
-    fams = list(family)
-    if len(fams) != b:
-        raise ValueError(f"refine: family has {len(fams)} entries for a batch of {b}")
-    return [family_kind(str(f)) for f in fams]
+CONTINUATION_STAGES: Tuple[tuple, ...] = ((None, 1.0, 1.0, 1e-2), (None, 0.0))
 
 
 def lowpass(x: torch.Tensor, cutoff_hz: float, dt: float) -> torch.Tensor:
@@ -133,103 +74,280 @@ def lowpass(x: torch.Tensor, cutoff_hz: float, dt: float) -> torch.Tensor:
     return torch.fft.irfft(spec, n=n, dim=2)[:, :, :nt]
 
 
-def _gauss_blur(w: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian filter of (N,H,W) with replicate padding, scaled so that white
-    noise of unit variance becomes a smooth field of unit variance (a draw from a
-    Gaussian process with squared-exponential covariance of length ``sigma * sqrt(2)``)."""
-    r = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-r, r + 1, dtype=w.dtype, device=w.device)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = k / k.square().sum().sqrt()
-    y = torch.nn.functional.pad(w[:, None], (r, r, r, r), mode="replicate")
-    y = torch.nn.functional.conv2d(y, k.view(1, 1, 1, -1))
-    y = torch.nn.functional.conv2d(y, k.view(1, 1, -1, 1))
-    return y[:, 0]
-
-
 class _OutOfTime(Exception):
     """Raised inside the closure before an evaluation that would overrun the budget."""
 
 
-class _Model:
-    """Per-kind parametrisation of a batch: v = base + scale * D(z) * update."""
+@dataclass
+class _Inputs:
+    """The validated inputs: start maps ``v0`` (B,H,W) float64 and observed gathers ``obs``
+    (B, n_sources, nt, W) float32 on the working device, and what the output must look like."""
 
-    def __init__(self, base: torch.Tensor, kinds: List[str], depth_power: float, step_ms: float,
-                 smooth_sigma: float):
-        self.kinds = kinds
-        self.b, self.h, self.w = base.shape
-        z = torch.arange(self.h, dtype=torch.float64, device=base.device)
-        self.depth = (((z + 1.0) / self.h) ** (depth_power / 2.0))[:, None]  # (H,1)
-        self.depth = self.depth / self.depth.max()
-        self.step_ms = step_ms
-        self.sigma = smooth_sigma
-        self.idx = {k: [i for i, kk in enumerate(kinds) if kk == k] for k in KINDS}
-        self.reset(base)
+    v0: torch.Tensor
+    obs: torch.Tensor
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+    is_numpy: bool
 
-    def reset(self, base: torch.Tensor) -> None:
-        """Start a new parametrisation around ``base`` (B,H,W) float64: updates at zero."""
-        self.base = base.detach().clone()
-        self.params = {}
-        for k, ids in self.idx.items():
-            if not ids:
-                continue
-            shape = (len(ids), self.h) if k == "flat" else (len(ids), self.h, self.w)
-            self.params[k] = torch.zeros(shape, dtype=torch.float64, device=base.device, requires_grad=True)
-        flat = self.idx["flat"]
-        if flat:  # a flat sample's base is its depth profile (row means)
-            self.base[flat] = self.base[flat].mean(dim=2, keepdim=True).expand(-1, -1, self.w)
+    @classmethod
+    def read(cls, velocity, seismic, device) -> "_Inputs":
+        is_numpy = isinstance(velocity, np.ndarray)
+        v_in = torch.from_numpy(np.asarray(velocity, dtype=np.float32)) if is_numpy else velocity
+        if not torch.is_tensor(v_in) or v_in.dim() not in (3, 4) or (v_in.dim() == 4 and v_in.shape[1] != 1):
+            raise ValueError(f"refine: velocity must be (B,1,H,W) or (B,H,W), "
+                             f"got {getattr(velocity, 'shape', type(velocity))}")
+        in_shape = tuple(v_in.shape)
+        dev = torch.device(device) if device is not None else v_in.device
+        v0 = (v_in[:, 0] if v_in.dim() == 4 else v_in).detach().to(dev, torch.float64)
+        obs = torch.from_numpy(np.asarray(seismic, dtype=np.float32)) if isinstance(seismic, np.ndarray) else seismic
+        if not torch.is_tensor(obs) or obs.dim() != 4 or obs.shape[0] != v0.shape[0] or obs.shape[3] != v0.shape[2]:
+            raise ValueError(f"refine: seismic must be (B, n_sources, nt, W) matching velocity {in_shape}, "
+                             f"got {getattr(seismic, 'shape', type(seismic))}")
+        return cls(v0, obs.detach().to(dev, torch.float32), in_shape, v_in.dtype, v_in.device, is_numpy)
 
-    def parameters(self) -> List[torch.Tensor]:
-        return list(self.params.values())
-
-    def velocity(self) -> torch.Tensor:
-        """(B,H,W) float64 maps of the current parameters."""
-        parts = [None] * self.b
-        for k, p in self.params.items():
-            if k == "flat":
-                upd = (self.step_ms * self.depth[None] * p[:, :, None]).expand(-1, -1, self.w)
-            elif k == "smooth":
-                upd = self.step_ms * self.depth[None] * _gauss_blur(p, self.sigma)
-            else:
-                upd = self.step_ms * self.depth[None] * p
-            for j, i in enumerate(self.idx[k]):
-                parts[i] = self.base[i] + upd[j]
-        return torch.stack(parts)
-
-    def regulariser(self, v: torch.Tensor, eps: Dict[str, float]) -> torch.Tensor:
-        """(B,) float64 regulariser values (velocities in km/s, sums per map column);
-        ``eps``: the TV smoothing per kind."""
-        km = v / 1000.0
-        out = torch.zeros(self.b, dtype=torch.float64, device=v.device)
-        for k, ids in self.idx.items():
-            if not ids:
-                continue
-            m = km[ids]
-            if k == "flat":
-                d = m[:, 1:, 0] - m[:, :-1, 0]
-                e = eps["flat"]
-                r = (torch.sqrt(d ** 2 + e ** 2) - e).sum(1)
-            elif k == "tv":
-                dz = m[:, 1:, :-1] - m[:, :-1, :-1]
-                dx = m[:, :-1, 1:] - m[:, :-1, :-1]
-                e = eps["tv"]
-                r = (torch.sqrt(dz ** 2 + dx ** 2 + e ** 2) - e).sum((1, 2)) / self.w
-            else:
-                r = (self.params["smooth"] ** 2).sum((1, 2)) / self.w
-            out = out.index_put((torch.tensor(ids, device=v.device),), r)
-        return out
+    def output(self, v: torch.Tensor):
+        """Maps (B,H,W) in the input's shape, dtype (float32 for integer input), device and type."""
+        out = v.to(self.device, self.dtype if self.dtype.is_floating_point else torch.float32).reshape(self.shape)
+        return out.cpu().numpy() if self.is_numpy else out
 
 
-def _per_kind(name: str, value: Union[float, Dict[str, float], None], defaults: Dict[str, float]) -> Dict[str, float]:
-    """A per-kind setting: ``defaults`` updated by a dict, or one float for every kind."""
-    if isinstance(value, dict):
-        unknown = set(value) - set(defaults)
-        if unknown:
-            raise ValueError(f"refine: {name} has unknown kinds {sorted(unknown)}; expected {sorted(defaults)}")
-        return {**defaults, **{k: float(x) for k, x in value.items()}}
-    if value is not None:
-        return {k: float(value) for k in defaults}
-    return dict(defaults)
+def _check_options(optimizer: str, max_iter: int, time_budget: Optional[float]) -> None:
+    if optimizer not in ("lbfgs", "adam"):
+        raise ValueError(f"refine: optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
+    if max_iter < 0:
+        raise ValueError(f"refine: max_iter must be >= 0, got {max_iter}")
+    if time_budget is not None and time_budget < 0:
+        raise ValueError(f"refine: time_budget must be >= 0 seconds, got {time_budget}")
+
+
+def _continuation(stages: Sequence[tuple]) -> List[tuple]:
+    """The stages as complete (cutoff, share, reg factor, eps floor) tuples, checked."""
+    stages = [tuple(st) + (1.0, 0.0)[len(st) - 2:] if 2 <= len(st) <= 4 else tuple(st) for st in stages]
+    if not stages or any(len(st) != 4 or st[1] < 0 or st[3] < 0 for st in stages) or \
+            not sum(float(st[1]) for st in stages) > 0:
+        raise ValueError(f"refine: stages must be (cutoff_hz or None, share >= 0[, reg factor[, eps floor "
+                         f">= 0 km/s]]) tuples with a positive share in all, got {stages}")
+    return stages
+
+
+def _stage_iterations(max_iter: int, stages: List[tuple]) -> List[int]:
+    """``max_iter`` split over the stages by their shares (at least one for a positive share)."""
+    shares = [float(st[1]) for st in stages]
+    if max_iter <= 0:
+        return [0] * len(shares)
+    return [max(1, int(round(max_iter * s / sum(shares)))) if s > 0 else 0 for s in shares]
+
+
+def _prior_settings(kinds: List[str], reg_weight, tv_eps, device) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """Per-sample regulariser weights (B,) float64 and the TV eps per kind, checked."""
+    weights = per_kind("reg_weight", reg_weight, DEFAULT_REG_WEIGHT)
+    lam = torch.tensor([weights[k] for k in kinds], dtype=torch.float64, device=device)
+    eps = per_kind("tv_eps", tv_eps, DEFAULT_TV_EPS)
+    if any(not (x > 0) for x in eps.values()):
+        raise ValueError(f"refine: tv_eps must be > 0 km/s, got {tv_eps}")
+    return lam, eps
+
+
+class _Simulator:
+    """The simulation refine fits: the chosen shots of the observed gathers (``observed``)
+    against :func:`simulate` of the clamped maps with the matching source columns."""
+
+    def __init__(self, obs: torch.Tensor, kinds: List[str], shots: Optional[Sequence[int]], max_iter: int,
+                 clamp: Tuple[float, float], simulate_kwargs: dict):
+        kw = dict(simulate_kwargs)
+        b, n_src, nt, w = obs.shape
+        cols = list(kw.pop("source_columns", None) or
+                    (DEFAULT_SOURCE_COLUMNS if (w == 70 and n_src == 5) else default_source_columns(n_src, w)))
+        if shots is None and n_src > 2 and all(k == "flat" for k in kinds):
+            shots = (0, n_src - 1)
+        shot_ids = list(range(n_src)) if shots is None else [int(s) for s in shots]
+        self.columns = [cols[s] for s in shot_ids]
+        self.observed = obs[:, shot_ids]
+        self.nt = nt
+        self.dt = float(kw.get("dt", 1e-3))
+        if kw.get("backend", "auto") == "auto":
+            # the whole refinement, not one call, decides whether compiling pays off
+            work = b * len(shot_ids) * nt * max(1, max_iter)
+            kw["backend"] = ("compile" if work >= 4 * AUTO_COMPILE_MIN_SHOT_STEPS
+                             and compiled_step() is not None else "eager")
+        self.kwargs = kw
+        self.lo, self.hi = float(clamp[0]), float(clamp[1])
+
+    def clamp(self, v: torch.Tensor) -> torch.Tensor:
+        return v.clamp(self.lo, self.hi)
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return simulate(self.clamp(v).float(), nt=self.nt, source_columns=self.columns, **self.kwargs)
+
+
+class _Budget:
+    """The wall-clock budget of one call: no evaluation starts that the measured ones say
+    would overrun it, time for the final misfit check (one forward) kept."""
+
+    def __init__(self, clock: Callable[[], float], t0: float, time_budget: Optional[float]):
+        self.clock, self.t0, self.time_budget = clock, t0, time_budget
+        self.t_forward = 0.0  # what a forward costs (measured on the start's misfit)
+        self.eval_times: List[float] = []
+
+    def remaining(self) -> float:
+        return math.inf if self.time_budget is None else self.time_budget - (self.clock() - self.t0)
+
+    def eval_estimate(self) -> float:
+        """What the next evaluation will cost: the slowest of the last three measured
+        (the first one, which may include compiling, only while it is the only one), or
+        FIRST_EVAL_FORWARDS forwards before any."""
+        if not self.eval_times:
+            return FIRST_EVAL_FORWARDS * self.t_forward
+        return max(self.eval_times[1:][-3:]) if len(self.eval_times) > 1 else self.eval_times[0]
+
+    def check(self) -> None:
+        """Raise :class:`_OutOfTime` if the next evaluation and the final check do not fit."""
+        if self.remaining() < self.eval_estimate() + self.t_forward:
+            raise _OutOfTime
+
+
+def _start_misfit(sim: _Simulator, v0: torch.Tensor, budget: _Budget) -> torch.Tensor:
+    """(B,) misfit of the start maps (fast path); also measures what a forward costs."""
+    ts = budget.clock()
+    with torch.no_grad():
+        before = misfit(sim(v0), sim.observed)
+    budget.t_forward = budget.clock() - ts
+    return before
+
+
+@dataclass
+class _Stage:
+    """One continuation stage's objective: low-pass cutoff (None: full band), target
+    gathers, per-sample regulariser weights (B,) and TV eps per kind."""
+
+    cutoff: Optional[float]
+    target: torch.Tensor
+    lam: torch.Tensor
+    eps: Dict[str, float]
+
+
+class _Search:
+    """One refinement's state: the parametrisation, each sample's best map and objective in
+    the current stage, the counts of evaluations and iterations."""
+
+    def __init__(self, model: Parametrisation, v0: torch.Tensor, sim: _Simulator, budget: _Budget,
+                 cost_scale: float, bar=None):
+        self.model, self.sim, self.budget, self.cost_scale, self.bar = model, sim, budget, cost_scale, bar
+        self.best_v = v0.clone()
+        self.best_obj = torch.full((v0.shape[0],), math.inf, dtype=torch.float64, device=v0.device)
+        self.evals = 0
+        self.iters = 0
+
+    def start(self, v: torch.Tensor) -> None:
+        """A new stage from ``v`` (B,H,W) float64: parameters at zero, objectives unknown."""
+        self.model.reset(v)
+        self.best_obj.fill_(math.inf)
+
+    def evaluate(self, st: _Stage) -> torch.Tensor:
+        """The closure: the batch's objective with its gradient; records each sample's best map."""
+        self.budget.check()
+        te = self.budget.clock()
+        for p in self.model.parameters():
+            p.grad = None
+        v = self.model.velocity()
+        sim = self.sim(v)
+        if st.cutoff is not None:
+            sim = lowpass(sim.double(), float(st.cutoff), self.sim.dt)
+        per = self.cost_scale * misfit(sim, st.target) + st.lam * self.model.regulariser(v, st.eps)
+        total = per.sum()
+        total.backward()
+        with torch.no_grad():
+            better = per.detach() < self.best_obj
+            if bool(better.any()):
+                self.best_obj[better] = per.detach()[better]
+                self.best_v[better] = v.detach()[better]
+        self.evals += 1
+        self.budget.eval_times.append(self.budget.clock() - te)
+        if self.bar is not None:
+            self.bar.update(1)
+        return total
+
+
+def _lbfgs_iterations(opt: torch.optim.LBFGS) -> int:
+    return int(opt.state[opt._params[0]].get("n_iter", 0))
+
+
+def _optimise(search: _Search, st: _Stage, n_iter: int, optimizer: str, history_size: int,
+              lr: float) -> Tuple[int, bool]:
+    """Up to ``n_iter`` iterations of the optimiser on one stage: (iterations done, whether
+    the time budget ran out)."""
+    params = search.model.parameters()
+
+    def closure():
+        return search.evaluate(st)
+
+    if optimizer == "lbfgs":
+        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=n_iter, max_eval=int(n_iter * 2.5) + 1,
+                                history_size=history_size, line_search_fn="strong_wolfe",
+                                tolerance_grad=0.0, tolerance_change=1e-12)
+        try:
+            opt.step(closure)
+        except _OutOfTime:
+            return _lbfgs_iterations(opt), True
+        return _lbfgs_iterations(opt), False
+    opt = torch.optim.Adam(params, lr=lr)
+    done = 0
+    try:
+        for _ in range(n_iter):
+            opt.zero_grad()
+            opt.step(closure)
+            done += 1
+    except _OutOfTime:
+        return done, True
+    return done, False
+
+
+def _run_stages(search: _Search, stages: List[tuple], max_iter: int, lam: torch.Tensor, eps: Dict[str, float],
+                optimizer: str, history_size: int, lr: float) -> None:
+    """The continuation: each stage starts from the best maps so far; iterations a stage
+    leaves unused (L-BFGS converged) go to the next; none starts once out of time."""
+    carry = 0  # iterations earlier stages left unused
+    observed = search.sim.observed
+    for (cutoff, _, reg_factor, eps_floor), n_stage in zip(stages, _stage_iterations(max_iter, stages)):
+        n_iter = n_stage + carry
+        if n_iter == 0:
+            continue
+        search.start(search.best_v)
+        target = observed if cutoff is None else lowpass(observed.double(), float(cutoff), search.sim.dt)
+        st = _Stage(cutoff, target, lam * float(reg_factor), {k: max(x, float(eps_floor)) for k, x in eps.items()})
+        done, out_of_time = _optimise(search, st, n_iter, optimizer, history_size, lr)
+        search.iters += done
+        if out_of_time:
+            return
+        carry = max(0, n_iter - done) if optimizer == "lbfgs" else 0
+
+
+def _final_check(search: _Search, before: torch.Tensor, v0: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+    """Keep a sample's refinement only where the full-band misfit fell: (maps, candidates'
+    misfit, kept), maps clamped."""
+    sim = search.sim
+    with torch.no_grad():
+        cand = sim.clamp(search.best_v)
+        after = misfit(sim(cand), sim.observed) if search.evals else before.clone()
+    kept = after < before
+    return torch.where(kept[:, None, None], cand, sim.clamp(v0)), after, kept
+
+
+def _info(kinds: List[str], before: torch.Tensor, after: torch.Tensor, kept: torch.Tensor, iters: int, evals: int,
+          elapsed: float) -> List[dict]:
+    return [{"kind": kinds[i], "misfit_before": float(before[i]),
+             "misfit_after": float(after[i]) if bool(kept[i]) else float(before[i]),
+             "misfit_candidate": float(after[i]), "iterations": iters, "evaluations": evals,
+             "kept": bool(kept[i]), "time": elapsed} for i in range(len(kinds))]
+
+
+def _untouched_info(kinds: List[str], elapsed: float) -> List[dict]:
+    """Info of a call with no time at all (not even the start's misfit)."""
+    nan = float("nan")
+    return [{"kind": k, "misfit_before": nan, "misfit_after": nan, "misfit_candidate": nan, "iterations": 0,
+             "evaluations": 0, "kept": False, "time": elapsed} for k in kinds]
 
 
 def refine(
@@ -243,7 +361,7 @@ def refine(
     reg_weight: Union[float, Dict[str, float], None] = None,
     tv_eps: Union[float, Dict[str, float], None] = None,
     depth_power: float = 2.0,
-    stages: Sequence[tuple] = DEFAULT_STAGES,
+    stages: Sequence[tuple] = CONTINUATION_STAGES,
     step_ms: float = 100.0,
     smooth_sigma: float = 2.5,
     cost_scale: float = 1e4,
@@ -282,7 +400,7 @@ def refine(
             iterations[, factor on the regulariser weight[, floor on the TV eps, km/s]])
             tuples, run in order; each starts from the previous one's best maps, and
             iterations a stage leaves unused (L-BFGS converged) go to the next (a share of
-            0: only those). Default ``DEFAULT_STAGES``: full band with eps at least 10 m/s,
+            0: only those). Default ``CONTINUATION_STAGES``: full band with eps at least 10 m/s,
             then, on what that leaves, the kinds' own eps.
         step_ms: velocity scale of one unit of the parameters (m/s).
         smooth_sigma: correlation length (cells) of the Style prior's Gaussian blur.
@@ -309,174 +427,27 @@ def refine(
         ``return_info`` the list of per-sample dicts.
     """
     t0 = clock()
-    is_numpy = isinstance(velocity, np.ndarray)
-    v_in = torch.from_numpy(np.asarray(velocity, dtype=np.float32)) if is_numpy else velocity
-    if not torch.is_tensor(v_in) or v_in.dim() not in (3, 4) or (v_in.dim() == 4 and v_in.shape[1] != 1):
-        raise ValueError(f"refine: velocity must be (B,1,H,W) or (B,H,W), got {getattr(velocity, 'shape', type(velocity))}")
-    in_shape, in_dtype, in_device = tuple(v_in.shape), v_in.dtype, v_in.device
-    dev = torch.device(device) if device is not None else in_device
-    v0 = (v_in[:, 0] if v_in.dim() == 4 else v_in).detach().to(dev, torch.float64)
-    obs = torch.from_numpy(np.asarray(seismic, dtype=np.float32)) if isinstance(seismic, np.ndarray) else seismic
-    if not torch.is_tensor(obs) or obs.dim() != 4 or obs.shape[0] != v0.shape[0] or obs.shape[3] != v0.shape[2]:
-        raise ValueError(f"refine: seismic must be (B, n_sources, nt, W) matching velocity {in_shape}, "
-                         f"got {getattr(seismic, 'shape', type(seismic))}")
-    obs = obs.detach().to(dev, torch.float32)
-    if optimizer not in ("lbfgs", "adam"):
-        raise ValueError(f"refine: optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
-    if max_iter < 0:
-        raise ValueError(f"refine: max_iter must be >= 0, got {max_iter}")
-    if time_budget is not None and time_budget < 0:
-        raise ValueError(f"refine: time_budget must be >= 0 seconds, got {time_budget}")
-    stages = [tuple(st) + (1.0, 0.0)[len(st) - 2:] if 2 <= len(st) <= 4 else tuple(st) for st in stages]
-    if not stages or any(len(st) != 4 or st[1] < 0 or st[3] < 0 for st in stages) or \
-            not sum(float(st[1]) for st in stages) > 0:
-        raise ValueError(f"refine: stages must be (cutoff_hz or None, share >= 0[, reg factor[, eps floor "
-                         f">= 0 km/s]]) tuples with a positive share in all, got {stages}")
-    shares = [float(st[1]) for st in stages]
-    b, h, w = v0.shape
-    kinds = _kinds(family, v0, obs, b)
-    weights = _per_kind("reg_weight", reg_weight, DEFAULT_REG_WEIGHT)
-    lam = torch.tensor([weights[k] for k in kinds], dtype=torch.float64, device=dev)
-    eps = _per_kind("tv_eps", tv_eps, DEFAULT_TV_EPS)
-    if any(not (x > 0) for x in eps.values()):
-        raise ValueError(f"refine: tv_eps must be > 0 km/s, got {tv_eps}")
-
-    n_src, nt = obs.shape[1], obs.shape[2]
-    cols = list(simulate_kwargs.pop("source_columns", None) or
-                (DEFAULT_SOURCE_COLUMNS if (w == 70 and n_src == 5) else default_source_columns(n_src, w)))
-    if shots is None and n_src > 2 and all(k == "flat" for k in kinds):
-        shots = (0, n_src - 1)
-    shot_ids = list(range(n_src)) if shots is None else [int(s) for s in shots]
-    sim_cols = [cols[s] for s in shot_ids]
-    obs_sel = obs[:, shot_ids]
-    dt = float(simulate_kwargs.get("dt", 1e-3))
-    if simulate_kwargs.get("backend", "auto") == "auto":
-        # the whole refinement, not one call, decides whether compiling pays off
-        work = b * len(shot_ids) * nt * max(1, max_iter)
-        simulate_kwargs["backend"] = ("compile" if work >= 4 * AUTO_COMPILE_MIN_SHOT_STEPS
-                                      and compiled_step() is not None else "eager")
-    lo, hi = float(clamp[0]), float(clamp[1])
-
-    def forward(v: torch.Tensor) -> torch.Tensor:
-        return simulate(v.clamp(lo, hi).float(), nt=nt, source_columns=sim_cols, **simulate_kwargs)
-
+    inp = _Inputs.read(velocity, seismic, device)
+    _check_options(optimizer, max_iter, time_budget)
+    stages = _continuation(stages)
+    kinds = sample_kinds(family, inp.v0, inp.obs, inp.v0.shape[0])
+    lam, eps = _prior_settings(kinds, reg_weight, tv_eps, inp.v0.device)
+    sim = _Simulator(inp.obs, kinds, shots, max_iter, clamp, simulate_kwargs)
     if time_budget is not None and time_budget == 0:  # no time at all: not even the start's misfit
-        out = v0.clamp(lo, hi).to(in_device, in_dtype if in_dtype.is_floating_point else torch.float32)
-        out = out.reshape(in_shape).cpu().numpy() if is_numpy else out.reshape(in_shape)
-        nan = float("nan")
-        info0 = [{"kind": k, "misfit_before": nan, "misfit_after": nan, "misfit_candidate": nan, "iterations": 0,
-                  "evaluations": 0, "kept": False, "time": clock() - t0} for k in kinds]
-        return (out, info0) if return_info else out
+        result = inp.output(sim.clamp(inp.v0))
+        return (result, _untouched_info(kinds, clock() - t0)) if return_info else result
 
-    # misfit of the start (fast path); also measures what a forward costs
-    ts = clock()
-    with torch.no_grad():
-        before = misfit(forward(v0), obs_sel)
-    t_forward = clock() - ts
-    best_v = v0.clone()
-    evals = [0]
-    iters = 0
-    eval_times: List[float] = []
-
-    def remaining() -> float:
-        return math.inf if time_budget is None else time_budget - (clock() - t0)
-
-    def eval_estimate() -> float:
-        """What the next evaluation will cost: the slowest of the last three measured
-        (the first one, which may include compiling, only while it is the only one), or
-        FIRST_EVAL_FORWARDS forwards before any."""
-        if not eval_times:
-            return FIRST_EVAL_FORWARDS * t_forward
-        return max(eval_times[1:][-3:]) if len(eval_times) > 1 else eval_times[0]
-
-    model = _Model(v0, kinds, depth_power, step_ms, smooth_sigma)
-    best_obj = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
-    bar = None
-    if progress:
-        from ..utils import progress_bar
-        bar = progress_bar(total=max_iter, desc="refine", unit="eval")
-
-    budget_iters = ([max(1, int(round(max_iter * s / sum(shares)))) if s > 0 else 0 for s in shares]
-                    if max_iter > 0 else [0] * len(shares))
-    stop = False
-    carry = 0  # iterations earlier stages left unused
-    for (cutoff, _, reg_factor, eps_floor), n_stage in zip(stages, budget_iters):
-        n_iter = n_stage + carry
-        if stop:
-            break
-        if n_iter == 0:
-            continue
-        iters_before = iters
-        model.reset(best_v)
-        best_obj.fill_(math.inf)
-        lam_stage = lam * float(reg_factor)
-        eps_stage = {k: max(x, float(eps_floor)) for k, x in eps.items()}
-        target = obs_sel if cutoff is None else lowpass(obs_sel.double(), float(cutoff), dt)
-
-        def closure():
-            # never start an evaluation that the measured ones say would overrun (keeping
-            # time for the final misfit check, one forward)
-            need = eval_estimate() + t_forward
-            if remaining() < need:
-                raise _OutOfTime
-            te = clock()
-            for p in model.parameters():
-                p.grad = None
-            v = model.velocity()
-            sim = forward(v)
-            if cutoff is not None:
-                sim = lowpass(sim.double(), float(cutoff), dt)
-            per = cost_scale * misfit(sim, target) + lam_stage * model.regulariser(v, eps_stage)
-            total = per.sum()
-            total.backward()
-            with torch.no_grad():
-                better = per.detach() < best_obj
-                if bool(better.any()):
-                    best_obj[better] = per.detach()[better]
-                    best_v[better] = v.detach()[better]
-            evals[0] += 1
-            eval_times.append(clock() - te)
-            if bar is not None:
-                bar.update(1)
-            return total
-
-        params = model.parameters()
-        try:
-            if optimizer == "lbfgs":
-                opt = torch.optim.LBFGS(params, lr=1.0, max_iter=n_iter, max_eval=int(n_iter * 2.5) + 1,
-                                        history_size=history_size, line_search_fn="strong_wolfe",
-                                        tolerance_grad=0.0, tolerance_change=1e-12)
-                opt.step(closure)
-                iters += int(opt.state[opt._params[0]].get("n_iter", 0))
-                carry = max(0, n_iter - (iters - iters_before))
-            else:
-                opt = torch.optim.Adam(params, lr=lr)
-                for _ in range(n_iter):
-                    opt.zero_grad()
-                    opt.step(closure)
-                    iters += 1
-                carry = 0
-        except _OutOfTime:
-            stop = True
-            if optimizer == "lbfgs":
-                iters += int(opt.state[opt._params[0]].get("n_iter", 0))
+    budget = _Budget(clock, t0, time_budget)
+    before = _start_misfit(sim, inp.v0, budget)
+    bar = progress_bar(total=max_iter, desc="refine", unit="eval") if progress else None
+    model = Parametrisation(inp.v0, kinds, depth_power, step_ms, smooth_sigma)
+    search = _Search(model, inp.v0, sim, budget, cost_scale, bar)
+    _run_stages(search, stages, max_iter, lam, eps, optimizer, history_size, lr)
     if bar is not None:
         bar.close()
-
-    # final check: keep a sample's refinement only where the full-band misfit fell
-    with torch.no_grad():
-        cand = best_v.clamp(lo, hi)
-        after = misfit(forward(cand), obs_sel) if evals[0] else before.clone()
-    kept = after < before
-    out = torch.where(kept[:, None, None], cand, v0.clamp(lo, hi))
+    out, after, kept = _final_check(search, before, inp.v0)
     elapsed = clock() - t0
-    result = out.to(in_device, in_dtype if in_dtype.is_floating_point else torch.float32).reshape(in_shape)
-    if is_numpy:
-        result = result.cpu().numpy()
+    result = inp.output(out)
     if not return_info:
         return result
-    info = [{"kind": kinds[i], "misfit_before": float(before[i]),
-             "misfit_after": float(after[i]) if bool(kept[i]) else float(before[i]),
-             "misfit_candidate": float(after[i]), "iterations": iters, "evaluations": evals[0],
-             "kept": bool(kept[i]), "time": elapsed} for i in range(b)]
-    return result, info
+    return result, _info(kinds, before, after, kept, search.iters, search.evals, elapsed)
