@@ -6,11 +6,21 @@ For each ``kernels/<name>.py`` (jupytext percent format) this writes
 ``build/<name>/<name>.ipynb`` and ``build/<name>/kernel-metadata.json`` (from
 ``kernel-metadata/<name>.json``). The notebook carries the ``fwi_core`` modules that the
 kernel imports, directly or transitively (found by walking the import statements of the
-kernel and of each module, lazy imports included), as one readable ``%%writefile`` cell
+kernel and of each module, lazy imports included), as one readable ``%%fwi_module`` cell
 per module titled with its path. A bootstrap cell before them picks a fresh folder, puts it
-first on ``sys.path`` and drops any ``fwi_core`` already imported, so the inlined code
-takes precedence over an installed copy; relative imports, ``__file__``, module names and
-tracebacks work as in the repository.
+first on ``sys.path``, drops any ``fwi_core`` already imported (so the inlined code takes
+precedence over an installed copy) and defines the ``%%fwi_module`` cell magic, which
+writes its cell into that folder without printing anything; relative imports,
+``__file__``, module names and tracebacks work as in the repository.
+
+Cell order, so that a reader can change a parameter without scrolling: the kernel's cells
+before its ``parameters`` cell (its title), the ``parameters`` cell, a markdown cell about
+the build, the optional offline ``pip install`` cell, the bootstrap, the module cells, an
+import check, then the rest of the kernel. The bootstrap, module and import-check cells
+have their source hidden (``jupyter.source_hidden``; ``_kg_hide-input`` on Kaggle) and
+print nothing; their outputs stay visible, so an error would show. The parameters cell and
+the cells before it run before the bootstrap, so they may not import ``fwi_core`` (a
+:class:`BuildError` says so).
 
 Builds are reproducible (byte-identical for identical inputs: stable cell ids, no
 timestamps). A build fails with :class:`BuildError` on an import of a missing fwi_core
@@ -29,7 +39,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Set
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "fwi_core"
@@ -177,8 +187,12 @@ def load_metadata(kernel: str, root: Path = ROOT) -> dict:
 
 
 # --------------------------------------------------------------------------- notebook
-BOOTSTRAP = '''# fwi_core is inlined below, one cell per module. This cell makes the inlined copy win
-# over any installed fwi_core: a fresh folder first on sys.path, old modules dropped.
+#: the cell magic that the bootstrap defines and every module cell starts with
+MAGIC = "fwi_module"
+
+BOOTSTRAP = '''# fwi_core {version} ({digest}) is inlined below, one hidden cell per module. This cell makes
+# the inlined copy win over any installed fwi_core (a fresh folder first on sys.path, old
+# modules dropped) and defines %%{magic} PATH, which writes its cell to that folder quietly.
 import os, sys, tempfile
 _FWI_VENDOR = tempfile.mkdtemp(prefix="fwi_core_")
 for _d in {dirs!r}:
@@ -186,7 +200,14 @@ for _d in {dirs!r}:
 sys.path.insert(0, _FWI_VENDOR)
 for _m in [m for m in sys.modules if m == "fwi_core" or m.startswith("fwi_core.")]:
     del sys.modules[_m]
-print("fwi_core {version} ({digest}) inlined into", _FWI_VENDOR)'''
+
+
+def _fwi_write_module(line, cell):
+    with open(os.path.join(_FWI_VENDOR, line.strip()), "w", encoding="utf-8") as f:
+        f.write(cell)
+
+
+get_ipython().register_magic_function(_fwi_write_module, "cell", "{magic}")'''
 
 WHEELS = '''# Packages that Kaggle's image lacks, installed offline from the attached dataset
 # {dataset!r} (see README: "Packages Kaggle lacks").
@@ -197,6 +218,17 @@ if _wheel_dirs:
                     {packages}], check=True)
 else:
     print("wheels dataset {dataset} not attached; using the packages the image has")'''
+
+
+IMPORT_CHECK = '''import importlib
+importlib.invalidate_caches()  # see the files written above
+import fwi_core
+assert fwi_core.__file__.startswith(_FWI_VENDOR), fwi_core.__file__'''
+
+#: cell metadata of the build's own code cells (bootstrap, modules, import check): source
+#: collapsed in JupyterLab/Notebook 7 and on Kaggle; outputs left visible (they are empty
+#: unless something fails)
+HIDDEN = {"jupyter": {"source_hidden": True}, "_kg_hide-input": True}
 
 
 def _cell_id(kernel: str, key: str) -> str:
@@ -210,41 +242,99 @@ def content_hash(modules: Iterable[str], root: Path = ROOT) -> str:
     return h.hexdigest()[:12]
 
 
-def build_notebook(kernel: str, root: Path = ROOT):
-    """(notebook, metadata, module names) for ``kernels/<kernel>.py``."""
+def _read_kernel(kernel: str, root: Path):
+    """(jupytext notebook, its text) of ``kernels/<kernel>.py``, syntax checked, with
+    exactly one ``parameters`` cell."""
     import jupytext
-    import nbformat
 
     src_path = root / "kernels" / f"{kernel}.py"
     if not src_path.is_file():
         raise BuildError(f"{src_path}: no such kernel")
-    meta = load_metadata(kernel, root)
     text = src_path.read_text()
     nb = jupytext.reads(text, fmt="py:percent")
     tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     if len(tagged) != 1:
         raise BuildError(f"{src_path}: needs exactly one cell tagged 'parameters' (found {len(tagged)})")
     _check_syntax(nb, text, f"kernels/{kernel}.py")
+    return nb, text
+
+
+def _kernel_modules(kernel: str, nb, root: Path) -> List[str]:
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
-    modules = resolve_modules(_strip_magics(code), kernel, root)
+    return resolve_modules(_strip_magics(code), kernel, root)
+
+
+def module_lines(modules: Iterable[str], root: Path = ROOT) -> int:
+    """Total line count of the given fwi_core modules' files (as the notebook carries them)."""
+    return sum(len(module_path(name, root).read_text().splitlines()) for name in modules)
+
+
+def vendored_size(kernel: str, root: Path = ROOT) -> Tuple[int, int]:
+    """(number of fwi_core modules, their total line count) that ``kernels/<kernel>.py``
+    carries once built: the figures of the build's printed line and of the notebook's
+    ``fwi_toolkit`` metadata (``modules``, ``module_lines``)."""
+    nb, _ = _read_kernel(kernel, root)
+    modules = _kernel_modules(kernel, nb, root)
+    return len(modules), module_lines(modules, root)
+
+
+def _parameters_index(nb) -> int:
+    return next(i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", []))
+
+
+def _check_head(nb, head: int, where: str) -> None:
+    """The parameters cell and the cells before it run before the bootstrap: none of them
+    may import fwi_core."""
+    for i, c in enumerate(nb.cells[: head + 1]):
+        if c.cell_type != "code":
+            continue
+        found = _imports_of(_strip_magics(c.source), None, False, where)
+        if any(req for req in found.values()):
+            what = "the parameters cell" if i == head else "a cell before the parameters cell"
+            raise BuildError(f"{where}: cell {i + 1} ({what}) imports {min(n for n, r in found.items() if r)!r}; "
+                             f"it runs before {PACKAGE} is inlined: move the import after the parameters cell")
+
+
+def build_notebook(kernel: str, root: Path = ROOT):
+    """(notebook, metadata, module names) for ``kernels/<kernel>.py``."""
+    import nbformat
+
+    if not (root / "kernels" / f"{kernel}.py").is_file():
+        raise BuildError(f"{root / 'kernels' / f'{kernel}.py'}: no such kernel")
+    meta = load_metadata(kernel, root)     # metadata errors first, as before
+    nb, _ = _read_kernel(kernel, root)
+    head = _parameters_index(nb)
+    _check_head(nb, head, f"kernels/{kernel}.py")
+    modules = _kernel_modules(kernel, nb, root)
     version = _version(root)
     digest = content_hash(modules, root)
+    lines = module_lines(modules, root)
 
     def md(key, source):
         return nbformat.v4.new_markdown_cell(source, id=_cell_id(kernel, key))
 
-    def cc(key, source, tags=None):
+    def cc(key, source, hidden=False):
         c = nbformat.v4.new_code_cell(source, id=_cell_id(kernel, key))
-        if tags:
-            c.metadata["tags"] = tags
+        if hidden:
+            c.metadata.update(copy.deepcopy(HIDDEN))
         return c
 
-    cells = []
-    title = meta["title"]
-    doc = (f"# {title}\n\nBuilt by `python -m tools.build` from `kernels/{kernel}.py` of the fwi-kaggle-toolkit "
-           f"repository; do not edit this notebook, edit the kernel and rebuild.\n\n"
-           f"- fwi_core version **{version}**, content hash `{digest}` over {len(modules)} inlined modules\n"
-           f"- parameters: the cell tagged `parameters` (papermill and Kaggle can override it)\n")
+    def own(i, c):
+        c = copy.deepcopy(c)
+        c["id"] = _cell_id(kernel, f"kernel:{i}")
+        c.metadata.pop("lines_to_next_cell", None)
+        if c.cell_type == "code":
+            c.outputs = []
+            c.execution_count = None
+        return c
+
+    kernel_cells = [own(i, c) for i, c in enumerate(nb.cells)]
+    cells = kernel_cells[: head + 1]       # the title and the parameters cell come first
+    doc = (f"## About this notebook\n\nBuilt by `python -m tools.build` from `kernels/{kernel}.py` of the "
+           f"fwi-kaggle-toolkit repository; do not edit this notebook, edit the kernel and rebuild.\n\n"
+           f"- parameters: the cell above, tagged `parameters` (papermill and Kaggle can override it)\n"
+           f"- fwi_core version **{version}**, content hash `{digest}` over {len(modules)} inlined modules "
+           f"({lines:,} lines), in the hidden cells below (one per module, titled with its path)\n")
     cells.append(md("about", doc))
     extra = meta.get(TOOLKIT_KEY, {})
     if extra.get("wheels"):
@@ -253,27 +343,20 @@ def build_notebook(kernel: str, root: Path = ROOT):
                                                 packages=", ".join(repr(p) for p in extra["wheels"]))))
     rels = [module_path(name, root).relative_to(root).as_posix() for name in modules]
     dirs = sorted({r.rsplit("/", 1)[0] for r in rels})
-    cells.append(cc("bootstrap", BOOTSTRAP.format(version=version, digest=digest, dirs=dirs)))
+    cells.append(cc("bootstrap", BOOTSTRAP.format(version=version, digest=digest, dirs=dirs, magic=MAGIC),
+                    hidden=True))
     for name, rel in zip(modules, rels):
-        body = module_path(name, root).read_text() or "# (empty module)\n"  # %%writefile needs a body
-        cells.append(cc("mod:" + name, f"%%writefile {{_FWI_VENDOR}}/{rel}\n" + body))
-    cells.append(cc("import-check", "import importlib\nimportlib.invalidate_caches()  # see the files written above\n"
-                    "import fwi_core\nassert fwi_core.__file__.startswith(_FWI_VENDOR), fwi_core.__file__"))
-    for i, c in enumerate(nb.cells):
-        c = copy.deepcopy(c)
-        c["id"] = _cell_id(kernel, f"kernel:{i}")
-        c.metadata.pop("lines_to_next_cell", None)
-        if c.cell_type == "code":
-            c.outputs = []
-            c.execution_count = None
-        cells.append(c)
+        body = module_path(name, root).read_text() or "# (empty module)\n"  # a cell magic needs a body
+        cells.append(cc("mod:" + name, f"%%{MAGIC} {rel}\n" + body, hidden=True))
+    cells.append(cc("import-check", IMPORT_CHECK, hidden=True))
+    cells.extend(kernel_cells[head + 1:])
     out = nbformat.v4.new_notebook(cells=cells)
     out.nbformat_minor = 5
     out.metadata = {
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
         "language_info": {"name": "python"},
         "fwi_toolkit": {"kernel": kernel, "fwi_core_version": version, "content_hash": digest,
-                        "modules": modules},
+                        "modules": modules, "module_lines": lines},
     }
     nbformat.validate(out)
     kaggle_meta = {k: v for k, v in meta.items() if k != TOOLKIT_KEY}
@@ -328,7 +411,8 @@ def build(kernels: Optional[List[str]] = None, out: Path = ROOT / "build", root:
         atomic_write_text(d / f"{k}.ipynb", nbformat.writes(nb) + "\n")
         atomic_write_text(d / "kernel-metadata.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
         written.append(d / f"{k}.ipynb")
-        print(f"built {d / (k + '.ipynb')} ({len(modules)} fwi_core modules, {len(nb.cells)} cells)")
+        print(f"built {d / (k + '.ipynb')} ({len(modules)} fwi_core modules, "
+              f"{nb.metadata[TOOLKIT_KEY]['module_lines']:,} lines, {len(nb.cells)} cells)")
     return written
 
 

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tools.build import BuildError, build, build_notebook, resolve_modules
+from tools.build import BuildError, build, build_notebook, resolve_modules, vendored_size
 
 KERNEL = '''# %% [markdown]
 # # Demo
@@ -69,11 +70,12 @@ def test_notebook_is_valid_and_reproducible(tmp_path):
     nbformat.validate(nb)
     assert nb.nbformat == 4 and nb.nbformat_minor == 5
     assert nb.metadata.kernelspec.name == "python3"
-    assert nb.cells[0].cell_type == "markdown"
-    assert "9.9.9" in nb.cells[0].source and nb.metadata.fwi_toolkit.content_hash in nb.cells[0].source
+    about = nb.cells[2]    # after the kernel's title and its parameters cell
+    assert about.cell_type == "markdown" and about.source.startswith("## About this notebook")
+    assert "9.9.9" in about.source and nb.metadata.fwi_toolkit.content_hash in about.source
     assert [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])][0].source.strip() == "value = 2"
-    titles = [c.source.splitlines()[0] for c in nb.cells if c.source.startswith("%%writefile")]
-    assert titles[0] == "%%writefile {_FWI_VENDOR}/fwi_core/__init__.py"
+    titles = [c.source.splitlines()[0] for c in nb.cells if c.source.startswith("%%fwi_module")]
+    assert titles[0] == "%%fwi_module fwi_core/__init__.py"
     assert any(t.endswith("fwi_core/pkg/mod.py") for t in titles)
     assert not any("unused" in t for t in titles)
     meta = json.loads(meta_first)
@@ -155,3 +157,145 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tools.build", "no_such_kernel", "--out", str(tmp_path)],
                        cwd=root, capture_output=True, text=True)
     assert r.returncode == 1 and "build failed" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------- slim, readable notebooks
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory) -> Path:
+    """A copy of the repository's build inputs: the checkout may change while the tests run."""
+    import shutil
+
+    dest = tmp_path_factory.mktemp("snapshot")
+    for part in ("fwi_core", "kernels", "kernel-metadata"):
+        shutil.copytree(ROOT / part, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.ipynb"))
+    return dest
+
+
+def _kind(cell) -> str:
+    """'params', 'about', 'wheels', 'bootstrap', 'module', 'import-check' or 'kernel'."""
+    src = cell.source
+    if "parameters" in cell.metadata.get("tags", []):
+        return "params"
+    if cell.cell_type == "markdown":
+        return "about" if src.startswith("## About this notebook") else "kernel"
+    if "--no-index" in src:
+        return "wheels"
+    if "_FWI_VENDOR = tempfile.mkdtemp(" in src:
+        return "bootstrap"
+    if src.startswith("%%fwi_module "):
+        return "module"
+    if src.startswith("import importlib\nimportlib.invalidate_caches()"):
+        return "import-check"
+    return "kernel"
+
+
+def _params_index(nb) -> int:
+    return [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])][0]
+
+
+def test_cell_order_puts_parameters_first(tmp_path):
+    root = make_root(tmp_path, meta={**META, "fwi_toolkit": {"wheels": ["timm"], "wheels_dataset": "someone/w"}})
+    nb, _, modules = build_notebook("demo", root)
+    kinds = [_kind(c) for c in nb.cells]
+    assert kinds == (["kernel", "params", "about", "wheels", "bootstrap"] + ["module"] * len(modules)
+                     + ["import-check", "kernel"]), kinds
+    assert nb.cells[0].source == "# Demo" and nb.cells[-1].source.startswith("import fwi_core")
+
+
+@pytest.mark.parametrize("kernel", ["infer", "train"])
+def test_real_kernels_parameters_cell_comes_first(kernel, snapshot):
+    nb, _, modules = build_notebook(kernel, snapshot)
+    assert _params_index(nb) < 3, [c.source.splitlines()[0] for c in nb.cells[:4]]
+    assert all(c.cell_type == "markdown" for c in nb.cells[:_params_index(nb)])
+    hidden = [c for c in nb.cells if _kind(c) in ("bootstrap", "module", "import-check")]
+    assert len(hidden) == len(modules) + 2
+    assert all(c.metadata.jupyter.source_hidden is True and c.metadata["_kg_hide-input"] is True for c in hidden)
+    assert not any(c.metadata.get("jupyter", {}).get("source_hidden") for c in nb.cells if _kind(c) in ("params", "kernel"))
+    assert (len(modules), nb.metadata.fwi_toolkit.module_lines) == vendored_size(kernel, snapshot)
+
+
+def test_every_vendored_cell_is_hidden(tmp_path):
+    root = make_root(tmp_path)
+    nb, _, modules = build_notebook("demo", root)
+    vendored = [c for c in nb.cells if c.source.startswith("%%fwi_module ")]
+    assert [c.source.splitlines()[0].split()[1] for c in vendored] == [
+        "fwi_core/__init__.py", "fwi_core/pkg/__init__.py", "fwi_core/pkg/helper.py", "fwi_core/pkg/mod.py",
+        "fwi_core/util.py"]
+    for c in nb.cells:
+        hidden = _kind(c) in ("bootstrap", "module", "import-check")
+        assert bool(c.metadata.get("jupyter", {}).get("source_hidden")) is hidden, c.source[:40]
+
+
+def test_module_figures_in_metadata_and_printed_line(tmp_path, capsys):
+    root = make_root(tmp_path)
+    # __init__ 1 line, pkg/__init__ 0, helper 1, mod 6, util 2
+    assert vendored_size("demo", root) == (5, 10)
+    build(["demo"], tmp_path / "build", root)
+    nb = nbformat.read(tmp_path / "build/demo/demo.ipynb", as_version=4)
+    assert nb.metadata.fwi_toolkit.module_lines == 10 and len(nb.metadata.fwi_toolkit.modules) == 5
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.endswith(f"demo.ipynb (5 fwi_core modules, 10 lines, {len(nb.cells)} cells)"), line
+    assert "(10 lines)" in nb.cells[2].source
+
+
+def test_thousands_separator_in_printed_line(tmp_path, capsys):
+    root = make_root(tmp_path)
+    (root / "fwi_core/util.py").write_text("def double(x):\n    return 2 * x\n" + "# pad\n" * 1200)
+    build(["demo"], tmp_path / "build", root)
+    assert "(5 fwi_core modules, 1,210 lines, " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["params", "before"])
+def test_fwi_core_import_before_the_bootstrap_fails_clearly(tmp_path, where):
+    if where == "params":
+        kernel = KERNEL.replace("value = 2\n", "from fwi_core.util import double\nvalue = 2\n")
+        match = r"kernels/demo.py: cell 2 \(the parameters cell\) imports 'fwi_core.util'"
+    else:
+        kernel = KERNEL.replace("# %% [markdown]\n# # Demo\n", "# %%\nimport fwi_core\n")
+        match = r"kernels/demo.py: cell 1 \(a cell before the parameters cell\) imports 'fwi_core'"
+    root = make_root(tmp_path, kernel=kernel)
+    with pytest.raises(BuildError, match=match):
+        build_notebook("demo", root)
+
+
+def test_executed_notebook_is_quiet_until_the_kernel_and_parameters_precede_code(tmp_path):
+    papermill = pytest.importorskip("papermill")
+    root = make_root(tmp_path)
+    build(["demo"], tmp_path / "build", root)
+    built = nbformat.read(tmp_path / "build/demo/demo.ipynb", as_version=4)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    papermill.execute_notebook(str(tmp_path / "build/demo/demo.ipynb"), str(run_dir / "out.ipynb"),
+                               parameters={"value": 5}, cwd=str(run_dir), kernel_name="python3",
+                               progress_bar=False)
+    nb = nbformat.read(run_dir / "out.ipynb", as_version=4)
+    assert len(nb.cells) == len(built.cells) + 1                   # papermill's injected-parameters cell
+    injected = [i for i, c in enumerate(nb.cells) if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected == [_params_index(nb) + 1] and injected[0] < 3
+    quiet = [c for c in nb.cells if _kind(c) in ("bootstrap", "module", "import-check")]
+    assert len(quiet) == len(built.metadata.fwi_toolkit.modules) + 2
+    for c in quiet:
+        assert c.outputs == [], (c.source.splitlines()[0], c.outputs)
+        assert c.metadata.jupyter.source_hidden is True
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert text.startswith("RESULT 10 inlined 9.9.9 ") and text.count("\n") == 1, text
+    # the vendored files are exactly the modules (an empty module gets a comment)
+    where = text.split()[-1]
+    vendor = Path(where).parents[2]
+    assert (vendor / "fwi_core/pkg/mod.py").read_text() == (root / "fwi_core/pkg/mod.py").read_text()
+    assert (vendor / "fwi_core/util.py").read_text() == (root / "fwi_core/util.py").read_text()
+    assert (vendor / "fwi_core/pkg/__init__.py").read_text() == "# (empty module)\n"
+
+
+def test_real_build_is_byte_identical_twice(tmp_path, snapshot, capsys):
+    build(["infer", "train"], tmp_path / "a", snapshot)
+    build(["infer", "train"], tmp_path / "b", snapshot)
+    for k in ("infer", "train"):
+        for f in (f"{k}.ipynb", "kernel-metadata.json"):
+            assert (tmp_path / "a" / k / f).read_bytes() == (tmp_path / "b" / k / f).read_bytes(), f
+        nbformat.validate(nbformat.read(tmp_path / "a" / k / f"{k}.ipynb", as_version=4))
+    lines = capsys.readouterr().out.splitlines()
+    assert all(re.search(r"\(\d+ fwi_core modules, [\d,]+ lines, \d+ cells\)$", ln) for ln in lines), lines
