@@ -56,7 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .metrics import mae
-from .utils import atomic_write_text
+from .utils import atomic_write_text, has_module, optional_import
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -325,14 +325,12 @@ def tune_crf(predictions: ArrayLike, targets: ArrayLike, guides: Optional[ArrayL
         return value
 
     use_optuna = n_trials is not None
+    if use_optuna and not has_module("optuna"):
+        warnings.warn("tune_crf: optuna is not installed (pip install optuna); "
+                      "searching the grid instead", stacklevel=2)
+        use_optuna = False
     if use_optuna:
-        try:
-            import optuna
-        except ImportError:
-            warnings.warn("tune_crf: optuna is not installed (pip install optuna); "
-                          "searching the grid instead", stacklevel=2)
-            use_optuna = False
-    if use_optuna:
+        optuna = optional_import("optuna", "tune_crf(n_trials=...)")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
         def objective(trial):

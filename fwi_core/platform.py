@@ -6,7 +6,6 @@ data is, where outputs go and how long a session may last (Kaggle notebooks stop
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Mapping, Optional
 
 from .data.layout import find_competition_root
 from .errors import LayoutError
+from .utils import has_module
 
 KAGGLE_BUDGET = 11.5 * 3600.0   # 12 h session, minus time to save and upload
 COLAB_BUDGET = 11.0 * 3600.0    # sessions last up to about 12 h
@@ -55,13 +55,6 @@ def process_age() -> float:
         return 0.0
 
 
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def _kaggle_data() -> Optional[str]:
     try:
         return str(find_competition_root())
@@ -86,7 +79,7 @@ def detect_platform(environ: Optional[Mapping[str, str]] = None) -> Platform:
     if "KAGGLE_KERNEL_RUN_TYPE" in env:
         return Platform("kaggle", fwi_data or (_kaggle_data() if real else None),
                         "/kaggle/working/runs", KAGGLE_BUDGET)
-    if "COLAB_RELEASE_TAG" in env or (real and _has_module("google.colab")):
+    if "COLAB_RELEASE_TAG" in env or (real and has_module("google.colab")):
         drive = Path("/content/drive/MyDrive")
         out = str(drive / "fwi-runs") if real and drive.is_dir() else "/content/runs"
         return Platform("colab", fwi_data, out, COLAB_BUDGET)

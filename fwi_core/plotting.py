@@ -8,20 +8,19 @@ rest of fwi_core does not need it.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from .utils import has_module, optional_import
+
 __all__ = ["plot_predictions", "plot_seismic", "plot_curves", "plot_uncertainty_by_family"]
 
 
 def _figure(**kwargs):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as exc:  # pragma: no cover - matplotlib is in the dev extras
-        raise ImportError("fwi_core.plotting needs matplotlib: pip install matplotlib") from exc
-    return Figure(**kwargs)
+    return optional_import("matplotlib.figure", "fwi_core.plotting").Figure(**kwargs)
 
 
 def _maps(x, name: str) -> np.ndarray:
@@ -244,15 +243,12 @@ def show(fig, path: Optional[Union[str, os.PathLike]] = None, dpi: int = 80) -> 
     """
     if path is not None:
         fig.savefig(path, dpi=dpi)
-    try:
-        from IPython import get_ipython
-        from IPython.display import Image, display
-    except ImportError:
+    if not has_module("IPython"):
         return
-    if get_ipython() is None:
+    ipython = optional_import("IPython", "inline figures")
+    if ipython.get_ipython() is None:
         return
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    display(Image(data=buf.getvalue()))
+    display = optional_import("IPython.display", "inline figures")
+    display.display(display.Image(data=buf.getvalue()))

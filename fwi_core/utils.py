@@ -1,11 +1,16 @@
-"""Small shared helpers: progress bars and atomic file writes."""
+"""Small shared helpers: optional dependencies, progress bars, atomic file writes, devices."""
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import os
+import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import Iterator, List, Optional, Union
 
 import numpy as np
@@ -19,42 +24,67 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, stale temp
 PathLike = Union[str, os.PathLike]
 
 
+def optional_import(name: str, needed_for: str, install: Optional[str] = None) -> ModuleType:
+    """Import an optional dependency, the one way fwi_core loads one (lazily, where it is
+    used), or raise an ImportError that says what needs it and how to get it.
+
+    Args:
+        name: the module (``"timm"``, ``"timm.models.metaformer"``, ``"e3nn.o3"``).
+        needed_for: what needs it, e.g. ``"the se3_transformer model"``.
+        install: how to get it (default ``pip install <top-level package>``).
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        top = name.split(".")[0]
+        how = install or f"pip install {top.replace('_', '-')}"
+        raise ImportError(f"{needed_for} needs {top}: {how}") from exc
+
+
+def has_module(name: str) -> bool:
+    """Whether an optional dependency can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class _SilentBar:
+    """What :func:`progress_bar` returns without tqdm: iterates, ignores updates."""
+
+    def __init__(self, it=None, **_):
+        self.it = it
+
+    def __iter__(self):
+        return iter(self.it)
+
+    def update(self, *_):
+        pass
+
+    def set_postfix(self, *_, **__):
+        pass
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
 def progress_bar(iterable=None, **kwargs):
     """A tqdm progress bar (``tqdm.auto`` in notebooks), or a silent pass-through if
     tqdm is missing. ``disable`` defaults to off when stderr is not a terminal and
     ``FWI_PROGRESS=0`` is set."""
     if os.environ.get("FWI_PROGRESS", "1") == "0":
         kwargs["disable"] = True
-    try:
-        import warnings
-
-        with warnings.catch_warnings():  # "IProgress not found": tqdm falls back to text bars
-            warnings.simplefilter("ignore")
-            from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm ships with Kaggle's image and our deps
-        class _Silent:
-            def __init__(self, it=None, **_):
-                self.it = it
-
-            def __iter__(self):
-                return iter(self.it)
-
-            def update(self, *_):
-                pass
-
-            def set_postfix(self, *_, **__):
-                pass
-
-            def close(self):
-                pass
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *a):
-                return False
-
-        return _Silent(iterable)
+    if not has_module("tqdm"):          # tqdm ships with Kaggle's image and our dependencies
+        return _SilentBar(iterable)
+    with warnings.catch_warnings():     # "IProgress not found": tqdm falls back to text bars
+        warnings.simplefilter("ignore")
+        tqdm = optional_import("tqdm.auto", "progress bars").tqdm
     kwargs.setdefault("file", sys.stderr)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)
@@ -103,8 +133,6 @@ def remove_stale_temps(folder: PathLike, name: Optional[str] = None) -> List[Pat
     :func:`atomic_path` (of the file ``name`` only, if given) and the staging folders of
     :func:`locked_staging_dir`, whose writer is gone (no lock held; a live writer's
     are kept). Returns the removed paths. A no-op where advisory locks do not exist."""
-    import shutil
-
     folder = Path(folder)
     if fcntl is None or not folder.is_dir():
         return []
@@ -136,8 +164,6 @@ def locked_staging_dir(path: PathLike) -> Iterator[Path]:
     """A fresh folder ``.<name>.<random>.staging`` beside ``path`` to build ``path`` in,
     locked while this block runs (so :func:`remove_stale_temps` removes it only after
     its writer died); deleted if the block raises. The caller renames it into place."""
-    import shutil
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".staging", dir=path.parent))
@@ -154,8 +180,6 @@ def locked_staging_dir(path: PathLike) -> Iterator[Path]:
 
 def atomic_save_npy(path: PathLike, array) -> None:
     """``np.save`` through a temporary file and a rename."""
-    import numpy as np
-
     with atomic_path(path, suffix=".npy") as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)

@@ -34,11 +34,11 @@ def test_real_environment_reads_os_environ(monkeypatch, tmp_path):
     for var in ("KAGGLE_KERNEL_RUN_TYPE", "COLAB_RELEASE_TAG", "SM_MODEL_DIR", "SM_CHANNEL_TRAINING",
                 "SM_OUTPUT_DATA_DIR", "FWI_DATA"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(platform, "_has_module", lambda name: False)
+    monkeypatch.setattr(platform, "has_module", lambda name: False)
     assert detect_platform().name == "local"
-    monkeypatch.setattr(platform, "_has_module", lambda name: name == "google.colab")
+    monkeypatch.setattr(platform, "has_module", lambda name: name == "google.colab")
     assert detect_platform().name == "colab"
-    monkeypatch.setattr(platform, "_has_module", lambda name: False)
+    monkeypatch.setattr(platform, "has_module", lambda name: False)
     monkeypatch.setenv("SM_MODEL_DIR", "/opt/ml/model")
     assert detect_platform().out_dir == "/opt/ml/model"
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..metrics import per_family
+from ..utils import has_module, optional_import
 from .weights import DEFAULT, EnsembleWeights
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -190,8 +191,7 @@ def _fit_optuna(p: torch.Tensor, t: torch.Tensor, n_trials: int, seed: int,
                 init: Sequence[torch.Tensor]) -> torch.Tensor:
     """TPE search over M free weights in [0, 1], normalised to sum 1; the equal
     weighting and ``init`` are enqueued as the first trials."""
-    import optuna
-
+    optuna = _optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     m = p.shape[0]
 
@@ -215,14 +215,16 @@ def _resolve_method(method: str) -> str:
         raise ValueError(f"optimize_weights: method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "projected_gradient":
         return method
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
+    if not has_module("optuna"):
         if method == "optuna":
-            raise ImportError("optimize_weights(method='optuna') needs optuna: pip install optuna "
-                              "(or use method='projected_gradient')") from None
+            _optuna()    # the ImportError that says how to get it
         return "projected_gradient"
     return "optuna"
+
+
+def _optuna():
+    return optional_import("optuna", "optimize_weights(method='optuna')",
+                           "pip install optuna (or use method='projected_gradient')")
 
 
 def optimize_weights(preds: ArrayLike, targets: ArrayLike, families: Optional[Sequence[str]] = None,

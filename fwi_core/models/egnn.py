@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..utils import optional_import
 from .blocks import ConvBnAct, check_prior, check_seismic, prior_channels
 from .registry import Capabilities, register_model
 from .survey import (N_SOURCES, TraceEncoder, batch_edge_index, grid_positions,
@@ -57,15 +58,10 @@ __all__ = ["import_torch_geometric", "EGNNLayer", "QueryDecoder", "EGNNNet", "eg
 
 def import_torch_geometric():
     """Import torch_geometric or raise an ImportError that says how to get it."""
-    try:
-        import torch_geometric
-        import torch_geometric.nn  # noqa: F401
-    except ImportError as e:
-        raise ImportError(
-            "the egnn model needs torch-geometric: pip install torch-geometric (pure Python; "
-            "on Kaggle it comes from the wheels dataset named in the kernel metadata, "
-            "README 'Packages Kaggle lacks')") from e
-    return torch_geometric
+    how = ("pip install torch-geometric (pure Python; on Kaggle it comes from the wheels dataset named in the "
+           "kernel metadata, README 'Packages Kaggle lacks')")
+    optional_import("torch_geometric.nn", "the egnn model", how)
+    return optional_import("torch_geometric", "the egnn model", how)
 
 
 def _mlp(sizes: Sequence[int], act_last: bool = False, drop_rate: float = 0.0) -> nn.Sequential:

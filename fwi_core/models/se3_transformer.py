@@ -58,6 +58,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..utils import optional_import
 from .blocks import ConvBnAct, check_prior, check_seismic, prior_channels
 from .registry import Capabilities, register_model
 from .survey import (N_RECEIVERS, N_SOURCES, TraceEncoder, batch_edge_index, knn_edge_index,
@@ -68,17 +69,11 @@ __all__ = ["import_e3nn", "SE3AttentionLayer", "lattice_positions", "SE3Transfor
 
 def import_e3nn():
     """Import e3nn or raise an ImportError that says how to get it."""
-    try:
-        import e3nn
-        import e3nn.math  # noqa: F401
-        import e3nn.nn  # noqa: F401
-        import e3nn.o3  # noqa: F401
-    except ImportError as e:
-        raise ImportError(
-            "the se3_transformer model needs e3nn: pip install e3nn (pure Python, with "
-            "opt-einsum-fx; on Kaggle it comes from the wheels dataset named in the kernel "
-            "metadata, README 'Packages Kaggle lacks')") from e
-    return e3nn
+    how = ("pip install e3nn (pure Python, with opt-einsum-fx; on Kaggle it comes from the wheels dataset "
+           "named in the kernel metadata, README 'Packages Kaggle lacks')")
+    for sub in ("e3nn.math", "e3nn.nn", "e3nn.o3"):
+        optional_import(sub, "the se3_transformer model", how)
+    return optional_import("e3nn", "the se3_transformer model", how)
 
 
 def lattice_positions(shape: Tuple[int, int] = (14, 7), extent: float = 700.0,

@@ -30,6 +30,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..utils import optional_import
 from .blocks import UNetDecoder, center_crop, check_seismic
 from .registry import register_model
 
@@ -40,13 +41,8 @@ _STEM_OUT = 72          # square stem output (time, receivers)
 
 def import_timm():
     """Import timm or raise an ImportError that says how to get it."""
-    try:
-        import timm
-    except ImportError as e:
-        raise ImportError(
-            "the timm-backbone models (convnext_unet, caformer_unet) need timm: "
-            "pip install timm (Kaggle's image ships it; offline, attach a wheels dataset)") from e
-    return timm
+    return optional_import("timm", "the timm-backbone models (convnext_unet, caformer_unet)",
+                           "pip install timm (Kaggle's image ships it; offline, attach a wheels dataset)")
 
 
 def _stem_conv(backbone: nn.Module, name: str) -> Tuple[nn.Module, str]:
@@ -64,15 +60,12 @@ def _create_encoder(timm, backbone: str, pretrained: bool, **kwargs) -> nn.Modul
     CAFormer's token mixers and norms (conv, conv, attention, attention)."""
     if not (backbone.startswith("caformer") and {"depths", "dims"} & set(kwargs)):
         return timm.create_model(backbone, pretrained=pretrained, **kwargs)
-    from timm.models import build_model_with_cfg
-    from timm.models.metaformer import (Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer,
-                                        SepConv, checkpoint_filter_fn)
-    kwargs.setdefault("token_mixers", [SepConv, SepConv, Attention, Attention])
-    kwargs.setdefault("norm_layers", [LayerNorm2dNoBias] * 2 + [LayerNormNoBias] * 2)
+    mf = optional_import("timm.models.metaformer", "caformer_unet with custom depths/dims")
+    kwargs.setdefault("token_mixers", [mf.SepConv, mf.SepConv, mf.Attention, mf.Attention])
+    kwargs.setdefault("norm_layers", [mf.LayerNorm2dNoBias] * 2 + [mf.LayerNormNoBias] * 2)
     out_indices = kwargs.pop("out_indices")
-    return build_model_with_cfg(MetaFormer, backbone, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
-                                **kwargs)
+    return mf.build_model_with_cfg(mf.MetaFormer, backbone, pretrained, pretrained_filter_fn=mf.checkpoint_filter_fn,
+                                   feature_cfg=dict(flatten_sequential=True, out_indices=out_indices), **kwargs)
 
 
 class TimmUNet(nn.Module):
