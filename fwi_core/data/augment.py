@@ -6,6 +6,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .normalize import denormalize_seismic, normalize_seismic
+
 
 def hflip(seismic, velocity=None):
     """The horizontal flip: reverse receivers and source order, mirror the velocity map.
@@ -38,8 +40,6 @@ def scale_amplitude(seismic: torch.Tensor, factors: torch.Tensor, normalized: bo
     Returns:
         (B, S, T, R) in the same units as the input.
     """
-    from .normalize import denormalize_seismic, normalize_seismic
-
     f = factors.to(seismic.device, torch.float32).view(-1, *([1] * (seismic.dim() - 1)))
     if not normalized:
         return seismic * f.to(seismic.dtype)
@@ -62,8 +62,6 @@ def add_noise(seismic: torch.Tensor, std: float, generator: Optional[torch.Gener
     Returns:
         (B, S, T, R) in the same units as the input.
     """
-    from .normalize import denormalize_seismic, normalize_seismic
-
     raw = denormalize_seismic(seismic.float()) if normalized else seismic.float()
     rms = raw.pow(2).flatten(1).mean(1).sqrt().view(-1, *([1] * (raw.dim() - 1)))
     noise = torch.randn(raw.shape, generator=generator, dtype=torch.float32).to(raw.device)

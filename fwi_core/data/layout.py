@@ -15,7 +15,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import LayoutError, MissingPairError
-from .io import SEIS_SHAPE, VEL_SHAPE, open_npy
+from .io import SEIS_SHAPE, VEL_SHAPE, check_finite, open_npy
 
 COMPETITION_SLUG = "waveform-inversion"
 KAGGLE_CANDIDATES = (
@@ -151,6 +151,5 @@ def list_test(root: os.PathLike) -> List[Tuple[str, Path]]:
 
 def load_test_sample(path: os.PathLike) -> np.ndarray:
     """One test file as float32 (5, 1000, 70), checked."""
-    from .io import check_finite
     arr = open_npy(path, SEIS_SHAPE, "test seismic", batched=False)
     return check_finite(np.asarray(arr, dtype=np.float32), path, "test seismic")
