@@ -30,7 +30,7 @@ import torch.nn as nn
 from .blocks import check_seismic
 from .checkpoint import load_model
 from .registry import create_model, model_capabilities, register_model
-from .residual_stacker import compute_residual
+from .residual_stacker import bounded_correction, compute_residual
 
 __all__ = ["ResidualStage", "residual_stage"]
 
@@ -99,10 +99,7 @@ class ResidualStage(nn.Module):
         out = self.member(x, **kwargs)                                               # (B, 1, 70, 70)
         if self.member_adds_prior:
             return out
-        t = out.float()
-        up = (1.0 - prior.float()).clamp(0.0, self.max_correction)
-        down = (1.0 + prior.float()).clamp(0.0, self.max_correction)
-        return (prior.float() + torch.where(t >= 0, t * up, t * down)).to(out.dtype)   # (B, 1, 70, 70)
+        return bounded_correction(prior.float(), out.float(), self.max_correction).to(out.dtype)  # (B, 1, 70, 70)
 
 
 @register_model

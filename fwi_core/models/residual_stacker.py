@@ -111,9 +111,15 @@ class ResidualStacker(nn.Module):
         context = h.mean(-1, keepdim=True).expand_as(h)                      # (B, 2w, 70, 70)
         h = self.decoder(torch.cat([h, context, prior], 1))                  # (B, w, 70, 70)
         t = torch.tanh(self.head(h))                                         # (B, 1, 70, 70)
-        up = (1.0 - prior).clamp(0.0, self.max_correction)
-        down = (1.0 + prior).clamp(0.0, self.max_correction)
-        return prior + torch.where(t >= 0, t * up, t * down)                 # (B, 1, 70, 70)
+        return bounded_correction(prior, t, self.max_correction)             # (B, 1, 70, 70)
+
+
+def bounded_correction(prior: torch.Tensor, t: torch.Tensor, max_correction: float) -> torch.Tensor:
+    """``prior + correction`` with ``t`` in [-1, 1] scaled so the result stays in [-1, 1]
+    (normalised velocity) and moves at most ``max_correction`` from the prior."""
+    up = (1.0 - prior).clamp(0.0, max_correction)
+    down = (1.0 + prior).clamp(0.0, max_correction)
+    return prior + torch.where(t >= 0, t * up, t * down)
 
 
 def compute_residual(x_norm: torch.Tensor, prior_norm: torch.Tensor,
