@@ -1,5 +1,3 @@
-import copy
-import pickle
 
 import pytest
 import torch
@@ -123,14 +121,3 @@ def test_trace_attributes_reach_the_right_edges():
         model.encode_graph(x2)
     changed = torch.nonzero((seen[0] - seen[1]).abs().amax(1) > 0).flatten()
     assert set(model.trace_index[changed].tolist()) == {2 * 70 + 40} and changed.numel() == 2
-
-
-def test_deepcopy_and_pickle():
-    """EMA (AveragedModel) deep-copies the model; checkpoints may pickle it."""
-    torch.manual_seed(0)
-    model = create_model("egnn", **TINY).eval()
-    x = torch.randn(1, 5, 1000, 70) / 3
-    with torch.no_grad():
-        y = model(x)
-        assert torch.equal(copy.deepcopy(model)(x), y)
-        assert torch.equal(pickle.loads(pickle.dumps(model))(x), y)

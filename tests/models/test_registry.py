@@ -1,7 +1,9 @@
 """Registry-wide model tests, parametrised over ``list_models()``: a model is tested the
 moment it is registered. Models are built tiny (``TINY``) to keep each test fast on CPU."""
+import copy
 import fnmatch
 import os
+import pickle
 import subprocess
 import sys
 
@@ -148,6 +150,17 @@ def test_capabilities_are_declared_in_the_registry():
         list_models(capability="flies")
     with pytest.raises(UnknownModelError):
         model_capabilities("no_such_model")
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_deepcopy_and_pickle(name):
+    """EMA (AveragedModel) deep-copies every model; checkpoints may pickle it."""
+    model = tiny(name).eval()
+    x = torch.randn(1, 5, 1000, 70, generator=torch.Generator().manual_seed(0)) / 3
+    with torch.no_grad():
+        y = model(x)
+        assert torch.equal(copy.deepcopy(model)(x), y)
+        assert torch.equal(pickle.loads(pickle.dumps(model))(x), y)
 
 
 @pytest.mark.parametrize("name", ZOO)

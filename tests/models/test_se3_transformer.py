@@ -1,6 +1,4 @@
 import contextlib
-import copy
-import pickle
 
 import pytest
 import torch
@@ -114,16 +112,6 @@ def test_segment_softmax_normalises_per_target():
     sums = torch.zeros(3).index_add(0, index, alpha)
     assert torch.allclose(sums, torch.ones(3)) and torch.isfinite(alpha).all()
     assert torch.allclose(alpha[:2], torch.softmax(logits[:2], 0))
-
-
-def test_deepcopy_and_pickle():
-    torch.manual_seed(0)
-    model = create_model("se3_transformer", **TINY).eval()
-    x = torch.randn(1, 5, 1000, 70) / 3
-    with torch.no_grad():
-        y = model(x)
-        assert torch.equal(copy.deepcopy(model)(x), y)
-        assert torch.equal(pickle.loads(pickle.dumps(model))(x), y)
 
 
 def test_runs_under_autocast():
