@@ -217,6 +217,19 @@ def test_real_kernels_parameters_cell_comes_first(kernel, snapshot):
     assert (len(modules), nb.metadata.fwi_toolkit.module_lines) == vendored_size(kernel, snapshot)
 
 
+def test_infer_notebook_carries_no_training_engine(snapshot):
+    """The infer kernel loads trained models through fwi_core.models.checkpoint: the
+    training engine stays out of its notebook, which is smaller than before the layering
+    (the README's notebook table quotes both figures)."""
+    nb, _, modules = build_notebook("infer", snapshot)
+    assert [m for m in modules if m == "fwi_core.train" or m.startswith("fwi_core.train.")] == []
+    assert "fwi_core.recipes" not in modules and "fwi_core.models.checkpoint" in modules
+    readme = (ROOT / "README.md").read_text()
+    row = re.search(r"\| before the layering \(commit \w+\) \| (\d+) of \d+ \| ([\d,]+) \|", readme)
+    assert row, "README: no 'before the layering' row in the notebook table"
+    assert nb.metadata.fwi_toolkit.module_lines < int(row.group(2).replace(",", ""))
+
+
 def test_every_vendored_cell_is_hidden(tmp_path):
     root = make_root(tmp_path)
     nb, _, modules = build_notebook("demo", root)
