@@ -13,25 +13,43 @@ read (tensors, numbers, strings, lists and dicts only):
 
 ``best.pt`` and ``snapshot-<k>.pt`` hold weights and metadata only. Reading checkpoints
 and rebuilding models from them is :mod:`fwi_core.models.checkpoint`'s job.
+
+:class:`RunCheckpoints` is the run's side: the payload of the model, the optimizer step and
+the :class:`~fwi_core.train.state.RunState`, written by every rank together (RNG states are
+gathered), and resuming from one (with the schedule rebased when the run's length changed).
 """
 from __future__ import annotations
 
 import datetime
+import json
+import logging
+import math
 import os
 import random
 import re
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
-from ..models.checkpoint import FORMAT, rolling_checkpoints
-from ..utils import atomic_path
+from .. import __version__
+from ..errors import CheckpointError, ConfigError
+from ..models.checkpoint import FORMAT, load_checkpoint, rolling_checkpoints
+from ..utils import atomic_path, atomic_write_text, plain
+from .budget import Budget
+from .config import MAXIMISED, TrainConfig
+from .distributed import DistInfo, all_gather_objects, barrier
+from .model import TrainedModel
+from .state import RunState
+from .step import Stepper
 
 PathLike = Union[str, os.PathLike]
+log = logging.getLogger("fwi_core.train")
+# Config keys that may change between a run and its resumption without breaking exactness.
+_RESUME_FREE = {"data", "out", "resume", "time_budget", "max_steps", "num_workers", "device",
+                "log_every", "patience", "min_delta", "keep_last", "checkpoint_every", "epochs"}
 
 
 # ------------------------------------------------------------------------- metadata
@@ -147,3 +165,160 @@ def resolve_resume(resume: Optional[str], out_dir: PathLike) -> Optional[Path]:
     if not p.is_file():
         raise CheckpointError(f"resume={resume}: no such checkpoint file or run folder")
     return p
+
+
+def restore_rng(ranks: Sequence[Dict[str, Any]], dist: DistInfo) -> None:
+    """Restore this rank's RNG states from a checkpoint's per-rank states (rank 0's when
+    the number of processes changed)."""
+    set_rng_state(ranks[dist.rank] if len(ranks) == dist.world_size else ranks[0])
+    if len(ranks) != dist.world_size:
+        log.warning("resuming on %d processes from a checkpoint of %d: RNG streams differ",
+                    dist.world_size, len(ranks))
+
+
+# ------------------------------------------------------------------------- a run's checkpoints
+class RunCheckpoints:
+    """What a run's checkpoints hold, writing them, and resuming from one."""
+
+    def __init__(self, cfg: TrainConfig, dist: DistInfo, files: CheckpointManager, platform: str,
+                 model: TrainedModel, stepper: Stepper, state: RunState, budget: Budget,
+                 steps_per_epoch: int, total_steps: int):
+        self.cfg, self.dist, self.files, self.platform = cfg, dist, files, platform
+        self.model, self.stepper, self.state, self.budget = model, stepper, state, budget
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.git = git_commit()
+
+    def metadata(self, metrics: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+        cfg, s = self.cfg, self.state
+        return {
+            "model": self.model.name, "model_kwargs": plain(dict(self.model.kwargs)), "fold": cfg.fold,
+            "folds": cfg.folds, "epoch": s.epoch, "step": s.step,
+            "position": {"epoch": s.epoch, "batch": s.batch, "steps_per_epoch": self.steps_per_epoch},
+            "metrics": metrics,
+            "best": {"monitor": cfg.monitor, "value": None if math.isinf(s.best_value) else
+                     (-s.best_value if cfg.monitor in MAXIMISED else s.best_value),
+                     "step": s.best_step},
+            "family_best": s.family_best, "family_names": self.model.family_names,
+            "time_mode": self.budget.time_mode, "platform": self.platform,
+            "world_size": self.dist.world_size, "amp": self.stepper.amp, "git_commit": self.git,
+            "fwi_core_version": __version__, "torch_version": torch.__version__,
+            "wall_time": self.budget.wall_time(s.wall_before), "created": now_iso(),
+            "stopped_reason": s.stopped_reason, "config": cfg.to_dict(),
+        }
+
+    def payload(self, metrics: Optional[Dict[str, Any]], full: bool) -> Dict[str, Any]:
+        m, st, s = self.model, self.stepper, self.state
+        p = {"format": FORMAT, "metadata": plain(self.metadata(metrics)), "model": m.raw.state_dict(),
+             "ema": m.ema.module.state_dict() if m.ema is not None else None}
+        if full:
+            p["state"] = {
+                "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
+                "scaler": st.scaler.state_dict(),
+                "ema_n_averaged": int(m.ema.n_averaged) if m.ema is not None else 0,
+                # per rank: RNG states and the running loss of the epoch so far
+                "ranks": all_gather_objects({"rng": rng_state(), "loss_sum": float(s.loss_sum),
+                                             "loss_count": s.loss_count}, self.dist),
+                "epoch": s.epoch, "batch": s.batch, "step": s.step, "accum": s.accum,
+                "best_value": s.best_value, "best_step": s.best_step, "bad_evals": s.bad_evals,
+                "history": plain(s.history), "family_best": plain(s.family_best),
+                "last_metrics": plain(s.last_metrics), "best_metrics": plain(s.best_metrics),
+                "oom_events": s.oom_events, "wall_time": self.budget.wall_time(s.wall_before),
+                "progress": float(st.schedule._progress(s.step)), "cycle": s.cycle,
+            }
+        return p
+
+    def save(self, best: bool = False, snapshot: Optional[int] = None) -> Optional[Path]:
+        """Write the rolling (resumable) checkpoint, and ``best.pt`` / a snapshot. Every
+        rank must call it (RNG states are gathered); rank 0 writes."""
+        start = self.budget.now()
+        payload = self.payload(self.state.last_metrics, full=True)
+        path = None
+        if self.dist.is_main:
+            # best and snapshot first, the resumable checkpoint (which records that they
+            # were written) last: a run killed in between resumes from the previous
+            # checkpoint and writes them again, instead of never writing them
+            if best:
+                self.files.save_best(payload)
+            if snapshot is not None:
+                self.files.save_snapshot(payload, snapshot)
+            path = self.files.save(payload, self.state.step)
+        barrier(self.dist)
+        self.budget.save_time = self.budget.now() - start
+        return path
+
+    def begin(self, resume: Optional[Path], out: Path) -> Optional[List[Dict[str, Any]]]:
+        """Resume from ``resume`` (returns every rank's RNG states, to restore last), or
+        start the run folder ``out``: a fresh ``config.json``, no ``log.csv``."""
+        if resume is not None:
+            return self.load(resume)
+        if self.dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "log.csv").unlink(missing_ok=True)
+            atomic_write_text(out / "config.json", json.dumps(self.cfg.to_dict(), indent=1) + "\n")
+        return None
+
+    def load(self, path: Path) -> List[Dict[str, Any]]:
+        """Load a resumable checkpoint into the model, the optimizer step and the run
+        state; returns every rank's RNG states."""
+        ckpt = load_checkpoint(path, map_location="cpu")
+        if "state" not in ckpt:
+            raise ConfigError(f"resume={path}: a weights-only checkpoint (best/snapshot); resume "
+                              "from a ckpt-*.pt file or the run folder")
+        old = ckpt["metadata"].get("config", {})
+        changed = sorted(k for k, v in plain(self.cfg.to_dict()).items()
+                         if k not in _RESUME_FREE and k in old and old[k] != v)
+        if changed:
+            log.warning("resuming %s with changed settings %s: the result will differ from an "
+                        "uninterrupted run", path, changed)
+        m, st, s, saved = self.model, self.stepper, self.state, ckpt["state"]
+        m.raw.load_state_dict(ckpt["model"])
+        if m.ema is not None:
+            if ckpt["ema"] is None:
+                raise ConfigError(f"resume={path}: the checkpoint has no EMA weights; set ema_decay=0")
+            m.ema.module.load_state_dict(ckpt["ema"])
+            m.ema.n_averaged.fill_(saved["ema_n_averaged"])
+        st.optimizer.load_state_dict(saved["optimizer"])
+        st.scheduler.load_state_dict(saved["scheduler"])
+        self.rebase_schedule(old, saved)
+        st.scaler.load_state_dict(saved["scaler"])
+        s.epoch, s.batch, s.step, s.accum = saved["epoch"], saved["batch"], saved["step"], saved["accum"]
+        s.best_value, s.best_step, s.bad_evals = saved["best_value"], saved["best_step"], saved["bad_evals"]
+        s.history, s.family_best = list(saved["history"]), dict(saved["family_best"])
+        s.last_metrics, s.best_metrics = saved["last_metrics"], saved["best_metrics"]
+        s.oom_events, s.wall_before = list(saved["oom_events"]), float(saved["wall_time"])
+        if s.batch >= self.steps_per_epoch:   # data or batch size changed since
+            raise ConfigError(f"resume={path}: position {s.batch} is past the "
+                              f"{self.steps_per_epoch} batches of an epoch with this data/batch_size")
+        log.info("resumed %s at epoch %d, batch %d, step %d", path, s.epoch, s.batch, s.step)
+        ranks = saved["ranks"]
+        mine = ranks[self.dist.rank] if len(ranks) == self.dist.world_size else ranks[0]
+        s.loss_sum.fill_(mine["loss_sum"])
+        s.loss_count = mine["loss_count"]
+        return [r["rng"] for r in ranks]
+
+    def rebase_schedule(self, old_cfg: Dict[str, Any], saved: Dict[str, Any]) -> None:
+        """After loading the scheduler of a run of another length (epochs changed, or a
+        time-mode run resumed with a new budget): go on from the current step and
+        learning rate over the new length instead of crashing or climbing back up."""
+        st = self.stepper
+        fn = st.schedule
+        step = int(saved["step"])
+        progress = float(saved.get("progress", fn._progress(step)))
+        self.state.cycle = int(saved.get("cycle", 0))
+        old_total = fn.total
+        if self.budget.time_mode:
+            # progress goes on from where it stopped to 1 over the new budget
+            self.state.progress0 = progress
+            fn.progress = progress
+            if old_total:     # was a step-mode run: anneal from the current rate
+                fn.rebase(step, 0, fn(step), progress)
+                log.info("resumed a %d-step schedule in time mode: annealing over the new budget", old_total)
+            return
+        if old_total != self.total_steps:
+            factor = fn(step)
+            fn.rebase(step, self.total_steps, factor, progress)
+            st.set_lr(step)
+            st.scheduler._last_lr = [g["lr"] for g in st.optimizer.param_groups]
+            log.info("schedule length changed from %s to %d steps (epochs %s -> %d): continuing from step %d "
+                     "at %.3g of the learning rate", old_total or "time budget", self.total_steps,
+                     old_cfg.get("epochs"), self.cfg.epochs, step, factor)

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from fwi_core.models import is_model, register_model
+from fwi_core.models import Capabilities, is_model, register_model
 
 T, R, H, W = 12, 8, 6, 6   # tiny "gathers" (5, T, R) and "velocity maps" (1, H, W)
 
@@ -68,7 +68,7 @@ class TinyNet(nn.Module):
 
 
 if not is_model("tiny_fwi"):
-    @register_model
+    @register_model(capabilities=Capabilities(family_terms=True, auxiliary_losses=True))
     def tiny_fwi(**kwargs) -> TinyNet:
         """Test-only tiny model."""
         return TinyNet(**kwargs)

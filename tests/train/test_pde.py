@@ -69,17 +69,17 @@ def test_pde_term_zero_at_truth_known_for_a_shift_and_flips_undone(tmp_path):
     trainer = Trainer(_cfg(tmp_path), datasets=(ds, None))
     try:
         truth = ds.y
-        assert trainer.pde_term(truth, ds.x).item() < 1e-9
+        assert trainer.loss.pde_term(truth, ds.x).item() < 1e-9
         shifted = normalize_velocity(ds.v + 100.0)
         sim = simulate(ds.v + 100.0, nt=NT, **SIM).double()
         obs = ds.raw.double()
         want = ((sim - obs).flatten(1).square().sum(1) / obs.flatten(1).square().sum(1)).mean()
-        got = trainer.pde_term(shifted, ds.x)
+        got = trainer.loss.pde_term(shifted, ds.x)
         assert got.item() == pytest.approx(want.item(), rel=1e-4) and want.item() > 1e-3
         # a flipped input's prediction is the flipped map: flipped back before simulating
         flipped = torch.ones(len(ds), dtype=torch.bool)
-        assert trainer.pde_term(torch.flip(truth, (-1,)), ds.x, flipped).item() < 1e-9
-        assert trainer.pde_term(torch.flip(truth, (-1,)), ds.x).item() > 1e-5   # not flipped back: misfit
+        assert trainer.loss.pde_term(torch.flip(truth, (-1,)), ds.x, flipped).item() < 1e-9
+        assert trainer.loss.pde_term(torch.flip(truth, (-1,)), ds.x).item() > 1e-5   # not flipped back: misfit
     finally:
         trainer.close()
 
@@ -92,14 +92,14 @@ def test_pde_options_select_shots_time_and_samples(tmp_path):
         sim = simulate(ds.v[:2] + 100.0, nt=30, source_columns=(0, 9), **SIM).double()
         obs = ds.raw[:2, [0, 4], :30].double()
         want = ((sim - obs).flatten(1).square().sum(1) / obs.flatten(1).square().sum(1)).mean()
-        assert trainer.pde_term(shifted, ds.x).item() == pytest.approx(want.item(), rel=1e-4)
+        assert trainer.loss.pde_term(shifted, ds.x).item() == pytest.approx(want.item(), rel=1e-4)
     finally:
         trainer.close()
 
 
 def test_training_loss_includes_the_weighted_pde_term(tmp_path):
     from fwi_core.data import denormalize_velocity
-    from fwi_core.physics.pde_loss import pde_loss
+    from fwi_core.physics.misfit import pde_loss
 
     ds = SmallMaps(n=2)                      # one batch of 2: the first step sees both samples
     loss = {}

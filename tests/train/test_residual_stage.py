@@ -50,7 +50,7 @@ def test_member_trains_on_the_residual_of_a_frozen_backbone(tmp_path, backbone):
 
 
 def test_residual_stacker_gets_the_data_residual(tmp_path, backbone, monkeypatch):
-    from fwi_core.models import residual_stacker as rs
+    from fwi_core.models import residual as rs      # the residual stage calls compute_residual
 
     root, bb_path = backbone
     calls = []

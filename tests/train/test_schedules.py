@@ -1,6 +1,6 @@
 """Time-aware schedules, snapshots at cycle minima and resume with another length.
 
-A fake clock replaces the engine's ``time.perf_counter``: every forward pass of the tiny
+A fake clock replaces the run's clock (``fwi_core.train.budget``'s ``time.perf_counter``): every forward pass of the tiny
 model advances it by ``delay`` seconds (its ``time.sleep``), so budgets and progress are
 exact and independent of the machine's speed. The learning rate of every optimizer step
 is recorded by wrapping ``AdamW.step``.
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fwi_core.train import ConfigError, read_metadata, train
-from fwi_core.train import engine
+from fwi_core.train import budget
 
 from . import helpers
 from .helpers import tiny_cfg
@@ -33,7 +33,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch):
     c = FakeClock()
-    monkeypatch.setattr(engine, "time", types.SimpleNamespace(perf_counter=c.perf_counter, strftime=time.strftime,
+    monkeypatch.setattr(budget, "time", types.SimpleNamespace(perf_counter=c.perf_counter, strftime=time.strftime,
                                                                gmtime=time.gmtime))
     monkeypatch.setattr(helpers, "time", types.SimpleNamespace(sleep=c.sleep))
     return c
