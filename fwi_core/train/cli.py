@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .config import AMP_MODES, MONITORS, OPTIMIZERS, SCHEDULES, TrainConfig
+from .engine import train
 from ..errors import FWIError, TrainError
 
 _CHOICES = {"amp": AMP_MODES, "schedule": SCHEDULES, "optimizer": OPTIMIZERS, "monitor": MONITORS}
@@ -108,8 +109,6 @@ def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
 
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .engine import train
-
     try:
         cfg = config_from_args(argv)
         result = train(cfg)

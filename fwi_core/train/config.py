@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from ..errors import ConfigError
+from ..models import is_model, list_models
 
 AMP_MODES = ("off", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "onecycle", "cosine_restarts")
@@ -246,8 +247,6 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check types, names and ranges; returns ``self`` or raises :class:`ConfigError`."""
-        from fwi_core.models import is_model, list_models
-
         self._check_types()
 
         def choice(name, value, options):

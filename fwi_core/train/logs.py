@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from fwi_core.utils import atomic_path
+from .. import plotting
+from ..utils import atomic_path
 
 log = logging.getLogger("fwi_core.train")
 
@@ -72,9 +73,7 @@ def save_curves(history: Sequence[Dict], path: os.PathLike) -> bool:
     if not history or not keys:
         return False
     try:
-        from fwi_core.plotting import plot_curves
-
-        fig = plot_curves(list(history), x="epoch", keys=keys)
+        fig = plotting.plot_curves(list(history), x="epoch", keys=keys)
     except ImportError:
         log.info("matplotlib is not installed: no curves.png")
         return False
