@@ -5,7 +5,7 @@
                                [--stages members flip crf mc_dropout] [--strict]
 
 The budget counts from the start of this process. The command runs the time-budgeted
-planner (:mod:`fwi_core.tta`) over every ``ROOT/test/<oid>.npy`` and exits
+planner (:mod:`fwi_core.inference_plan`) over every ``ROOT/test/<oid>.npy`` and exits
 
 - 0 with a complete, valid CSV whenever the budget lets the cheapest member predict
   every file once (better stages follow as the budget allows);
@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     # the deadline first: loading checkpoints already spends the budget
-    from fwi_core.tta import Deadline
+    from fwi_core.inference_plan import Deadline
 
     a = _parser().parse_args(argv)
     try:
@@ -74,8 +74,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from fwi_core.crf import load_crf
     from fwi_core.models.checkpoint import find_checkpoints
     from fwi_core.errors import CheckpointError
-    from fwi_core.tta import (DEFAULT_STAGES, InsufficientBudgetError, StageError, StageGains,
-                              TestFileSource, find_stage_gains, run_budgeted)
+    from fwi_core.inference_plan import (DEFAULT_STAGES, InsufficientBudgetError, StageError, StageGains,
+                                         TestFileSource, find_stage_gains, run_budgeted)
 
     try:
         root = find_competition_root(a.data)

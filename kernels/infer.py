@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from fwi_core.params import check_parameters
-from fwi_core.tta import Deadline
+from fwi_core.inference_plan import Deadline
 
 check_parameters("infer", globals())  # a value of the wrong type fails here, naming the parameter
 # the session limit runs from the kernel's start: fix the deadline before loading anything
@@ -50,7 +50,7 @@ from fwi_core.ensemble import Ensemble
 from fwi_core.crf import load_crf
 from fwi_core.models.checkpoint import find_checkpoints
 from fwi_core.plotting import plot_predictions, plot_uncertainty_by_family, show
-from fwi_core.tta import TestFileSource, find_stage_gains, run_budgeted
+from fwi_core.inference_plan import TestFileSource, find_stage_gains, run_budgeted
 
 root = find_competition_root(data_root)
 out = Path(output_dir)

@@ -16,7 +16,7 @@ import fwi_core.platform as platform_mod
 from fwi_core.data import list_test, validate_submission
 from fwi_core.models.checkpoint import find_checkpoints
 from fwi_core.predict import main
-from tests.tta_helpers import tiny_checkpoint, write_test_root
+from tests.inference_plan.helpers import tiny_checkpoint, write_test_root
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,7 +137,7 @@ def test_killed_after_the_finished_commit_resumes_to_the_same_files(setup, tmp_p
     """The last steps of a run are: commit "finished", save the summary, remove the state
     folder. A run killed between them (a kill test at the summary's write found it) must
     still end, when resumed, with the CSV, the summary and no state folder."""
-    from fwi_core.tta import PredictionStore, RunSummary
+    from fwi_core.inference_plan import PredictionStore, RunSummary
 
     root, ck = setup
     age(monkeypatch, 0.0)
@@ -170,7 +170,7 @@ def test_killed_after_the_finished_commit_resumes_to_the_same_files(setup, tmp_p
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    from fwi_core.tta.store import PredictionStore
+    from fwi_core.inference_plan.store import PredictionStore
     orig = PredictionStore.commit
     count = [0]
     def commit(self, progress):
@@ -230,7 +230,7 @@ def test_find_checkpoints_kinds(tmp_path):
 
 def test_cli_reads_crf_json_and_stage_gains_beside_the_checkpoints(setup, tmp_path, monkeypatch):
     from fwi_core.crf import save_crf_config
-    from fwi_core.tta import StageGains
+    from fwi_core.inference_plan import StageGains
 
     root, ck = setup
     age(monkeypatch, 0.0)

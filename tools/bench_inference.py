@@ -34,7 +34,7 @@ sys.path.insert(0, {root!r})
 import torch
 from fwi_core.ensemble import Ensemble, Member
 from fwi_core.models import create_model
-from fwi_core.tta import Deadline, TestFileSource, run_budgeted
+from fwi_core.inference_plan import Deadline, TestFileSource, run_budgeted
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 def rss_mb():
@@ -94,7 +94,7 @@ def _throughput(n: int, model: str, batch: int) -> dict:
 
     from fwi_core.ensemble import Ensemble, Member
     from fwi_core.models import create_model
-    from fwi_core.tta import Deadline, TestFileSource, run_budgeted, write_submission_csv
+    from fwi_core.inference_plan import Deadline, TestFileSource, run_budgeted, write_submission_csv
 
     torch.manual_seed(0)
     ens = Ensemble([Member("m", create_model(model))])

@@ -1,35 +1,13 @@
-"""Time-budgeted inference: a planner that spends a deadline on the stages worth most.
+"""Deprecated alias of :mod:`fwi_core.inference_plan` (time-budgeted inference), kept for
+one release: ``from fwi_core.tta import run_budgeted`` still works and warns once. Import
+:mod:`fwi_core.inference_plan` instead; the alias goes in the next release. (Only the
+package's public names are here, not its submodules: ``fwi_core.tta.planner`` is
+``fwi_core.inference_plan.planner``.)"""
+import warnings
 
-    from fwi_core.ensemble import Ensemble
-    from fwi_core.tta import Deadline, run_budgeted
+from ..inference_plan import *  # noqa: F401,F403
+from ..inference_plan import __all__  # noqa: F401
 
-    summary = run_budgeted(Ensemble.from_checkpoints(paths), root, "submission.csv",
-                           time_budget=11 * 3600)        # seconds from the process start
-
-Modules: :mod:`.planner` (the planner, deadline, run summary), :mod:`.stages` (the stage
-interface and the built-in stages), :mod:`.gains` (the validation gains table),
-:mod:`.store` (disk-backed per-file arrays, the fast CSV writer), :mod:`.source` (test
-files and arrays, streamed with unreadable files flagged).
-"""
-from .gains import (DEFAULT_GAINS, GAINS_FILE, StageGains, compute_stage_gains, find_stage_gains,
-                    measure_stage_gains)
-from .planner import (DEFAULT_SAFETY_MARGIN, BudgetedInference, CorruptedFileWarning, Deadline,
-                      InsufficientBudgetError, RunSummary, default_state_dir, run_budgeted)
-from .source import ArraySource, TestFileSource
-from .stages import (DEFAULT_STAGES, BatchState, CRFStage, FlipStage, MCDropoutStage, MemberStage,
-                     RunContext, Stage, StageError, build_stages, register_stage, registered_stages)
-from .store import PredictionStore, StoredArray, format_submission_rows, write_submission_csv
-from . import refine_stage  # noqa: E402,F401  (registers the refine_layered and refine stages)
-from .refine_stage import RefineStage
-from . import consistency_stage  # noqa: E402,F401  (registers the consistency stage)
-from .consistency_stage import ConsistencyStage
-
-__all__ = [
-    "BudgetedInference", "Deadline", "RunSummary", "InsufficientBudgetError", "CorruptedFileWarning",
-    "run_budgeted", "default_state_dir", "DEFAULT_SAFETY_MARGIN", "Stage", "BatchState", "RunContext", "MemberStage",
-    "FlipStage", "CRFStage", "MCDropoutStage", "StageError", "build_stages", "register_stage",
-    "registered_stages", "DEFAULT_STAGES", "StageGains", "compute_stage_gains", "measure_stage_gains",
-    "find_stage_gains", "DEFAULT_GAINS", "GAINS_FILE", "TestFileSource", "ArraySource",
-    "PredictionStore", "StoredArray", "format_submission_rows", "write_submission_csv", "RefineStage",
-    "ConsistencyStage",
-]
+# stacklevel 2: the importing line (warnings skips importlib's own frames)
+warnings.warn("fwi_core.tta is now fwi_core.inference_plan; the alias goes in the next release",
+              DeprecationWarning, stacklevel=2)

@@ -80,7 +80,7 @@ def _errors():
 (DataFormatError, LayoutError, MissingPairError, SubmissionError, EnsembleConfigError, CheckpointError,
  ConfigError) = _errors()
 from fwi_core.data.submission import HEADER, SubmissionRangeWarning  # noqa: E402
-from fwi_core.tta import StageError  # noqa: E402
+from fwi_core.inference_plan import StageError  # noqa: E402
 from fwi_core.params import ParameterError  # noqa: E402
 from tools.build import BuildError  # noqa: E402
 from tools.kaggle_cli import KaggleCLIError  # noqa: E402
@@ -181,7 +181,7 @@ def empty_test_folder(ws, env):
 def missing_test_folder(ws, env):
     root = mini_root(ws, test_oids=())
     (root / "test").rmdir()
-    from fwi_core.tta import TestFileSource
+    from fwi_core.inference_plan import TestFileSource
     return lambda: TestFileSource(root)
 
 
@@ -215,7 +215,7 @@ def batched_test_file(ws, env):
 def duplicate_test_oids(ws, env):
     root = mini_root(ws)
     f = root / "test/00aa11bb22.npy"
-    from fwi_core.tta import TestFileSource
+    from fwi_core.inference_plan import TestFileSource
     return lambda: TestFileSource(files=[("00aa11bb22", f), ("33cc44dd55", root / "test/33cc44dd55.npy"),
                                          ("00aa11bb22", f)])
 

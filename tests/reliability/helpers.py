@@ -43,7 +43,7 @@ def mini_root(ws: Path, n: int = 2, test_oids: Iterable[str] = ("00aa11bb22", "3
 
 def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     """An engine-format checkpoint of a very narrow InversionNet (real shapes)."""
-    from tests.tta_helpers import tiny_checkpoint as make
+    from tests.inference_plan.helpers import tiny_checkpoint as make
 
     return make(path, seed)
 

@@ -71,7 +71,7 @@ def _read(path: Path):
 def test_submission_writer_and_validator_round_trip(profile, tmp_path):
     from fwi_core.data import HEADER, SubmissionRangeWarning, validate_submission, write_submission
     from fwi_core.data.submission import ODD_COLUMNS
-    from fwi_core.tta import format_submission_rows
+    from fwi_core.inference_plan import format_submission_rows
 
     counter = iter(range(10 ** 9))
 

@@ -179,7 +179,7 @@ def test_training_killed_while_checkpointing_resumes_to_the_same_result(tmp_path
 def test_predict_killed_while_writing_the_submission_resumes_to_the_same_bytes(tmp_path, n, capsys):
     from fwi_core.data import list_test, validate_submission, write_submission
     from fwi_core.predict import main
-    from tests.tta_helpers import tiny_checkpoint, write_test_root
+    from tests.inference_plan.helpers import tiny_checkpoint, write_test_root
 
     rng, tally = _tally("predict", n)
     root = write_test_root(tmp_path / "data", 7)
@@ -316,7 +316,7 @@ def test_predict_removes_what_a_killed_run_left_half_written(tmp_path):
     file) are deleted by the next run, which then leaves nothing behind."""
     from fwi_core.data import validate_submission
     from fwi_core.predict import main
-    from tests.tta_helpers import tiny_checkpoint, write_test_root
+    from tests.inference_plan.helpers import tiny_checkpoint, write_test_root
 
     root = write_test_root(tmp_path / "data", 3)
     ck = tiny_checkpoint(tmp_path / "runs" / "r" / "best.pt", 0)

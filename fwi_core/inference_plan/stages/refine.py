@@ -20,15 +20,19 @@ default (60, 30)), ``refine_kwargs`` (passed to :func:`refine`).
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from .stages import BatchState, Stage, register_stage
+from ...physics import detect_family_kind, generate, refine, simulate
+from .base import BatchState, Stage
+from .registry import register_stage
 
 __all__ = ["RefineStage"]
 
 DEFAULT_ITERS = (60, 30)   # L-BFGS iterations: flat-layered samples, the others
+DEFAULT_GAIN = 1.0         # m/s, a placeholder until stage_gains.json measures it
 
 
 class RefineStage(Stage):
@@ -59,10 +63,6 @@ class RefineStage(Stage):
         iterations of 1.5 misfit evaluations each, an evaluation (forward + adjoint of one
         sample) timed once on the run's device at 100 time steps and scaled to 1000."""
         if self._eval_cost is None:
-            import time
-
-            from fwi_core.physics import generate, simulate
-
             v = torch.from_numpy(generate("FlatVel_A", 1, seed=0)).to(ctx.device).requires_grad_(True)
             obs = simulate(v.detach(), nt=100)
             best = float("inf")
@@ -76,8 +76,6 @@ class RefineStage(Stage):
         return self.max_iter * 1.5 * self._eval_cost + getattr(ctx, "io_cost", 0.0)
 
     def run(self, batch: BatchState) -> torch.Tensor:
-        from fwi_core.physics.refine import detect_family_kind, refine
-
         pred = batch.pred.float()
         seis = batch.seismic.float()
         kinds = detect_family_kind(pred.cpu(), seis.cpu())
@@ -93,13 +91,21 @@ class RefineStage(Stage):
         out[idx] = refined.to(out.device, out.dtype)
         return out
 
+    @classmethod
+    def layered(cls, resources: Dict[str, Any]) -> "RefineStage":
+        """``refine_layered``: the flat-layered samples (``refine_iters[0]`` iterations)."""
+        return cls._from_resources(resources, "refine_layered", ("flat",), 0)
 
-def _factory(name: str, kinds: Sequence[str], which: int, gain: float):
-    def make(resources: Dict[str, Any]) -> RefineStage:
+    @classmethod
+    def remaining(cls, resources: Dict[str, Any]) -> "RefineStage":
+        """``refine``: the other samples (``refine_iters[1]`` iterations)."""
+        return cls._from_resources(resources, "refine", ("tv", "smooth"), 1)
+
+    @classmethod
+    def _from_resources(cls, resources: Dict[str, Any], name: str, kinds: Sequence[str], which: int) -> "RefineStage":
         iters = resources.get("refine_iters") or DEFAULT_ITERS
-        return RefineStage(name, kinds, int(iters[which]), gain, resources.get("refine_kwargs"))
-    return make
+        return cls(name, kinds, int(iters[which]), DEFAULT_GAIN, resources.get("refine_kwargs"))
 
 
-register_stage("refine_layered", _factory("refine_layered", ("flat",), 0, 1.0))
-register_stage("refine", _factory("refine", ("tv", "smooth"), 1, 1.0))
+register_stage("refine_layered", RefineStage.layered)
+register_stage("refine", RefineStage.remaining)

@@ -19,7 +19,8 @@ from typing import Any, Dict
 
 import torch
 
-from .stages import BatchState, Stage, register_stage
+from .base import BatchState, Stage
+from .registry import register_stage
 
 __all__ = ["ConsistencyStage"]
 
@@ -50,8 +51,9 @@ class ConsistencyStage(Stage):
         return batch.pred
 
 
-def _factory(resources: Dict[str, Any]) -> ConsistencyStage:
-    return ConsistencyStage(resources.get("consistency"))
+    @classmethod
+    def from_resources(cls, resources: Dict[str, Any]) -> "ConsistencyStage":
+        return cls(resources.get("consistency"))
 
 
-register_stage("consistency", _factory)
+register_stage("consistency", ConsistencyStage.from_resources)

@@ -1,15 +1,16 @@
-"""Stages of budgeted inference and the interface a new stage implements.
+"""The stage interface: :class:`Stage`, what a stage sees of a batch (:class:`BatchState`)
+and of the run (:class:`RunContext`).
 
 A run is a sequence of stages, each a pass over every file that turns the current
 prediction into a better one. Two kinds:
 
-- producers (built in: :class:`MemberStage`, :class:`FlipStage`, :class:`MCDropoutStage`)
-  compute something per member (a member's prediction, its flipped-input prediction,
-  its MC-dropout mean and standard deviation) and store it on disk; their output is the
+- producers (built in: ``MemberStage``, ``FlipStage``, ``MCDropoutStage``) compute
+  something per member (a member's prediction, its flipped-input prediction, its
+  MC-dropout mean and standard deviation) and store it on disk; their output is the
   ensemble's combination of everything stored so far (:meth:`RunContext.base_prediction`),
   with the cheap post-processing stages that already ran applied again;
-- transforms (:class:`CRFStage`, and plug-ins such as physics refinement) map the
-  current prediction (m/s) of a batch to an improved one.
+- transforms (``CRFStage``, and plug-ins such as physics refinement) map the current
+  prediction (m/s) of a batch to an improved one.
 
 Writing a stage (e.g. ``fwi_core.physics.refine``)::
 
@@ -37,22 +38,16 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from ..data.augment import hflip
-from ..data.normalize import VEL_MAX, VEL_MIN, denormalize_velocity, normalize_seismic
-from ..errors import StageError
+from ...data.normalize import VEL_MAX, VEL_MIN, denormalize_velocity, normalize_seismic
 
-__all__ = ["Stage", "BatchState", "RunContext", "MemberStage", "FlipStage", "CRFStage", "MCDropoutStage",
-           "register_stage", "registered_stages", "build_stages", "DEFAULT_STAGES", "StageError"]
+__all__ = ["Stage", "BatchState", "RunContext", "MAP", "member_array", "stage_array"]
 
-#: The default stage list, in priority order ("members" expands to one stage per member,
-#: the cheapest good one first).
-DEFAULT_STAGES = ("members", "flip", "crf", "mc_dropout")
-
+#: One velocity map (depth, x).
 MAP = (70, 70)
 
 
@@ -186,7 +181,7 @@ class RunContext:
 
     Attributes:
         ensemble: a :class:`~fwi_core.ensemble.Ensemble`.
-        store: the :class:`~fwi_core.tta.store.PredictionStore`.
+        store: the :class:`~fwi_core.inference_plan.store.PredictionStore`.
         device: where the seismic goes.
         avail: stored array name -> number of leading rows that hold valid values.
         executed: names of the stages that have run (or are running), in order.
@@ -291,252 +286,3 @@ def member_array(name: str, which: str = "raw") -> str:
 def stage_array(stage_name: str) -> str:
     """Name under which a transform's coverage (rows done) is tracked."""
     return f"done={stage_name}"
-
-
-# ------------------------------------------------------------------------ built-ins
-class MemberStage(Stage):
-    """Predict one member (with the flip when the flip stage already ran) and combine it
-    with the members stored so far."""
-
-    kind = "member"
-    default_gain = 1.0
-    producer = True
-
-    def __init__(self, member: str):
-        self.member = member
-        self.name = f"member:{member}"
-
-    def estimate(self, ctx, before):
-        c = ctx.member_cost.get(self.member)
-        if c is None:
-            return None
-        flips = 2.0 if any(s.kind == "flip" for s in before) or ctx.has_run("flip", self.name) else 1.0
-        return c * flips + ctx.io_cost
-
-    def run(self, batch):
-        ens, x = batch.ctx.ensemble, batch.x
-        batch.write(member_array(self.member), ens.predict_member(self.member, x).float())
-        if batch.ctx.has_run("flip", before=self.name):
-            pf = torch.flip(ens.predict_member(self.member, hflip(x)), (-1,))
-            batch.write(member_array(self.member, "flip"), pf.float())
-        return batch.ctx.base_prediction(batch)
-
-
-class FlipStage(Stage):
-    """Horizontal-flip TTA: each stored member also predicts the mirrored gathers (source
-    order and receivers reversed); its prediction, mirrored back, is averaged with the
-    plain one. Approximate (mirrored source 34 sits at column 35, FACTS section 3)."""
-
-    name = kind = "flip"
-    default_gain = 0.6
-    producer = True
-
-    def estimate(self, ctx, before):
-        members = [m for m in ctx.members_run()] + [s.member for s in before if isinstance(s, MemberStage)
-                                                     and s.member not in ctx.members_run()]
-        if any(m not in ctx.member_cost for m in members):
-            return None
-        return sum(ctx.member_cost[m] for m in members) + ctx.io_cost
-
-    def unavailable(self, ctx):
-        return None
-
-    def run(self, batch):
-        ctx = batch.ctx
-        xf = hflip(batch.x)
-        for m in ctx.ensemble.member_names:
-            if ctx.avail.get(member_array(m, "flip"), 0) >= batch.stop:
-                continue                      # members run after this stage predict their own flip
-            have = batch.rows < ctx.avail.get(member_array(m), 0)
-            if not have.any():
-                continue
-            it = torch.as_tensor(np.flatnonzero(have), device=xf.device)
-            pf = torch.flip(ctx.ensemble.predict_member(m, xf[it]), (-1,))
-            batch.write(member_array(m, "flip"), pf.float(), mask=have)
-        return ctx.base_prediction(batch)
-
-
-class MCDropoutStage(Stage):
-    """Monte Carlo dropout: ``passes`` stochastic passes per stored member (with the flip
-    when it ran); the members' MC means replace their predictions and the per-pixel
-    standard deviation of the ensemble (the mixture of the members' MC distributions)
-    is stored (``mc_std``, m/s) for the uncertainty summary. Seeded per batch, so a
-    resumed run draws the same masks."""
-
-    name = kind = "mc_dropout"
-    default_gain = 0.05
-    producer = True
-
-    def __init__(self, passes: int = 8):
-        if passes < 2:
-            raise StageError(f"mc_dropout: need at least 2 passes, got {passes}")
-        self.passes = int(passes)
-
-    def _droppers(self, ctx) -> List[str]:
-        out = []
-        for m in ctx.ensemble.member_names:
-            model = ctx.ensemble.members[m].model
-            if any(isinstance(mod, torch.nn.modules.dropout._DropoutNd) and mod.p > 0 for mod in model.modules()):
-                out.append(m)
-        return out
-
-    def unavailable(self, ctx):
-        return None if self._droppers(ctx) else "no member has dropout layers"
-
-    def estimate(self, ctx, before):
-        members = ctx.members_run() + [s.member for s in before if isinstance(s, MemberStage)
-                                       and s.member not in ctx.members_run()]
-        if any(m not in ctx.member_cost for m in members):
-            return None
-        flip = 2.0 if any(s.kind == "flip" for s in before) or ctx.has_run("flip", self.name) else 1.0
-        drop = set(self._droppers(ctx))
-        return sum(ctx.member_cost[m] * (self.passes if m in drop else 0) for m in members) * flip + ctx.io_cost
-
-    def run(self, batch):
-        from ..ensemble.uncertainty import mixture_variance
-
-        ctx = batch.ctx
-        ens, x = ctx.ensemble, batch.x
-        flip = ctx.has_run("flip", before=self.name)
-        drop = set(self._droppers(ctx))
-        means, variances, names = [], [], []
-        for k, m in enumerate(ens.member_names):
-            have = batch.rows < ctx.avail.get(member_array(m), 0)
-            if not have.all():
-                continue                      # a member that ran on part of the files only
-            if m in drop:
-                with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-                    torch.manual_seed(_seed(ctx.seed, batch.start, k))
-                    mean, var = ens.predict_member_mc(m, x, self.passes, flip)
-                batch.write(member_array(m, "mc"), mean.float())
-            else:
-                mean, _ = ctx.member_prediction(m, batch)
-                var = torch.zeros_like(mean)
-            means.append(mean.float().cpu())
-            variances.append(var.float().cpu())
-            names.append(m)
-        if names:
-            stack, vstack = torch.stack(means), torch.stack(variances)
-            w = ens.sample_weights(names, len(batch.rows), batch.families, x, stack.to(x.device),
-                                   vstack.to(x.device)).cpu()
-            std = mixture_variance(stack, vstack, w).clamp_min(0).sqrt() * (VEL_MAX - VEL_MIN) / 2
-            batch.write("mc_std", std.float())
-        return ctx.base_prediction(batch)
-
-
-def _seed(seed: int, start: int, member: int) -> int:
-    return (seed * 1_000_003 + start * 7_919 + member * 104_729) % (2 ** 63)
-
-
-class CRFStage(Stage):
-    """The continuous CRF (:class:`~fwi_core.crf.ContinuousCRF`, tuned on validation by
-    the train kernel) on the current prediction; cheap, so producers that run after it
-    apply it again. ``use_confidence``: weigh its data term by the MC-dropout confidence
-    (:func:`fwi_core.ensemble.crf_confidence`) where MC dropout ran."""
-
-    name = kind = "crf"
-    default_gain = 0.2
-    needs_seismic = False
-    reapply = True
-
-    #: Until measured, a CRF pass is assumed to cost this fraction of the cheapest member's
-    #: forward pass per file (10 Jacobi iterations over a 5x5 window are tens of MFLOP per
-    #: map, a network's forward pass several GFLOP).
-    COST_FACTOR = 0.05
-
-    def __init__(self, crf: Optional[torch.nn.Module], use_confidence: bool = False):
-        self.crf = crf
-        self.use_confidence = use_confidence
-
-    def unavailable(self, ctx):
-        return None if self.crf is not None else "no tuned CRF (crf.json beside the checkpoints)"
-
-    def estimate(self, ctx, before):
-        costs = [c for c in ctx.member_cost.values() if c > 0]
-        return self.COST_FACTOR * min(costs) if costs else None
-
-    @torch.no_grad()
-    def transform(self, pred, batch):
-        conf = None
-        if self.use_confidence:
-            std = batch.std
-            if std is not None:
-                from ..ensemble.uncertainty import crf_confidence
-                conf = crf_confidence(std ** 2)
-        return self.crf(pred.float(), confidence=conf)
-
-    def run(self, batch):
-        return self.transform(batch.pred, batch)
-
-
-# ------------------------------------------------------------------------ registry
-StageFactory = Callable[[Dict[str, Any]], Stage]
-_REGISTRY: Dict[str, StageFactory] = {}
-
-
-def register_stage(name: str, factory: StageFactory) -> None:
-    """Make ``name`` usable in stage lists (``--stages``, the infer kernel's ``stages``).
-
-    Args:
-        name: the stage name.
-        factory: ``factory(resources) -> Stage``; ``resources`` holds ``ensemble``,
-            ``crf`` (or None), ``mc_passes``, ``device``, ``checkpoints``.
-    """
-    if not name or ":" in name or name in ("members", "member"):
-        raise StageError(f"register_stage: invalid or reserved stage name {name!r}")
-    _REGISTRY[name] = factory
-
-
-def registered_stages() -> List[str]:
-    """Names that stage lists may use besides ``members`` and ``member:<name>``."""
-    return sorted(_REGISTRY)
-
-
-register_stage("flip", lambda r: FlipStage())
-register_stage("crf", lambda r: CRFStage(r.get("crf"), use_confidence=bool(r.get("crf_confidence", False))))
-register_stage("mc_dropout", lambda r: MCDropoutStage(int(r.get("mc_passes", 8))))
-
-
-def build_stages(specs: Sequence[Any], member_order: Sequence[str], resources: Dict[str, Any]) -> List[Stage]:
-    """Stage objects from names (or Stage objects), in priority order.
-
-    Args:
-        specs: names (``members``, ``member:<name>``, registered names) or Stage objects.
-        member_order: the order ``members`` expands to (cheapest good member first).
-        resources: passed to registered factories.
-
-    Raises:
-        StageError: unknown names or members, duplicates, a list not starting with a
-            member, or a producer after a transform that it would overwrite.
-    """
-    members = list(resources["ensemble"].member_names)
-    out: List[Stage] = []
-    for spec in specs:
-        if isinstance(spec, Stage):
-            out.append(spec)
-        elif spec == "members":
-            out.extend(MemberStage(m) for m in member_order if f"member:{m}" not in [s.name for s in out])
-        elif isinstance(spec, str) and spec.startswith("member:"):
-            m = spec.split(":", 1)[1]
-            if m not in members:
-                raise StageError(f"stage {spec!r}: no member {m!r}; members: {', '.join(members)}")
-            out.append(MemberStage(m))
-        elif isinstance(spec, str) and spec in _REGISTRY:
-            out.append(_REGISTRY[spec](resources))
-        else:
-            raise StageError(f"unknown stage {spec!r}; known: members, member:<name>, "
-                             f"{', '.join(registered_stages())}")
-    names = [s.name for s in out]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise StageError(f"stage list names {dupes} twice")
-    if not out or not isinstance(out[0], MemberStage):
-        raise StageError(f"the first stage must be a member (it writes the first complete submission), "
-                         f"got {names[:1] or 'nothing'}")
-    for i, s in enumerate(out):
-        if s.producer:
-            blockers = [t.name for t in out[:i] if not t.producer and not t.reapply]
-            if blockers:
-                raise StageError(f"stage {s.name!r} comes after {blockers}, whose result it would overwrite: "
-                                 "put member/flip/mc_dropout stages first")
-    return out

@@ -1,5 +1,6 @@
 """Fakes for the budgeted-inference tests: a fake clock, models that spend fake time,
-tiny real checkpoints and test folders (fast on 2 CPU cores)."""
+tiny real checkpoints and test folders (fast on 2 CPU cores), small sources and a
+planner on a fake clock."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fwi_core.inference_plan.runner as runner_mod
+import fwi_core.inference_plan.submission_csv as csv_mod
 from fwi_core.ensemble import Ensemble, Member
-from fwi_core.tta import Stage
+from fwi_core.errors import DataFormatError
+from fwi_core.inference_plan import ArraySource, BudgetedInference, Deadline, Stage
+
+SMALL = (5, 10, 7)   # tiny "gathers": the fake models take any size
 
 
 class FakeClock:
@@ -117,3 +123,38 @@ def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint({"format": FORMAT, "metadata": meta, "model": model.state_dict(), "ema": None}, path)
     return path
+
+
+def small_source(n, seed=0, bad=()):
+    rng = np.random.default_rng(seed)
+    data = rng.standard_normal((n,) + SMALL).astype(np.float32)
+    ids = [f"{i:03d}{seed:03d}ab" for i in range(n)]
+
+    def read(i):
+        if i in bad:
+            raise DataFormatError(f"file {ids[i]}: truncated")
+        return data[i]
+    src = ArraySource(read, ids=ids, n=n)
+    src.item_shape = SMALL
+    return src, data
+
+
+def patch_csv_cost(monkeypatch, clock, per_oid, jitter=lambda: 1.0):
+    """Make formatting the CSV cost fake time (as it costs real time on 65,818 files)."""
+    real = csv_mod.format_submission_rows
+
+    def slow(oids, maps):
+        clock.sleep(per_oid * len(oids) * jitter())
+        return real(oids, maps)
+    monkeypatch.setattr(csv_mod, "format_submission_rows", slow)       # writing the CSV
+    monkeypatch.setattr(runner_mod, "format_submission_rows", slow)    # timing it
+
+
+def planner(ens, src, tmp_path, clock=None, budget=None, **kw):
+    clock = clock or FakeClock()
+    deadline = Deadline(None if budget is None else clock() + budget, clock, clock())
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("progress", False)
+    kw.setdefault("log", None)
+    kw.setdefault("device", "cpu")
+    return BudgetedInference(ens, src, tmp_path / "sub.csv", deadline=deadline, state_dir=tmp_path / "state", **kw)

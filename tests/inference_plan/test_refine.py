@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from fwi_core.physics import generate
-from fwi_core.tta import BatchState, registered_stages
-from fwi_core.tta.refine_stage import RefineStage
+from fwi_core.inference_plan import BatchState, RefineStage, registered_stages
 
 
 def _batch(pred, seismic):
@@ -30,7 +29,7 @@ def _flat_and_not():
 def test_layered_stage_refines_only_flat_samples(monkeypatch):
     import importlib
 
-    refine_module = importlib.import_module("fwi_core.physics.refine")   # the module, not the function
+    refine_module = importlib.import_module("fwi_core.inference_plan.stages.refine")   # the stage's module
 
     calls = []
 

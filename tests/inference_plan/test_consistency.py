@@ -6,9 +6,9 @@ import torch
 from fwi_core.inverse_consistency import ConsistencyFlagger
 from fwi_core.data import normalize_seismic
 from fwi_core.models import create_model
-from fwi_core.tta import ArraySource, BudgetedInference, Deadline
+from fwi_core.inference_plan import ArraySource, BudgetedInference, Deadline
 
-from .tta_helpers import FakeClock, fake_ensemble
+from .helpers import FakeClock, fake_ensemble
 
 
 def test_consistency_stage_flags_the_maps_above_the_learned_threshold(tmp_path):
@@ -50,7 +50,7 @@ def pytest_approx(v):
 
 
 def test_the_flaggers_own_dict_collects_the_flags():
-    from fwi_core.tta import ConsistencyStage
+    from fwi_core.inference_plan import ConsistencyStage
 
     torch.manual_seed(0)
     inv = create_model("invertible_unet", width=4, latent_channels=4, hidden=8, blocks_per_level=1)
