@@ -28,6 +28,18 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from fwi_core.crf import load_crf
+from fwi_core.data import find_competition_root
+from fwi_core.ensemble import Ensemble
+from fwi_core.errors import DataFormatError, FWIError
+from fwi_core.inference_plan import (DEFAULT_STAGES, Deadline, StageGains, TestFileSource, find_stage_gains,
+                                     run_budgeted)
+from fwi_core.models.checkpoint import find_checkpoints
+
+#: Exit codes: 2 a bad argument or input, or a budget too small for the first pass;
+#: 1 an unreadable test file under --strict.
+EXIT_BAD_INPUT, EXIT_UNREADABLE = 2, 1
+
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m fwi_core.predict", description=__doc__.split("\n\n")[0])
@@ -59,23 +71,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    # the deadline first: loading checkpoints already spends the budget
-    from fwi_core.inference_plan import Deadline
-
+    # the deadline first (it counts from the process start: loading checkpoints spends it)
     a = _parser().parse_args(argv)
     try:
         deadline = Deadline.from_budget(a.time_budget) if a.time_budget is not None else Deadline.platform_default()
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    from fwi_core.data import DataError, DataFormatError, find_competition_root
-    from fwi_core.ensemble import Ensemble, EnsembleConfigError
-    from fwi_core.crf import load_crf
-    from fwi_core.models.checkpoint import find_checkpoints
-    from fwi_core.errors import CheckpointError
-    from fwi_core.inference_plan import (DEFAULT_STAGES, InsufficientBudgetError, StageError, StageGains,
-                                         TestFileSource, find_stage_gains, run_budgeted)
+        return _fail(e, EXIT_BAD_INPUT)
 
     try:
         root = find_competition_root(a.data)
@@ -89,9 +90,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             ens = Ensemble.from_checkpoints(files, device=a.device)
         crf = None if a.no_crf else load_crf(files)
         gains = StageGains.load(a.gains) if a.gains is not None else find_stage_gains(files)
-    except (DataError, FileNotFoundError, EnsembleConfigError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (FWIError, FileNotFoundError, ValueError) as e:   # bad data, checkpoints, ensemble, CRF or gains
+        return _fail(e, EXIT_BAD_INPUT)
     print(f"data: {root} ({len(source)} test files)")
     print("members:", *(f"{n} ({m.path})" for n, m in ens.members.items()), sep="\n  ")
     extra = {"checkpoints": [[str(f), f.stat().st_size] for f in files],
@@ -102,18 +102,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                                batch_size=a.batch_size, device=a.device, num_workers=a.num_workers,
                                store_dtype=a.store_dtype, seed=a.seed, crf=crf, mc_passes=a.mc_passes,
                                keep_state=a.keep_state, fingerprint_extra=extra)
-    except InsufficientBudgetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except DataFormatError as e:     # --strict and an unreadable test file
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (StageError, ValueError) as e:   # a bad stage list or setting (e.g. --batch-size 0)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (FWIError, ValueError) as e:   # too small a budget, a bad stage list or setting; --strict
+        return _fail(e, EXIT_UNREADABLE if isinstance(e, DataFormatError) else EXIT_BAD_INPUT)
     print(f"wrote {a.out} ({summary.files} oids; summary in {a.out.with_name(a.out.stem + '_summary.json')})")
     return 0
 
+
+def _fail(error: Exception, code: int) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    return code
 
 if __name__ == "__main__":
     sys.exit(main())
