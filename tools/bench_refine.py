@@ -37,7 +37,7 @@ def network_start(checkpoint: str, seismic: np.ndarray, device: torch.device) ->
     """A checkpoint's prediction (m/s, (N,1,70,70)) for raw gathers (N,5,1000,70)."""
     from fwi_core.data import normalize_seismic
     from fwi_core.inference import predict_batch, to_velocity
-    from fwi_core.train.checkpoint import load_model
+    from fwi_core.models.checkpoint import load_model
 
     model = load_model(checkpoint, device=device).eval()
     x = normalize_seismic(torch.from_numpy(seismic)).to(device)

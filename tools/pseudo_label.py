@@ -16,6 +16,11 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from fwi_core.data import find_competition_root
+from fwi_core.errors import FWIError
+from fwi_core.models.checkpoint import find_checkpoints
+from fwi_core.recipes import pseudo_label_round
+
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.pseudo_label", description=__doc__.split("\n\n")[0])
@@ -33,18 +38,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--force", action="store_true", help="replace an earlier round's folder")
     a = ap.parse_args(argv)
 
-    from fwi_core.data import DataError, find_competition_root
-    from fwi_core.inference import find_checkpoints
-    from fwi_core.recipes import pseudo_label_round
-    from fwi_core.train import CheckpointError
-
     try:
         root = find_competition_root(a.data)
         ckpts = find_checkpoints(a.checkpoints)
         res = pseudo_label_round([str(p) for p in ckpts], root, a.out, limit=a.limit, batch_size=a.batch_size,
                                  device=a.device, flip_tta=a.flip_tta, weights=a.weights, family=a.family,
                                  samples_per_file=a.samples_per_file, overwrite=a.force)
-    except (DataError, FileNotFoundError, FileExistsError, ValueError, CheckpointError) as exc:
+    except (FWIError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"pseudo-labelled {res['samples']} test samples with {len(ckpts)} checkpoint(s) on {res['device']}: "

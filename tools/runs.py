@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from fwi_core.train import CheckpointError, CheckpointManager, read_metadata
+from fwi_core.errors import CheckpointError
+from fwi_core.models.checkpoint import read_metadata
+from fwi_core.train import CheckpointManager
 
 BASE_COLUMNS = ["run", "model", "platform", "fold", "epochs", "steps", "best_mae", "weights",
                 "wall_time_h", "amp", "world", "git", "stopped"]
