@@ -78,7 +78,9 @@ class Batch:
         return self.x.shape[0]
 
     def split(self, n: int) -> List["Batch"]:
-        """``n`` micro-batches (``tensor_split`` of every field); ``[self]`` for n = 1."""
+        """``min(n, len(self))`` micro-batches (``tensor_split`` of every field; never an
+        empty one, whose mean loss would be NaN); ``[self]`` for n = 1."""
+        n = min(int(n), len(self))
         if n <= 1:
             return [self]
         parts = [getattr(self, f.name) for f in fields(self)]

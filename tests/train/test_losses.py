@@ -23,3 +23,17 @@ def test_velocity_loss_weights():
     assert velocity_loss(p.bfloat16(), t).dtype == torch.float32
     with pytest.raises(ValueError, match="differ"):
         velocity_loss(p, t[:, :, :5])
+
+
+def test_micro_batches_are_never_empty():
+    """After out-of-memory halvings the accumulation can exceed the batch (3 samples, 4
+    micro-batches): the split gives 3 non-empty parts covering the batch, not an empty one
+    whose mean loss would be NaN and stop training."""
+    from fwi_core.train.losses import Batch
+
+    b = Batch(x=torch.randn(3, 5, 8, 7), y=torch.randn(3, 1, 4, 4), family_idx=torch.arange(3))
+    parts = b.split(4)
+    assert [len(p) for p in parts] == [1, 1, 1]
+    torch.testing.assert_close(torch.cat([p.x for p in parts]), b.x)
+    assert all(torch.isfinite(F.l1_loss(p.y, torch.zeros_like(p.y))) for p in parts)
+    assert [len(p) for p in b.split(2)] == [2, 1] and b.split(1) == [b]
