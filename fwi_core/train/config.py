@@ -71,7 +71,7 @@ class TrainConfig:
             auxiliary channels; models without it ignore the setting).
         pde_weight: weight of the PDE-consistency term (0: off): the normalised misfit
             between a sample's observed gathers and the exact simulation of its predicted
-            map, differentiated through the simulator's adjoint (``physics.pde_loss``).
+            map, differentiated through the simulator's adjoint (``physics.misfit.pde_loss``).
             Affordability: pde_every (every k-th optimizer step), pde_samples (the first n
             samples of a batch, 0: all), pde_shots (shot indices, empty: all 5), pde_time
             (simulate the first n time samples, 0: all), pde_ramp_steps (the weight ramps

@@ -117,7 +117,7 @@ class TrainLoss:
     def pde_term(self, pred: torch.Tensor, observed: torch.Tensor,
                  flipped: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The PDE-consistency term of a batch: the normalised misfit between the observed
-        gathers and the exact simulation of the predicted maps (``physics.pde_loss``), on
+        gathers and the exact simulation of the predicted maps (``physics.misfit.pde_loss``), on
         the first ``pde_samples`` samples, the shots ``pde_shots`` and the first ``pde_time``
         time samples; float32 physics outside autocast, differentiable through the
         simulator's adjoint.
