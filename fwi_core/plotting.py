@@ -202,7 +202,7 @@ def plot_uncertainty_by_family(uncertainty: Dict[str, Dict[str, object]]):
     """MC-dropout uncertainty of a test run per (predicted) family.
 
     Args:
-        uncertainty: ``RunSummary.uncertainty`` of :mod:`fwi_core.tta`: family ->
+        uncertainty: ``RunSummary.uncertainty`` of :mod:`fwi_core.inference_plan`: family ->
             {"files": n, "mean_std": m/s, "depth_std": 70 values (m/s, mean over
             columns and files)}.
 

@@ -20,6 +20,20 @@ def reference():
     return dict(np.load(REFERENCE))
 
 
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One torch thread and no progress bars: the tests share two cores, and results
+    compare byte for byte with subprocesses that run the same way. Test modules that need
+    it say ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("FWI_PROGRESS", "0")
+    yield
+    torch.set_num_threads(n)
+
+
 def _write(path, arr):
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, arr)

@@ -4,7 +4,7 @@ files, and the projected time for Kaggle's 65,818 test files.
     python -m tools.bench_inference            # full: 96 files for throughput, 250 / 1000 files for memory
     python -m tools.bench_inference --quick    # seconds: 4 files, 8 / 24 files
 
-Throughput: ``fwi_core.tta`` with one member (``inversionnet_small``, random weights) over
+Throughput: ``fwi_core.inference_plan`` with one member (``inversionnet_small``, random weights) over
 random test files: the first pass (read, normalise, predict, store, write the CSV) and
 the flip stage, in files per second; the CSV write alone. Memory: the highest resident memory
 (``/proc/self/statm``, sampled every 5 ms) of a fresh process while it runs the first pass

@@ -13,12 +13,7 @@ from tests.reliability.cases import CASES, Exit, Warns
 from tests.reliability.helpers import temp_leftovers, tree_state
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _outcome(act, expect, capsys):

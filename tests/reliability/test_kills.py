@@ -27,15 +27,8 @@ from tests.reliability.killer import (KILLS_DEFAULT, KILLS_SLOW, ROOT, KillPoint
 COUNTS = [pytest.param(KILLS_DEFAULT, id="default"), pytest.param(KILLS_SLOW, id="slow", marks=pytest.mark.slow)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """The same arithmetic as the killed subprocesses (one thread), so results compare
-    byte for byte; no progress bars."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("FWI_PROGRESS", "0")
-    yield
-    torch.set_num_threads(n)
+# the same arithmetic as the killed subprocesses (one thread), so results compare byte for byte
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tally(target: str, n: int):
