@@ -1,3 +1,5 @@
+import pytest
+
 from fwi_core.train import detect_platform
 from fwi_core.platform import COLAB_BUDGET, KAGGLE_BUDGET
 
@@ -56,3 +58,61 @@ def test_default_epochs_is_time_mode_where_sessions_end():
     local = detect_platform({})
     assert default_epochs(kaggle) == 0 and default_epochs(kaggle, time_budget=0) == 10
     assert default_epochs(local) == 10 and default_epochs(local, time_budget=600.0) == 0
+
+
+def test_sagemaker_hosts_gpus_and_channels():
+    from fwi_core.platform import sagemaker_channels
+
+    env = {"SM_MODEL_DIR": "/opt/ml/model", "SM_HOSTS": '["algo-1", "algo-2"]', "SM_CURRENT_HOST": "algo-2",
+           "SM_NUM_GPUS": "8", "SM_CHANNEL_TRAINING": "/opt/ml/input/data/training",
+           "SM_CHANNEL_CHECKPOINTS": "/opt/ml/input/data/checkpoints"}
+    p = detect_platform(env)
+    assert (p.hosts, p.current_host, p.gpus) == (("algo-1", "algo-2"), "algo-2", 8)
+    assert p.describe() == "sagemaker: no session limit, 2 hosts (this: algo-2), 8 GPUs here"
+    assert sagemaker_channels(env) == {"checkpoints": "/opt/ml/input/data/checkpoints",
+                                       "training": "/opt/ml/input/data/training"}
+    assert p.to_dict()["hosts"] == ["algo-1", "algo-2"]
+
+
+@pytest.mark.parametrize("env, match", [
+    ({"SM_HOSTS": "algo-1"}, "SM_HOSTS='algo-1': expected a JSON list"),
+    ({"SM_HOSTS": "[]"}, "expected a JSON list"),
+    ({"SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-9"}, "SM_CURRENT_HOST='algo-9' is not one of"),
+    ({"SM_MODEL_DIR": "/m", "SM_NUM_GPUS": "eight"}, "SM_NUM_GPUS='eight': expected an integer"),
+    ({"FWI_TIME_LIMIT": "2h"}, "FWI_TIME_LIMIT='2h': expected a number"),
+])
+def test_bad_platform_variables_name_the_variable(env, match):
+    from fwi_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        detect_platform(env)
+
+
+def test_cluster_from_slurm_or_multi_machine_torchrun(monkeypatch):
+    import fwi_core.platform as platform
+
+    monkeypatch.setattr(platform.time, "time", lambda: 1_000_000.0)
+    p = detect_platform({"SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "4", "SLURM_NODEID": "2",
+                         "SLURM_JOB_END_TIME": str(1_000_000 + 7200)})
+    assert (p.name, p.hosts, p.current_host, p.time_budget) == \
+        ("cluster", ("node-0", "node-1", "node-2", "node-3"), "node-2", 7200.0)
+    p = detect_platform({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "GROUP_WORLD_SIZE": "2", "GROUP_RANK": "1"})
+    assert (p.name, len(p.hosts), p.current_host, p.time_budget) == ("cluster", 2, "node-1", None)
+    # one machine under torchrun is still local
+    assert detect_platform({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}).name == "local"
+
+
+def test_time_limit_variable_sets_or_lifts_the_session_limit():
+    assert detect_platform({"FWI_TIME_LIMIT": "5400"}).time_budget == 5400.0
+    assert detect_platform({"KAGGLE_KERNEL_RUN_TYPE": "Batch", "FWI_TIME_LIMIT": "3600"}).time_budget == 3600.0
+    assert detect_platform({"COLAB_RELEASE_TAG": "x", "FWI_TIME_LIMIT": "0"}).time_budget is None
+
+
+def test_device_label_names_the_device():
+    import torch
+
+    from fwi_core.platform import device_label
+
+    assert device_label(torch.device("cpu")) == f"cpu ({torch.get_num_threads()} threads)"
+    if torch.cuda.is_available():
+        assert device_label(torch.device("cuda:0")).startswith("cuda:0 ")
