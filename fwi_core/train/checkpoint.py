@@ -4,7 +4,8 @@ A checkpoint is a ``torch.save`` dict that ``torch.load(..., weights_only=True)`
 read (tensors, numbers, strings, lists and dicts only):
 
 - ``metadata``: model name and kwargs, fold, epoch, step, validation metrics per family,
-  platform, git commit, ``fwi_core.__version__``, wall time, the config (see
+  platform, device, training throughput (``samples_per_s``), git commit,
+  ``fwi_core.__version__``, wall time, the config (see
   :func:`read_metadata`);
 - ``model`` and ``ema``: the raw and EMA weights (``ema`` is None without EMA);
 - full checkpoints (``ckpt-<step>.pt``) also hold ``state``: optimizer, scheduler,
@@ -37,6 +38,7 @@ import torch
 from .. import __version__
 from ..errors import CheckpointError, ConfigError
 from ..models.checkpoint import FORMAT, load_checkpoint, rolling_checkpoints
+from ..platform import device_label
 from ..utils import atomic_path, atomic_write_text, plain
 from .budget import Budget
 from .config import MAXIMISED, TrainConfig
@@ -200,6 +202,9 @@ class RunCheckpoints:
                      "step": s.best_step},
             "family_best": s.family_best, "family_names": self.model.family_names,
             "time_mode": self.budget.time_mode, "platform": self.platform,
+            # what the run computed on and how fast (global batch / mean optimizer step: samples/s)
+            "device": device_label(self.dist.device),
+            "samples_per_s": cfg.batch_size / self.budget.step_time if self.budget.step_time else None,
             "world_size": self.dist.world_size, "amp": self.stepper.amp, "git_commit": self.git,
             "fwi_core_version": __version__, "torch_version": torch.__version__,
             "wall_time": self.budget.wall_time(s.wall_before), "created": now_iso(),
