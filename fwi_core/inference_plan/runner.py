@@ -27,6 +27,9 @@ from .policy import Policy, measured
 from .progress import RunProgress, RunState
 from .source import batches
 from .stages import MAP, BatchState, RunContext, Stage, stage_array
+
+#: Stored array of the settled rows: 0, or the code of the stage that made the row final.
+SETTLED = "settled"
 from .store import PredictionStore, StoredArray
 from .submission_csv import format_submission_rows, write_submission_csv
 
@@ -170,11 +173,46 @@ class StageRunner:
         seismic = None
         if raw is not None:
             seismic = raw.seismic[torch.as_tensor(np.flatnonzero(ok))]
-        batch = BatchState(start, stop, rows, [self.ids[r] for r in rows], pred, seismic, None, self.ctx, probe)
+        batch = BatchState(start, stop, rows, [self.ids[r] for r in rows], pred, seismic, None, self.ctx, probe,
+                           self._settled(rows, start, stop), self.code(stage))
         if probe and self.ctx.avail.get("family", 0) < stop:
             return batch
         batch.families = self._families(rows, start, stop, batch.x if seismic is not None and len(rows) else None)
         return batch
+
+    def code(self, stage: Stage) -> int:
+        """The stage's code in the ``settled`` array (1 + its place in the run's stage list)."""
+        names = list(self.ctx.stages)
+        return names.index(stage.name) + 1 if stage.name in names else 0
+
+    def _settled(self, rows: np.ndarray, start: int, stop: int) -> Optional[np.ndarray]:
+        """Settled codes of ``rows`` (None while no stage settled any row)."""
+        if not self.ctx.avail.get(SETTLED, 0):
+            return None
+        return self.store.array(SETTLED, (), "int16").read(start, stop)[rows - start]
+
+    def _store_settled(self, batch: BatchState) -> None:
+        """Store the rows the batch's settling stage made final (before the batch's commit)."""
+        if batch.settle_mask is None or batch.probe or not batch.settle_mask.any():
+            return
+        arr = self.store.array(SETTLED, (), "int16")
+        window = arr.read(batch.start, batch.stop)
+        window[batch.rows[batch.settle_mask] - batch.start] = batch.code
+        arr.write(batch.start, window)
+        self.ctx.avail[SETTLED] = self.n
+
+    def _invalidate_observers(self, stage: Stage) -> None:
+        """``stage`` changed maps: what observers (the consistency flags) found before is stale."""
+        for name in list(self.ctx.executed):
+            other = self.ctx.stages.get(name)
+            if other is None or other is stage or not other.observes:
+                continue
+            self.ctx.executed.remove(name)
+            other.reset(self.ctx)
+            rec = self.policy.record(other)
+            rec.update(status="not run", done=0, files=0,
+                       note=f"what it found was discarded: {stage.name} changed the maps after it ran")
+            self.log(f"[{name}] discarded: {stage.name} changed the maps after it ran; it may run again")
 
     def _bad(self, row: int, msg: str) -> None:
         oid = self.ids[row]
@@ -238,8 +276,12 @@ class StageRunner:
                         else:
                             self.log(f"warning: stage {stage.name} predicted non-finite values for "
                                      f"{batch.ids[i]}; it keeps its previous prediction")
-                    keep = batch.rows[finite] - s
-                    window[keep] = out[torch.as_tensor(np.flatnonzero(finite))].clamp(VEL_MIN, VEL_MAX)[:, 0].numpy()
+                    # rows another stage settled (refined) keep their prediction, whatever this stage returned
+                    take = finite & ~batch.settled_by_others() if self.state.stage0_done else finite
+                    keep = batch.rows[take] - s
+                    window[keep] = out[torch.as_tensor(np.flatnonzero(take))].clamp(VEL_MIN, VEL_MAX)[:, 0].numpy()
+                    if stage.settles:
+                        self._store_settled(batch)
                 out_buf.write(s, window)
                 if not stage.producer:
                     self.ctx.avail[stage_array(stage.name)] = e
@@ -282,6 +324,8 @@ class StageRunner:
                 self.costs.copy = (self.clock() - t) / (self.n - done)
         if mandatory:
             self.state.stage0_done = True
+        if not stage.observes and rec["done"] > 0:
+            self._invalidate_observers(stage)
         self.state.buffer = 1 - self.state.buffer
         self.state.csv_fresh = False
         rec["status"] = "complete" if done >= self.n else ("partial" if rec["done"] > 0 else "not run")

@@ -40,8 +40,10 @@ def test_layered_stage_refines_only_flat_samples(monkeypatch):
     monkeypatch.setattr(refine_module, "refine", fake_refine)
     pred, seis = _flat_and_not()
     layered = RefineStage("refine_layered", ("flat",), 60, 1.0)
-    out = layered.run(_batch(pred, seis))
+    b = _batch(pred, seis)
+    out = layered.run(b)
     assert calls == [(1, ["flat"], 60)]
+    assert b.settle_mask.tolist() == [True, False]             # the refined sample is final
     torch.testing.assert_close(out[0], pred[0] + 7.0)
     torch.testing.assert_close(out[1], pred[1])                 # not flat: untouched
     rest = RefineStage("refine", ("tv", "smooth"), 30, 1.0)
@@ -49,6 +51,11 @@ def test_layered_stage_refines_only_flat_samples(monkeypatch):
     assert calls[1][0] == 1 and calls[1][2] == 30 and calls[1][1][0] in ("tv", "smooth")
     torch.testing.assert_close(out2[0], out[0])                 # already refined by the first stage
     assert "refine_layered" in registered_stages() and "refine" in registered_stages()
+    # a sample another settling stage made final is not refined again
+    b = _batch(out, seis)
+    b.settled, b.code = np.array([0, 5]), 6
+    rest.run(b)
+    assert len(calls) == 2 and b.settle_mask is None
 
 
 @pytest.mark.slow

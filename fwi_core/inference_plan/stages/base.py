@@ -32,7 +32,10 @@ was interrupted in) and return finite (B,1,70,70) m/s; values are clamped to
 / ``batch.read(name)``. The planner times it on the first batch (or uses
 :meth:`Stage.estimate`) and runs it over as many files as the deadline allows. A
 transform whose effect a later producer would overwrite must come after every producer
-in the stage list (only ``reapply`` transforms, such as the CRF, may come earlier).
+in the stage list (only ``reapply`` transforms, such as the CRF, may come earlier). The
+planner may still re-plan a producer after it; a transform whose per-sample result must
+survive that (physics refinement) sets ``settles`` and marks its rows with
+:meth:`BatchState.settle`: later stages then leave those rows alone.
 """
 from __future__ import annotations
 
@@ -67,6 +70,12 @@ class Stage(abc.ABC):
         producer: recomputes the ensemble's combination (built-in member-level stages).
         reapply: (transforms) cheap and deterministic: re-applied by producers that run
             after it, so it may precede them in the list.
+        settles: (transforms such as physics refinement) the rows it marks with
+            :meth:`BatchState.settle` are final: every stage that runs after it, in whatever
+            order the planner re-plans, leaves those rows' prediction as it is.
+        observes: (diagnostics such as the consistency flags) it does not change the maps
+            but describes them; when a later stage changes maps, the planner discards what it
+            found (:meth:`reset`) and it may run again.
     """
 
     name: str = "stage"
@@ -75,6 +84,8 @@ class Stage(abc.ABC):
     needs_seismic: bool = True
     producer: bool = False
     reapply: bool = False
+    settles: bool = False
+    observes: bool = False
 
     def unavailable(self, ctx: "RunContext") -> Optional[str]:
         """Why the stage cannot run in this run (e.g. no dropout layers), or None."""
@@ -87,6 +98,14 @@ class Stage(abc.ABC):
 
     def prepare(self, ctx: "RunContext") -> None:
         """Called once before the stage's first batch (in each process)."""
+
+    def reset(self, ctx: "RunContext") -> None:
+        """(observers) Forget what the stage found: later stages changed the maps it saw."""
+
+    def identity(self) -> Dict[str, object]:
+        """What distinguishes this stage's output from another configuration of it (part of
+        the run's fingerprint: a saved run whose stages had other options is not resumed)."""
+        return {"name": self.name, "class": type(self).__name__}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -120,6 +139,9 @@ class BatchState:
         families: B family names (predicted by the ensemble's family classifier) or None.
         ctx: the run (ensemble, stored arrays, what has run).
         probe: True while the planner times the stage (writes are discarded).
+        settled: (B,) int codes: 0, or which settling stage made the row final (the runner
+            keeps those rows' prediction whatever a later stage returns; see :meth:`settle`).
+        code: this stage's code in ``settled``.
     """
 
     start: int
@@ -131,10 +153,25 @@ class BatchState:
     families: Optional[List[str]]
     ctx: "RunContext"
     probe: bool = False
+    settled: Optional[np.ndarray] = None
+    code: int = 0
     _x: Optional[torch.Tensor] = field(default=None, repr=False)
+    settle_mask: Optional[np.ndarray] = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def settled_by_others(self) -> np.ndarray:
+        """(B,) bool: rows a different settling stage already made final."""
+        if self.settled is None:
+            return np.zeros(len(self.rows), dtype=bool)
+        return (self.settled != 0) & (self.settled != self.code)
+
+    def settle(self, mask) -> None:
+        """(settling stages) Mark the rows of ``mask`` (B,) final: later stages keep their
+        prediction (the runner stores the marks with the batch, before its commit)."""
+        mask = np.asarray(mask, dtype=bool).reshape(len(self.rows))
+        self.settle_mask = mask if self.settle_mask is None else (self.settle_mask | mask)
 
     @property
     def x(self) -> torch.Tensor:
@@ -275,7 +312,7 @@ def _subset(batch: BatchState, sel: np.ndarray, pred: torch.Tensor) -> BatchStat
     return BatchState(batch.start, batch.stop, batch.rows[it], [batch.ids[i] for i in it], pred,
                       None if batch.seismic is None else batch.seismic[torch.as_tensor(it)],
                       None if batch.families is None else [batch.families[i] for i in it], batch.ctx,
-                      batch.probe)
+                      batch.probe, None if batch.settled is None else batch.settled[it], batch.code)
 
 
 def member_array(name: str, which: str = "raw") -> str:

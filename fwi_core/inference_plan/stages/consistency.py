@@ -8,7 +8,9 @@ of its gathers and flags those above the threshold. It does not change predictio
 flags are diagnostics (``flagged``: oid -> score; the scores are also kept per file in the
 run's store as ``consistency``), for a person to inspect or for a later pass to
 re-predict. The in-memory list covers the batches this process ran (a resumed run lists
-the flags of its own batches).
+the flags of its own batches). The flags always describe the maps of the CSV: when the
+planner runs a stage that changes maps after this one (a re-plan), the flags are discarded
+and the stage may run again (``observes``).
 
 Register the flagger as the run's resource ``consistency`` (the infer kernel does when
 ``consistency.json`` lies beside an ``invertible_unet`` checkpoint).
@@ -31,6 +33,7 @@ class ConsistencyStage(Stage):
     name = kind = "consistency"
     default_gain = 0.01      # diagnostics: cheap, run when there is time left
     needs_seismic = True
+    observes = True          # its flags describe the final maps: a later change discards them
 
     def __init__(self, flagger):
         self.flagger = flagger
@@ -50,6 +53,15 @@ class ConsistencyStage(Stage):
         self.scored += len(batch.ids)
         return batch.pred
 
+    def reset(self, ctx) -> None:
+        """A later stage changed the maps: the flags and scores no longer describe them."""
+        self.flagged.clear()
+        self.scored = 0
+        ctx.avail.pop("consistency", None)
+
+    def identity(self):
+        f = self.flagger
+        return {**super().identity(), "threshold": None if f is None else round(float(f.threshold), 10)}
 
     @classmethod
     def from_resources(cls, resources: Dict[str, Any]) -> "ConsistencyStage":

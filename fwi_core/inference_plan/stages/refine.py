@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ...physics import detect_family_kind, generate, refine, simulate
@@ -47,6 +48,7 @@ class RefineStage(Stage):
     """
 
     needs_seismic = True
+    settles = True          # a refined sample is final: later stages (a re-plan) leave it alone
 
     def __init__(self, name: str, kinds: Sequence[str], max_iter: int, default_gain: float,
                  refine_kwargs: Optional[Dict[str, Any]] = None):
@@ -79,10 +81,14 @@ class RefineStage(Stage):
         pred = batch.pred.float()
         seis = batch.seismic.float()
         kinds = detect_family_kind(pred.cpu(), seis.cpu())
-        pick = [i for i, k in enumerate(kinds) if k in self.kinds]
+        others = batch.settled_by_others()          # refined by the other refinement stage already
+        pick = [i for i, k in enumerate(kinds) if k in self.kinds and not others[i]]
         self.last_counts = {k: kinds.count(k) for k in set(kinds)}
         if not pick:
             return pred
+        mask = np.zeros(len(kinds), dtype=bool)
+        mask[pick] = True
+        batch.settle(mask)
         dev = batch.ctx.device
         idx = torch.tensor(pick, dtype=torch.long)
         out = pred.clone()
