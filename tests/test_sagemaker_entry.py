@@ -84,9 +84,13 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_hosts_train_a_model_from_the_environment_alone(tmp_path):
-    """Two 'hosts' (algo-1, algo-2), one process each on CPU: the entry point on each
-    launches torchrun from SM_HOSTS / SM_CURRENT_HOST; the ranks train together over gloo,
-    the run lands in the checkpoint folder and is copied to SM_MODEL_DIR."""
+    """The source folder of ``tools.build --target sagemaker`` on two 'hosts' (algo-1,
+    algo-2), one process each on CPU: the entry point on each launches torchrun from
+    SM_HOSTS / SM_CURRENT_HOST; the ranks train together over gloo, the run lands in the
+    checkpoint folder and is copied to SM_MODEL_DIR."""
+    from tools.build import build
+
+    source = build(None, tmp_path / "source", target="sagemaker")[0].parent
     write_layout(tmp_path / "data", per_family=4)
     (tmp_path / "ckpt").mkdir()
     port = _free_port()
@@ -94,14 +98,14 @@ def test_two_hosts_train_a_model_from_the_environment_alone(tmp_path):
     for host in ("algo-1", "algo-2"):
         env = {**os.environ, **sm_env(tmp_path, SM_CURRENT_HOST=host, SM_NUM_GPUS="0"),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "FWI_PROGRESS": "0", "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": str(ROOT)}
-        for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "KAGGLE_KERNEL_RUN_TYPE", "COLAB_RELEASE_TAG"):
+               }
+        for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "KAGGLE_KERNEL_RUN_TYPE", "COLAB_RELEASE_TAG", "PYTHONPATH"):
             env.pop(k, None)
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "fwi_core.sagemaker_entry", "--model", "inversionnet_small", "--epochs", "1",
+            [sys.executable, "train_entry.py", "--model", "inversionnet_small", "--epochs", "1",
              "--batch-size", "4", "--folds", "2", "--amp", "off", "--num-workers", "0", "--device", "cpu",
              "--time-budget", "0", "--ema-decay", "0"],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            cwd=source, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
     assert "--nnodes 2 --node-rank 1 --nproc-per-node 1" in outs[1]

@@ -1,6 +1,26 @@
-"""Build self-contained Kaggle notebooks from the jupytext kernels.
+"""Build self-contained notebooks (Kaggle, Colab) and SageMaker source folders.
 
-    python -m tools.build [KERNEL ...] [--out build] [--root REPO]
+    python -m tools.build [KERNEL ...] [--out build] [--root REPO]           # Kaggle (the default target)
+    python -m tools.build --target colab [KERNEL ...] [--drive-folder PATH]  # -> build/colab/<kernel>/
+    python -m tools.build --target sagemaker [--requirements PKG ...]       # -> build/sagemaker/
+
+Targets:
+
+- ``kaggle`` (``make build``): what follows.
+- ``colab``: the same notebook without Kaggle's metadata file and wheels cell, with a
+  ``drive_folder`` parameter (default :data:`DRIVE_FOLDER`) and a cell after the import
+  check that mounts Google Drive when that folder is on it and not mounted yet, takes the
+  data from it (``data_root`` None: the folder or the competition root inside it) and
+  writes the outputs to ``<drive_folder>/outputs/<kernel>`` (``output_dir`` "."), points
+  an infer kernel's ``checkpoint_dirs`` at ``<drive_folder>/outputs``, and prints the
+  platform (Colab's session limit, the GPU; a hint when the runtime has none). The
+  notebook asks Colab for a GPU runtime (``accelerator``). fwi_core is inlined the same
+  way: nothing is installed at run time.
+- ``sagemaker``: a source folder for the SageMaker PyTorch estimator: ``train_entry.py``
+  (calls :mod:`fwi_core.sagemaker_entry`), the ``fwi_core`` modules it needs as files,
+  ``build-info.json`` (version, content hash, modules) and, with ``--requirements``, a
+  ``requirements.txt`` that SageMaker installs before the entry point runs. Submit it with
+  ``python -m tools.sagemaker_job``.
 
 For each ``kernels/<name>.py`` (jupytext percent format) this writes
 ``build/<name>/<name>.ipynb`` and ``build/<name>/kernel-metadata.json`` (from
@@ -37,15 +57,24 @@ import copy
 import hashlib
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "fwi_core"
 COMPETITION = "waveform-inversion"
 #: keys of kernel-metadata/<kernel>.json that are ours, not Kaggle's (stripped on build)
 TOOLKIT_KEY = "fwi_toolkit"
+TARGETS = ("kaggle", "colab", "sagemaker")
+#: where each target's build goes by default (``make build``: Kaggle into build/)
+DEFAULT_OUT = {"kaggle": ROOT / "build", "colab": ROOT / "build" / "colab", "sagemaker": ROOT / "build" / "sagemaker"}
+#: the Colab notebooks' default ``drive_folder`` (the data inside it, outputs in outputs/<kernel>)
+DRIVE_FOLDER = "/content/drive/MyDrive/fwi"
+DRIVE_MOUNT = "/content/drive"
+#: the module the SageMaker entry point runs
+SAGEMAKER_MODULE = "fwi_core.sagemaker_entry"
 
 
 class BuildError(Exception):
@@ -225,6 +254,42 @@ importlib.invalidate_caches()  # see the files written above
 import fwi_core
 assert fwi_core.__file__.startswith(_FWI_VENDOR), fwi_core.__file__'''
 
+COLAB_CELL = '''# Colab: the data and the outputs live in a Google Drive folder (the drive_folder parameter)
+from pathlib import Path as _Path
+
+from fwi_core.platform import detect_platform as _detect_platform, device_label as _device_label
+
+_drive = _Path(drive_folder).expanduser()
+if str(_drive).startswith("{mount}/") and not _drive.is_dir():
+    from google.colab import drive as _gdrive     # Colab's own module: asks for access once
+    _gdrive.mount("{mount}")
+if not _drive.is_dir():
+    raise FileNotFoundError(f"drive_folder={{drive_folder!r}}: no such folder; put the competition data in it "
+                            "(the folder holding train_samples/ and test/, or the folder above it)")
+if globals().get("data_root") is None:
+    data_root = str(_drive)                       # the competition root, or the folder holding it
+if globals().get("output_dir") in (None, "", "."):
+    output_dir = str(_drive / "outputs" / "{kernel}")
+if "checkpoint_dirs" in globals():                # the train notebook's outputs on Drive, not Kaggle's inputs
+    checkpoint_dirs = [str(_drive / "outputs") if str(d) == "." else d for d in checkpoint_dirs
+                       if not str(d).startswith("/kaggle")]
+_platform = _detect_platform()
+print(_platform.describe(), "|", _device_label(), "| data:", data_root, "| outputs:", output_dir)
+if _platform.name == "colab" and not _platform.gpus:
+    print("no GPU in this runtime: Runtime > Change runtime type > T4 GPU")'''
+
+ENTRY = '''"""SageMaker entry point, built by `python -m tools.build --target sagemaker` (fwi_core {version},
+content hash {digest}): runs fwi_core.train under torchrun across the job's GPUs and hosts.
+Flags (the estimator's hyperparameters) go to `python -m fwi_core.train`; see
+fwi_core/sagemaker_entry.py."""
+import sys
+
+from fwi_core.sagemaker_entry import main
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''
+
 #: cell metadata of the build's own code cells (bootstrap, modules, import check): source
 #: collapsed in JupyterLab/Notebook 7 and on Kaggle; outputs left visible (they are empty
 #: unless something fails)
@@ -295,13 +360,17 @@ def _check_head(nb, head: int, where: str) -> None:
                              f"it runs before {PACKAGE} is inlined: move the import after the parameters cell")
 
 
-def build_notebook(kernel: str, root: Path = ROOT):
-    """(notebook, metadata, module names) for ``kernels/<kernel>.py``."""
+def build_notebook(kernel: str, root: Path = ROOT, target: str = "kaggle", drive_folder: str = DRIVE_FOLDER):
+    """(notebook, metadata, module names) for ``kernels/<kernel>.py``; ``target`` "kaggle"
+    or "colab" (no Kaggle metadata: None)."""
     import nbformat
 
+    if target not in ("kaggle", "colab"):
+        raise BuildError(f"--target {target!r}: a notebook target is kaggle or colab")
     if not (root / "kernels" / f"{kernel}.py").is_file():
         raise BuildError(f"{root / 'kernels' / f'{kernel}.py'}: no such kernel")
-    meta = load_metadata(kernel, root)     # metadata errors first, as before
+    colab = target == "colab"
+    meta = {} if colab else load_metadata(kernel, root)     # metadata errors first, as before
     nb, _ = _read_kernel(kernel, root)
     head = _parameters_index(nb)
     _check_head(nb, head, f"kernels/{kernel}.py")
@@ -329,8 +398,13 @@ def build_notebook(kernel: str, root: Path = ROOT):
         return c
 
     kernel_cells = [own(i, c) for i, c in enumerate(nb.cells)]
+    if colab:       # one more parameter: the Drive folder of the data and the outputs
+        params = kernel_cells[head]
+        params.source = (params.source.rstrip("\n") + f"\ndrive_folder = {drive_folder!r}  # Colab: the Drive folder "
+                         "holding the competition data; outputs go to <drive_folder>/outputs/" + kernel)
     cells = kernel_cells[: head + 1]       # the title and the parameters cell come first
-    doc = (f"## About this notebook\n\nBuilt by `python -m tools.build` from `kernels/{kernel}.py` of the "
+    how = "python -m tools.build --target colab" if colab else "python -m tools.build"
+    doc = (f"## About this notebook\n\nBuilt by `{how}` from `kernels/{kernel}.py` of the "
            f"fwi-kaggle-toolkit repository; do not edit this notebook, edit the kernel and rebuild.\n\n"
            f"- parameters: the cell above, tagged `parameters` (papermill and Kaggle can override it)\n"
            f"- fwi_core version **{version}**, content hash `{digest}` over {len(modules)} inlined modules "
@@ -349,6 +423,8 @@ def build_notebook(kernel: str, root: Path = ROOT):
         body = module_path(name, root).read_text() or "# (empty module)\n"  # a cell magic needs a body
         cells.append(cc("mod:" + name, f"%%{MAGIC} {rel}\n" + body, hidden=True))
     cells.append(cc("import-check", IMPORT_CHECK, hidden=True))
+    if colab:
+        cells.append(cc("colab", COLAB_CELL.format(mount=DRIVE_MOUNT, kernel=kernel)))
     cells.extend(kernel_cells[head + 1:])
     out = nbformat.v4.new_notebook(cells=cells)
     out.nbformat_minor = 5
@@ -358,8 +434,12 @@ def build_notebook(kernel: str, root: Path = ROOT):
         "fwi_toolkit": {"kernel": kernel, "fwi_core_version": version, "content_hash": digest,
                         "modules": modules, "module_lines": lines},
     }
+    if colab:      # Colab opens it with a GPU runtime
+        out.metadata["fwi_toolkit"]["target"] = "colab"
+        out.metadata["accelerator"] = "GPU"
+        out.metadata["colab"] = {"provenance": [], "gpuType": "T4", "toc_visible": True}
     nbformat.validate(out)
-    kaggle_meta = {k: v for k, v in meta.items() if k != TOOLKIT_KEY}
+    kaggle_meta = None if colab else {k: v for k, v in meta.items() if k != TOOLKIT_KEY}
     return out, kaggle_meta, modules
 
 
@@ -393,37 +473,100 @@ def _version(root: Path) -> str:
     return m.group(1) if m else "unknown"
 
 
-def build(kernels: Optional[List[str]] = None, out: Path = ROOT / "build", root: Path = ROOT) -> List[Path]:
-    """Build the given kernels (default: every ``kernels/*.py``); returns notebook paths."""
+def build(kernels: Optional[List[str]] = None, out: Optional[Path] = None, root: Path = ROOT,
+          target: str = "kaggle", drive_folder: str = DRIVE_FOLDER,
+          requirements: Sequence[str] = ()) -> List[Path]:
+    """Build the given kernels (default: every ``kernels/*.py``) for ``target``; returns
+    notebook paths (for ``sagemaker``: the entry point of the source folder). ``out``
+    defaults to :data:`DEFAULT_OUT` of the target."""
     import nbformat
 
     from fwi_core.utils import atomic_write_text, remove_stale_temps
 
+    if target not in TARGETS:
+        raise BuildError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
+    out = Path(out) if out is not None else DEFAULT_OUT[target]
+    if target == "sagemaker":
+        if kernels:
+            raise BuildError("--target sagemaker builds a source folder, not kernels: drop the kernel names")
+        return [build_sagemaker(out, root, requirements)]
     names = kernels or sorted(p.stem for p in (root / "kernels").glob("*.py"))
     if not names:
         raise BuildError(f"{root / 'kernels'}: no kernels to build")
     # every kernel first, then the files: a failing kernel leaves the whole previous build as it was
-    built = [(k, *build_notebook(k, root)) for k in names]
+    built = [(k, *build_notebook(k, root, target, drive_folder)) for k in names]
     written = []
     for k, nb, meta, modules in built:
         d = Path(out) / k
         remove_stale_temps(d)      # what a killed build left half-written
         atomic_write_text(d / f"{k}.ipynb", nbformat.writes(nb) + "\n")
-        atomic_write_text(d / "kernel-metadata.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if meta is not None:
+            atomic_write_text(d / "kernel-metadata.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
         written.append(d / f"{k}.ipynb")
         print(f"built {d / (k + '.ipynb')} ({len(modules)} fwi_core modules, "
               f"{nb.metadata[TOOLKIT_KEY]['module_lines']:,} lines, {len(nb.cells)} cells)")
     return written
 
 
+def build_sagemaker(out: Path, root: Path = ROOT, requirements: Sequence[str] = ()) -> Path:
+    """The SageMaker source folder ``out`` (see the module doc), built beside it and
+    swapped into place; returns its entry point ``out/train_entry.py``."""
+    from fwi_core.utils import locked_staging_dir, remove_stale_temps
+
+    out = Path(out)
+    modules = resolve_modules(f"import {SAGEMAKER_MODULE}\n", "sagemaker", root)
+    bad = [r for r in requirements if not re.fullmatch(r"[A-Za-z0-9_.\-\[\],<>=!~ ]+", r)]
+    if bad:
+        raise BuildError(f"--requirements {bad}: expected pip requirement specifiers such as timm==1.0.31")
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {out} is a file, expected a folder")
+    digest = content_hash(modules, root)
+    info = {"target": "sagemaker", "entry_point": "train_entry.py", "fwi_core_version": _version(root),
+            "content_hash": digest, "modules": modules, "module_lines": module_lines(modules, root),
+            "requirements": list(requirements)}
+    old = out.with_name(f".{out.name}.old")
+    if old.is_dir():               # a build killed between the two renames below
+        if out.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(out)
+    remove_stale_temps(out.parent, out.name)
+    with locked_staging_dir(out) as tmp:
+        for name in modules:
+            src = module_path(name, root)
+            dst = tmp / src.relative_to(root)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(src.read_bytes())
+        (tmp / "train_entry.py").write_text(ENTRY.format(version=info["fwi_core_version"], digest=digest))
+        (tmp / "build-info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        if requirements:
+            (tmp / "requirements.txt").write_text("".join(r + "\n" for r in requirements))
+        if out.exists():
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    print(f"built {out} (SageMaker source folder: train_entry.py + {len(modules)} fwi_core modules, "
+          f"{info['module_lines']:,} lines)")
+    return out / "train_entry.py"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.build", description="Build self-contained notebooks.")
+    ap = argparse.ArgumentParser(prog="python -m tools.build",
+                                 description="Build self-contained notebooks (Kaggle, Colab) or a SageMaker source folder.")
     ap.add_argument("kernels", nargs="*", help="kernel names (default: all in kernels/)")
-    ap.add_argument("--out", type=Path, default=ROOT / "build")
+    ap.add_argument("--target", choices=TARGETS, default="kaggle", help="where it runs (default: kaggle)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output folder (default: build/, build/colab/ or build/sagemaker/ by target)")
     ap.add_argument("--root", type=Path, default=ROOT, help="repository to build from (default: this checkout)")
+    ap.add_argument("--drive-folder", default=DRIVE_FOLDER,
+                    help=f"colab: the drive_folder parameter's default (default: {DRIVE_FOLDER})")
+    ap.add_argument("--requirements", nargs="*", default=[],
+                    help="sagemaker: packages for requirements.txt (e.g. timm==1.0.31)")
     a = ap.parse_args(argv)
     try:
-        build(a.kernels or None, a.out, a.root)
+        build(a.kernels or None, a.out, a.root, a.target, a.drive_folder, a.requirements)
     except BuildError as e:
         print(f"build failed: {e}", file=sys.stderr)
         return 1
