@@ -112,10 +112,16 @@ def _given(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
+def _bare_flags(args: Sequence[str]) -> List[str]:
+    """SageMaker passes a hyperparameter without a value (a switch such as
+    ``--no-balance-families``) as ``--flag ""``: drop the empty value."""
+    return [a for i, a in enumerate(args) if not (a == "" and i > 0 and args[i - 1].startswith("--"))]
+
+
 def train_arguments(job: SageMakerJob, args: Sequence[str]) -> List[str]:
-    """The ``python -m fwi_core.train`` flags: ``args`` plus ``--data``, ``--out`` and
-    ``--resume`` where SageMaker's environment decides them."""
-    out = list(args)
+    """The ``python -m fwi_core.train`` flags: ``args`` (switches' empty values dropped)
+    plus ``--data``, ``--out`` and ``--resume`` where SageMaker's environment decides them."""
+    out = _bare_flags(list(args))
     if not _given(out, "--data"):
         out += ["--data", job.data_dir()]
     if not _given(out, "--out"):

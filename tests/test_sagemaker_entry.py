@@ -50,6 +50,9 @@ def test_data_out_and_resume_come_from_the_environment(tmp_path):
     (tmp_path / "ckpt" / "run" / "ckpt-00000012.pt").write_bytes(b"x")     # a spot instance came back
     assert train_arguments(job, [])[-2:] == ["--resume", "auto"]
     assert train_arguments(job, ["--data=/d", "--out", "/o"]) == ["--data=/d", "--out", "/o"]
+    # a switch among the hyperparameters arrives as --flag "": the empty value is dropped
+    assert train_arguments(job, ["--no-balance-families", "", "--lr", "0.1", "--data", "/d", "--out", "/o"]) == \
+        ["--no-balance-families", "--lr", "0.1", "--data", "/d", "--out", "/o"]
 
 
 @pytest.mark.parametrize("over, match", [
