@@ -10,6 +10,7 @@ from typing import List, Sequence, Union
 import numpy as np
 import torch
 
+from ..errors import ParameterError
 from .families import FAMILIES
 from .priors import KINDS
 
@@ -19,7 +20,7 @@ def family_kind(family: str) -> str:
     if family in KINDS:
         return family
     if family not in FAMILIES:
-        raise ValueError(f"refine: unknown family {family!r}; expected one of {', '.join(FAMILIES)} "
+        raise ParameterError(f"refine: unknown family {family!r}; expected one of {', '.join(FAMILIES)} "
                          f"or a kind {', '.join(KINDS)}")
     if family.startswith("FlatVel"):
         return "flat"
@@ -52,7 +53,7 @@ def detect_family_kind(velocity: Union[torch.Tensor, np.ndarray], seismic: Union
     if v.dim() == 4:
         v = v[:, 0]
     if v.dim() != 3:
-        raise ValueError(f"detect_family_kind: velocity of shape {tuple(v.shape)} must be (B,1,H,W) or (B,H,W)")
+        raise ParameterError(f"detect_family_kind: velocity of shape {tuple(v.shape)} must be (B,1,H,W) or (B,H,W)")
     if seismic is not None:
         s = torch.as_tensor(np.asarray(seismic) if isinstance(seismic, np.ndarray) else seismic).detach().double()
         a, b = s[:, 0], s[:, -1].flip(-1)
@@ -75,5 +76,5 @@ def sample_kinds(family: Union[str, Sequence[str], None], velocity: torch.Tensor
         return [family_kind(family)] * b
     fams = list(family)
     if len(fams) != b:
-        raise ValueError(f"refine: family has {len(fams)} entries for a batch of {b}")
+        raise ParameterError(f"refine: family has {len(fams)} entries for a batch of {b}")
     return [family_kind(str(f)) for f in fams]

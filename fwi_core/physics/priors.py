@@ -9,14 +9,14 @@
   (:func:`gauss_blur`) with the prior ``|w|^2`` (:func:`smooth_prior`): a Gaussian-process
   (squared-exponential covariance) prior on the update.
 
-:class:`Parametrisation` maps a batch of mixed kinds to velocities, with updates
-preconditioned by depth, and evaluates each sample's prior. Which kind a sample gets is
+:class:`Parametrisation` maps each sample's parameters to its velocity map, with updates
+preconditioned by depth, and evaluates its prior. Which kind a sample gets is
 decided in :mod:`.kind_routing`.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Union
+from typing import Dict, List
 
 import torch
 
@@ -30,18 +30,6 @@ DEFAULT_REG_WEIGHT: Dict[str, float] = {"flat": 0.1, "tv": 0.3, "smooth": 0.3}
 #: record's choice), which leaves interfaces sharp; the 2-D TV keeps 10 m/s, better on
 #: curved and faulted maps (BENCHMARKS.md, section "refine")
 DEFAULT_TV_EPS: Dict[str, float] = {"flat": 1e-4, "tv": 1e-2}
-
-
-def per_kind(name: str, value: Union[float, Dict[str, float], None], defaults: Dict[str, float]) -> Dict[str, float]:
-    """A per-kind setting: ``defaults`` updated by a dict, or one float for every kind."""
-    if isinstance(value, dict):
-        unknown = set(value) - set(defaults)
-        if unknown:
-            raise ValueError(f"refine: {name} has unknown kinds {sorted(unknown)}; expected {sorted(defaults)}")
-        return {**defaults, **{k: float(x) for k, x in value.items()}}
-    if value is not None:
-        return {k: float(value) for k in defaults}
-    return dict(defaults)
 
 
 def gauss_blur(w: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -78,69 +66,58 @@ def smooth_prior(w: torch.Tensor) -> torch.Tensor:
 
 
 class Parametrisation:
-    """Per-kind parametrisation of a batch: v = base + scale * D(z) * update.
+    """Per-sample parametrisation of a batch of mixed kinds: ``v_i = base_i + step_ms * D(z) * U(x_i)``.
 
-    ``flat`` samples are parametrised by one value per row, ``tv`` samples by every cell,
-    ``smooth`` samples by a white field blurred by :func:`gauss_blur`. The parameters are
-    float64 leaves (one tensor per kind present), in units of ``step_ms`` m/s, scaled with
-    depth by ``D(z) = ((z+1)/H)^(depth_power/2)`` (normalised to a maximum of 1).
+    Each sample has its own parameter vector ``x_i`` (float64, 1-D, in units of ``step_ms``
+    m/s), so that an optimiser can move every sample on its own (:mod:`.batch_optim`):
+    ``flat`` samples have one value per row (``U`` repeats it along the row), ``tv`` samples
+    one per cell, ``smooth`` samples a white field that ``U`` blurs (:func:`gauss_blur`).
+    ``D(z) = ((z+1)/H)^(depth_power/2)`` (maximum 1) scales updates with depth.
     """
 
     def __init__(self, base: torch.Tensor, kinds: List[str], depth_power: float, step_ms: float,
                  smooth_sigma: float):
-        self.kinds = kinds
+        self.kinds = list(kinds)
         self.b, self.h, self.w = base.shape
         z = torch.arange(self.h, dtype=torch.float64, device=base.device)
-        self.depth = (((z + 1.0) / self.h) ** (depth_power / 2.0))[:, None]  # (H,1)
-        self.depth = self.depth / self.depth.max()
+        depth = ((z + 1.0) / self.h) ** (depth_power / 2.0)
+        self.depth = (depth / depth.max())[:, None]  # (H,1)
         self.step_ms = step_ms
         self.sigma = smooth_sigma
-        self.idx = {k: [i for i, kk in enumerate(kinds) if kk == k] for k in KINDS}
-        self.reset(base)
-
-    def reset(self, base: torch.Tensor) -> None:
-        """Start a new parametrisation around ``base`` (B,H,W) float64: updates at zero."""
         self.base = base.detach().clone()
-        self.params = {}
-        for k, ids in self.idx.items():
-            if not ids:
-                continue
-            shape = (len(ids), self.h) if k == "flat" else (len(ids), self.h, self.w)
-            self.params[k] = torch.zeros(shape, dtype=torch.float64, device=base.device, requires_grad=True)
-        flat = self.idx["flat"]
-        if flat:  # a flat sample's base is its depth profile (row means)
-            self.base[flat] = self.base[flat].mean(dim=2, keepdim=True).expand(-1, -1, self.w)
+        for i in range(self.b):
+            self.rebase(i, self.base[i])
 
-    def parameters(self) -> List[torch.Tensor]:
-        return list(self.params.values())
+    def rebase(self, i: int, v: torch.Tensor) -> None:
+        """Sample ``i``'s parameters start (at zero) from the map ``v`` (H,W); a flat
+        sample's base is the depth profile of ``v`` (its row means)."""
+        v = v.detach().to(self.base)
+        self.base[i] = v.mean(dim=1, keepdim=True).expand(-1, self.w) if self.kinds[i] == "flat" else v
 
-    def velocity(self) -> torch.Tensor:
-        """(B,H,W) float64 maps of the current parameters."""
-        parts = [None] * self.b
-        for k, p in self.params.items():
-            if k == "flat":
-                upd = (self.step_ms * self.depth[None] * p[:, :, None]).expand(-1, -1, self.w)
-            elif k == "smooth":
-                upd = self.step_ms * self.depth[None] * gauss_blur(p, self.sigma)
-            else:
-                upd = self.step_ms * self.depth[None] * p
-            for j, i in enumerate(self.idx[k]):
-                parts[i] = self.base[i] + upd[j]
-        return torch.stack(parts)
+    def size(self, i: int) -> int:
+        """Number of parameters of sample ``i``."""
+        return self.h if self.kinds[i] == "flat" else self.h * self.w
 
-    def regulariser(self, v: torch.Tensor, eps: Dict[str, float]) -> torch.Tensor:
-        """(B,) float64 regulariser values (velocities in km/s, sums per map column);
-        ``eps``: the TV smoothing per kind."""
-        km = v / 1000.0
-        out = torch.zeros(self.b, dtype=torch.float64, device=v.device)
-        for k, ids in self.idx.items():
-            if not ids:
-                continue
-            if k == "flat":
-                r = profile_tv(km[ids], eps["flat"])
-            elif k == "tv":
-                r = map_tv(km[ids], eps["tv"])
-            else:
-                r = smooth_prior(self.params["smooth"])
-            out = out.index_put((torch.tensor(ids, device=v.device),), r)
-        return out
+    def zeros(self, i: int) -> torch.Tensor:
+        return torch.zeros(self.size(i), dtype=torch.float64, device=self.base.device)
+
+    def velocity(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The (H,W) float64 map of sample ``i`` at parameters ``x``."""
+        kind = self.kinds[i]
+        if kind == "flat":
+            upd = (self.depth * x[:, None]).expand(-1, self.w)
+        elif kind == "smooth":
+            upd = self.depth * gauss_blur(x.view(1, self.h, self.w), self.sigma)[0]
+        else:
+            upd = self.depth * x.view(self.h, self.w)
+        return self.base[i] + self.step_ms * upd
+
+    def regulariser(self, i: int, x: torch.Tensor, v: torch.Tensor, eps: Dict[str, float]) -> torch.Tensor:
+        """Sample ``i``'s prior (a 0-dim float64 tensor): velocities in km/s, sums per map
+        column; ``eps``: the TV smoothing per kind."""
+        kind = self.kinds[i]
+        if kind == "flat":
+            return profile_tv(v[None] / 1000.0, eps["flat"])[0]
+        if kind == "tv":
+            return map_tv(v[None] / 1000.0, eps["tv"])[0]
+        return smooth_prior(x.view(1, self.h, self.w))[0]

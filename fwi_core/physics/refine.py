@@ -12,55 +12,70 @@ float64, scaled by ``cost_scale``) plus a regulariser chosen by the sample's fam
 - ``"smooth"`` (Style): the full map updated by a Gaussian-blurred field ``w`` with the
   prior ``|w|^2``: a Gaussian-process (squared-exponential covariance) prior on the update.
 
-All samples of the batch go through one :func:`simulate` call per evaluation (gradients by
-the adjoint of :mod:`.adjoint`). Updates are preconditioned with depth (deep cells get
-weak gradients: the update is scaled by ``((z+1)/H)^(depth_power/2)``), and an optional
-frequency continuation fits low-passed data first (``stages``). L-BFGS
-(``torch.optim.LBFGS``, strong Wolfe line search) or Adam. The result of each sample is its
-best evaluated map, kept only where the full-band data misfit fell; values are clamped to
-the plausible range. ``time_budget`` (wall clock, whole batch) is checked before every
-evaluation: none starts that the measured evaluations (the slowest of the last three)
-say would overrun the budget, time for the final misfit check (one forward) included. The
-budget holds as long as evaluation times are steady; a machine whose load jumps between
-evaluations can push the last one over. With ``backend`` not given, the simulation is
-compiled when the whole refinement is long enough to pay for it.
+Every sample has its own optimiser (:mod:`.batch_optim`: L-BFGS with a backtracking line
+search and restarts, or Adam) and its own progress through the continuation stages; all
+samples still share one :func:`simulate` call per evaluation (one per group of samples
+simulated with the same shots and absorbing layer), and a sample that has finished leaves
+the batch, so a slow sample neither holds back the step length of the others nor makes
+them pay for its evaluations. Updates are preconditioned with depth (deep cells get weak
+gradients: the update is scaled by ``((z+1)/H)^(depth_power/2)``), and the continuation
+(``stages``) can fit low-passed data first, lower the regulariser along the way, and run
+early stages on a thin absorbing layer. The result of each sample is its best evaluated
+map, kept only where the full-band data misfit fell below ``accept_ratio`` times the
+start's; values are clamped to the plausible range. ``time_budget`` (wall clock, whole
+batch) is checked before every evaluation: none starts that the measured evaluations (the
+slowest of the last three) say would overrun the budget, time for the final misfit check
+(one forward) included. With ``backend`` not given, the simulation is compiled when the
+whole refinement is long enough to pay for it.
 
-This module is the optimisation loop: the inputs (:class:`_Inputs`), the simulation it
-fits (:class:`_Simulator`), the time budget (:class:`_Budget`), one evaluation and the
-best maps so far (:class:`_Search`), the continuation stages (:func:`_run_stages`) and the
-final check (:func:`_final_check`).
+This module is the loop: the simulation it fits (:class:`_Simulator`), the time budget
+(:class:`_Budget`), each sample's state (:class:`_Sample`), one batched evaluation
+(:func:`_evaluate`), the stages (:func:`_advance`) and the final check
+(:func:`_final_check`); the inputs are checked in :mod:`.refine_inputs`.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from ..errors import ParameterError
 from ..utils import progress_bar
+from .batch_optim import LBFGS, Adam
 from .forward import simulate
 from .kind_routing import detect_family_kind, family_kind, sample_kinds
 from .misfit import misfit
-from .priors import DEFAULT_REG_WEIGHT, DEFAULT_TV_EPS, KINDS, Parametrisation, per_kind
+from .priors import DEFAULT_REG_WEIGHT, DEFAULT_TV_EPS, KINDS, Parametrisation
+from .refine_inputs import (RefineInputs, Stage, check_options, continuation, per_sample_setting, prior_settings,
+                            stage_iterations)
 from .stencil import AUTO_COMPILE_MIN_SHOT_STEPS, DEFAULT_SOURCE_COLUMNS, compiled_step, default_source_columns
 
 # the kinds and their defaults (from :mod:`.kind_routing` and :mod:`.priors`) stay importable here
 __all__ = ["refine", "lowpass", "detect_family_kind", "family_kind", "KINDS", "DEFAULT_REG_WEIGHT",
-           "DEFAULT_TV_EPS", "CONTINUATION_STAGES", "FIRST_EVAL_FORWARDS"]
+           "DEFAULT_TV_EPS", "DEFAULT_ACCEPT_RATIO", "CONTINUATION_STAGES", "FIRST_EVAL_FORWARDS", "RefineWarning"]
 
 #: before any evaluation is measured, one is assumed to cost this many forwards (the
 #: gradient costs about 4 compiled forwards on CPU; more when eager)
 FIRST_EVAL_FORWARDS = 8.0
 #: continuation stages: (low-pass cutoff in Hz or None for the full band, share of the
-#: iterations[, factor on the regulariser weight[, floor on the TV eps, km/s]]); iterations a
-#: stage leaves unused (it converged) go to the next. The default fits with eps at least
-#: 10 m/s (fast early progress) and, once that has converged, sharpens with the kinds' own
-#: eps on whatever budget is left (FlatVel_A in BENCHMARKS.md: 55 -> 2.43 m/s when the first
-#: stage converges, -> 0.57 after sharpening; a short run is the first stage alone)
+#: iterations and of the time budget[, factor on the regulariser weight[, floor on the TV
+#: eps, km/s[, absorbing-layer width in cells]]]); iterations a stage leaves unused (it
+#: converged) go to the next. The default fits with eps at least 10 m/s (fast early
+#: progress) and, once that has converged, sharpens with the kinds' own eps on whatever
+#: budget is left (FlatVel_A in BENCHMARKS.md: 55 -> 2.43 m/s when the first stage
+#: converges, -> 0.57 after sharpening; a short run is the first stage alone)
 CONTINUATION_STAGES: Tuple[tuple, ...] = ((None, 1.0, 1.0, 1e-2), (None, 0.0))
+#: a sample's refinement is kept where its full-band misfit fell below this share of the
+#: start's, per kind (1.0: any decrease)
+DEFAULT_ACCEPT_RATIO: Dict[str, float] = {"flat": 1.0, "tv": 1.0, "smooth": 1.0}
+
+
+class RefineWarning(UserWarning):
+    """A refinement that could not do what was asked (e.g. no iteration fitted the budget)."""
 
 
 def lowpass(x: torch.Tensor, cutoff_hz: float, dt: float) -> torch.Tensor:
@@ -75,110 +90,75 @@ def lowpass(x: torch.Tensor, cutoff_hz: float, dt: float) -> torch.Tensor:
 
 
 class _OutOfTime(Exception):
-    """Raised inside the closure before an evaluation that would overrun the budget."""
-
-
-@dataclass
-class _Inputs:
-    """The validated inputs: start maps ``v0`` (B,H,W) float64 and observed gathers ``obs``
-    (B, n_sources, nt, W) float32 on the working device, and what the output must look like."""
-
-    v0: torch.Tensor
-    obs: torch.Tensor
-    shape: tuple
-    dtype: torch.dtype
-    device: torch.device
-    is_numpy: bool
-
-    @classmethod
-    def read(cls, velocity, seismic, device) -> "_Inputs":
-        is_numpy = isinstance(velocity, np.ndarray)
-        v_in = torch.from_numpy(np.asarray(velocity, dtype=np.float32)) if is_numpy else velocity
-        if not torch.is_tensor(v_in) or v_in.dim() not in (3, 4) or (v_in.dim() == 4 and v_in.shape[1] != 1):
-            raise ValueError(f"refine: velocity must be (B,1,H,W) or (B,H,W), "
-                             f"got {getattr(velocity, 'shape', type(velocity))}")
-        in_shape = tuple(v_in.shape)
-        dev = torch.device(device) if device is not None else v_in.device
-        v0 = (v_in[:, 0] if v_in.dim() == 4 else v_in).detach().to(dev, torch.float64)
-        obs = torch.from_numpy(np.asarray(seismic, dtype=np.float32)) if isinstance(seismic, np.ndarray) else seismic
-        if not torch.is_tensor(obs) or obs.dim() != 4 or obs.shape[0] != v0.shape[0] or obs.shape[3] != v0.shape[2]:
-            raise ValueError(f"refine: seismic must be (B, n_sources, nt, W) matching velocity {in_shape}, "
-                             f"got {getattr(seismic, 'shape', type(seismic))}")
-        return cls(v0, obs.detach().to(dev, torch.float32), in_shape, v_in.dtype, v_in.device, is_numpy)
-
-    def output(self, v: torch.Tensor):
-        """Maps (B,H,W) in the input's shape, dtype (float32 for integer input), device and type."""
-        out = v.to(self.device, self.dtype if self.dtype.is_floating_point else torch.float32).reshape(self.shape)
-        return out.cpu().numpy() if self.is_numpy else out
-
-
-def _check_options(optimizer: str, max_iter: int, time_budget: Optional[float]) -> None:
-    if optimizer not in ("lbfgs", "adam"):
-        raise ValueError(f"refine: optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
-    if max_iter < 0:
-        raise ValueError(f"refine: max_iter must be >= 0, got {max_iter}")
-    if time_budget is not None and time_budget < 0:
-        raise ValueError(f"refine: time_budget must be >= 0 seconds, got {time_budget}")
-
-
-def _continuation(stages: Sequence[tuple]) -> List[tuple]:
-    """The stages as complete (cutoff, share, reg factor, eps floor) tuples, checked."""
-    stages = [tuple(st) + (1.0, 0.0)[len(st) - 2:] if 2 <= len(st) <= 4 else tuple(st) for st in stages]
-    if not stages or any(len(st) != 4 or st[1] < 0 or st[3] < 0 for st in stages) or \
-            not sum(float(st[1]) for st in stages) > 0:
-        raise ValueError(f"refine: stages must be (cutoff_hz or None, share >= 0[, reg factor[, eps floor "
-                         f">= 0 km/s]]) tuples with a positive share in all, got {stages}")
-    return stages
-
-
-def _stage_iterations(max_iter: int, stages: List[tuple]) -> List[int]:
-    """``max_iter`` split over the stages by their shares (at least one for a positive share)."""
-    shares = [float(st[1]) for st in stages]
-    if max_iter <= 0:
-        return [0] * len(shares)
-    return [max(1, int(round(max_iter * s / sum(shares)))) if s > 0 else 0 for s in shares]
-
-
-def _prior_settings(kinds: List[str], reg_weight, tv_eps, device) -> Tuple[torch.Tensor, Dict[str, float]]:
-    """Per-sample regulariser weights (B,) float64 and the TV eps per kind, checked."""
-    weights = per_kind("reg_weight", reg_weight, DEFAULT_REG_WEIGHT)
-    lam = torch.tensor([weights[k] for k in kinds], dtype=torch.float64, device=device)
-    eps = per_kind("tv_eps", tv_eps, DEFAULT_TV_EPS)
-    if any(not (x > 0) for x in eps.values()):
-        raise ValueError(f"refine: tv_eps must be > 0 km/s, got {tv_eps}")
-    return lam, eps
+    """Raised before an evaluation that would overrun the budget."""
 
 
 class _Simulator:
-    """The simulation refine fits: the chosen shots of the observed gathers (``observed``)
-    against :func:`simulate` of the clamped maps with the matching source columns."""
+    """The simulation refine fits: per sample, the chosen shots of its observed gathers
+    against :func:`simulate` of its clamped map with the matching source columns."""
 
     def __init__(self, obs: torch.Tensor, kinds: List[str], shots: Optional[Sequence[int]], max_iter: int,
                  clamp: Tuple[float, float], simulate_kwargs: dict):
         kw = dict(simulate_kwargs)
         b, n_src, nt, w = obs.shape
-        cols = list(kw.pop("source_columns", None) or
-                    (DEFAULT_SOURCE_COLUMNS if (w == 70 and n_src == 5) else default_source_columns(n_src, w)))
-        if shots is None and n_src > 2 and all(k == "flat" for k in kinds):
-            shots = (0, n_src - 1)
-        shot_ids = list(range(n_src)) if shots is None else [int(s) for s in shots]
-        self.columns = [cols[s] for s in shot_ids]
-        self.observed = obs[:, shot_ids]
+        self.cols = list(kw.pop("source_columns", None) or
+                         (DEFAULT_SOURCE_COLUMNS if (w == 70 and n_src == 5) else default_source_columns(n_src, w)))
+        if len(self.cols) != n_src:
+            raise ParameterError(f"refine: source_columns has {len(self.cols)} entries for gathers of {n_src} shots")
+        if shots is not None:
+            shots = tuple(int(s) for s in shots)
+            if not shots or any(not 0 <= s < n_src for s in shots):
+                raise ParameterError(f"refine: shots {list(shots)} must be a non-empty subset of 0..{n_src - 1}")
+        # a laterally flat medium makes the shots translations of one another: the two end
+        # shots carry the information of all, with the longest offsets
+        end_shots = (0, n_src - 1) if n_src > 2 else tuple(range(n_src))
+        self.shots = [shots if shots is not None else end_shots if k == "flat" else tuple(range(n_src))
+                      for k in kinds]
+        self.obs = obs
         self.nt = nt
         self.dt = float(kw.get("dt", 1e-3))
+        self.nbc = kw.pop("nbc", None)  # the exact scheme's layer (None: simulate's default)
         if kw.get("backend", "auto") == "auto":
             # the whole refinement, not one call, decides whether compiling pays off
-            work = b * len(shot_ids) * nt * max(1, max_iter)
+            work = sum(len(s) for s in self.shots) * nt * max(1, max_iter)
             kw["backend"] = ("compile" if work >= 4 * AUTO_COMPILE_MIN_SHOT_STEPS
                              and compiled_step() is not None else "eager")
         self.kwargs = kw
         self.lo, self.hi = float(clamp[0]), float(clamp[1])
+        self._targets: Dict[tuple, torch.Tensor] = {}
 
     def clamp(self, v: torch.Tensor) -> torch.Tensor:
         return v.clamp(self.lo, self.hi)
 
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        return simulate(self.clamp(v).float(), nt=self.nt, source_columns=self.columns, **self.kwargs)
+    def observed(self, i: int, cutoff: Optional[float] = None) -> torch.Tensor:
+        """Sample ``i``'s observed gathers on its shots (1, n, nt, W), low-passed to ``cutoff``."""
+        key = (i, cutoff)
+        if key not in self._targets:
+            o = self.obs[i:i + 1, list(self.shots[i])]
+            self._targets[key] = o if cutoff is None else lowpass(o.double(), cutoff, self.dt)
+        return self._targets[key]
+
+    def groups(self, ids: Sequence[int], nbc: Sequence[Optional[int]]) -> Dict[tuple, List[int]]:
+        """Positions in ``ids`` grouped by what one simulate call can share (shots, layer)."""
+        out: Dict[tuple, List[int]] = {}
+        for p, (i, n) in enumerate(zip(ids, nbc)):
+            out.setdefault((self.shots[i], n if n is not None else self.nbc), []).append(p)
+        return out
+
+    def __call__(self, v: torch.Tensor, shots: tuple, nbc: Optional[int]) -> torch.Tensor:
+        kw = dict(self.kwargs)
+        if nbc is not None:
+            kw["nbc"] = nbc
+        return simulate(self.clamp(v).float(), nt=self.nt, source_columns=[self.cols[s] for s in shots], **kw)
+
+    def misfits(self, v: torch.Tensor) -> torch.Tensor:
+        """(B,) full-band misfit of maps ``v`` (B,H,W) with the exact scheme, no gradient."""
+        out = torch.empty(v.shape[0], dtype=torch.float64, device=v.device)
+        with torch.no_grad():
+            for (shots, nbc), pos in self.groups(range(v.shape[0]), [None] * v.shape[0]).items():
+                sim = self(v[pos], shots, nbc)
+                out[pos] = misfit(sim, torch.cat([self.observed(i) for i in pos]))
+        return out
 
 
 class _Budget:
@@ -206,148 +186,147 @@ class _Budget:
         if self.remaining() < self.eval_estimate() + self.t_forward:
             raise _OutOfTime
 
-
-def _start_misfit(sim: _Simulator, v0: torch.Tensor, budget: _Budget) -> torch.Tensor:
-    """(B,) misfit of the start maps (fast path); also measures what a forward costs."""
-    ts = budget.clock()
-    with torch.no_grad():
-        before = misfit(sim(v0), sim.observed)
-    budget.t_forward = budget.clock() - ts
-    return before
+    def stage_over(self, end_share: float) -> bool:
+        """Whether the stages up to a cumulative time share ``end_share`` (0..1) are out of time."""
+        return self.time_budget is not None and end_share < 1.0 and \
+            self.clock() - self.t0 >= end_share * self.time_budget
 
 
-@dataclass
-class _Stage:
-    """One continuation stage's objective: low-pass cutoff (None: full band), target
-    gathers, per-sample regulariser weights (B,) and TV eps per kind."""
+class _Sample:
+    """One sample's refinement: its stage, optimiser and best map in that stage."""
 
-    cutoff: Optional[float]
-    target: torch.Tensor
-    lam: torch.Tensor
-    eps: Dict[str, float]
-
-
-class _Search:
-    """One refinement's state: the parametrisation, each sample's best map and objective in
-    the current stage, the counts of evaluations and iterations."""
-
-    def __init__(self, model: Parametrisation, v0: torch.Tensor, sim: _Simulator, budget: _Budget,
-                 cost_scale: float, bar=None):
-        self.model, self.sim, self.budget, self.cost_scale, self.bar = model, sim, budget, cost_scale, bar
+    def __init__(self, i: int, v0: torch.Tensor):
+        self.i = i
+        self.stage = -1
+        self.n_iter = 0           # iterations the current stage may use
+        self.opt = None
         self.best_v = v0.clone()
-        self.best_obj = torch.full((v0.shape[0],), math.inf, dtype=torch.float64, device=v0.device)
-        self.evals = 0
-        self.iters = 0
+        self.best_obj = math.inf
+        self.iterations = 0       # over all stages
+        self.evaluations = 0
+        self.restarts = 0
+        self.finished = False
+        self.reason = ""
 
-    def start(self, v: torch.Tensor) -> None:
-        """A new stage from ``v`` (B,H,W) float64: parameters at zero, objectives unknown."""
-        self.model.reset(v)
-        self.best_obj.fill_(math.inf)
 
-    def evaluate(self, st: _Stage) -> torch.Tensor:
-        """The closure: the batch's objective with its gradient; records each sample's best map."""
+class _Run:
+    """What every sample shares: the parametrisation, simulation, budget, stages and the
+    per-sample prior settings."""
+
+    def __init__(self, model: Parametrisation, sim: _Simulator, budget: _Budget, stages: List[Stage],
+                 iters: List[int], lam: torch.Tensor, eps: List[Dict[str, float]], cost_scale: float,
+                 optimizer: str, history_size: int, lr: float, bar=None):
+        self.model, self.sim, self.budget, self.stages, self.iters = model, sim, budget, stages, iters
+        self.lam, self.eps, self.cost_scale, self.bar = lam, eps, cost_scale, bar
+        self.optimizer, self.history_size, self.lr = optimizer, history_size, lr
+        total = sum(st.share for st in stages)
+        self.end_share = [float(x) for x in np.cumsum([st.share / total for st in stages])]
+        self.end_share[-1] = 1.0
+
+    def advance(self, s: _Sample, carry: int = 0) -> None:
+        """Sample ``s`` moves to its next stage with a positive iteration count (or finishes),
+        starting from its best map so far."""
+        while True:
+            s.stage += 1
+            if s.stage >= len(self.stages):
+                s.finished = True
+                return
+            s.n_iter = self.iters[s.stage] + carry
+            carry = 0
+            if s.n_iter > 0 and not self.budget.stage_over(self.end_share[s.stage]):
+                break
+        self.model.rebase(s.i, s.best_v)
+        x0 = self.model.zeros(s.i)
+        s.opt = LBFGS(x0, history_size=self.history_size) if self.optimizer == "lbfgs" else Adam(x0, lr=self.lr)
+        s.best_obj = math.inf
+
+    def objective(self, s: _Sample, x: torch.Tensor, v: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
+        """Sample ``s``'s objective in its stage: scaled misfit plus weighted prior."""
+        st = self.stages[s.stage]
+        if st.cutoff is not None:
+            sim = lowpass(sim.double(), st.cutoff, self.sim.dt)
+        eps = {k: max(e, st.eps_floor) for k, e in self.eps[s.i].items()}
+        data = self.cost_scale * misfit(sim, self.sim.observed(s.i, st.cutoff))[0]
+        return data + self.lam[s.i] * st.reg_factor * self.model.regulariser(s.i, x, v, eps)
+
+    def evaluate(self, active: List[_Sample]) -> None:
+        """One batched evaluation of every active sample's ``ask()`` point: objectives and
+        gradients (one simulate call per group), told to each optimiser."""
         self.budget.check()
         te = self.budget.clock()
-        for p in self.model.parameters():
-            p.grad = None
-        v = self.model.velocity()
-        sim = self.sim(v)
-        if st.cutoff is not None:
-            sim = lowpass(sim.double(), float(st.cutoff), self.sim.dt)
-        per = self.cost_scale * misfit(sim, st.target) + st.lam * self.model.regulariser(v, st.eps)
-        total = per.sum()
-        total.backward()
-        with torch.no_grad():
-            better = per.detach() < self.best_obj
-            if bool(better.any()):
-                self.best_obj[better] = per.detach()[better]
-                self.best_v[better] = v.detach()[better]
-        self.evals += 1
+        with torch.enable_grad():  # callers may run under no_grad (the inference planner does)
+            xs = [s.opt.ask().detach().clone().requires_grad_(True) for s in active]
+            vs = [self.model.velocity(s.i, x) for s, x in zip(active, xs)]
+            per: List[Optional[torch.Tensor]] = [None] * len(active)
+            groups = self.sim.groups([s.i for s in active], [self.stages[s.stage].nbc for s in active])
+            for (shots, nbc), pos in groups.items():
+                sim = self.sim(torch.stack([vs[p] for p in pos]), shots, nbc)
+                for j, p in enumerate(pos):
+                    per[p] = self.objective(active[p], xs[p], vs[p], sim[j:j + 1])
+            torch.stack(per).sum().backward()
+        for s, x, v, f in zip(active, xs, vs, per):
+            f = float(f.detach())
+            if f < s.best_obj:
+                s.best_obj, s.best_v = f, v.detach().clone()
+            before = s.opt.iterations
+            s.opt.tell(f, x.grad)
+            s.iterations += s.opt.iterations - before
+            s.evaluations += 1
         self.budget.eval_times.append(self.budget.clock() - te)
         if self.bar is not None:
             self.bar.update(1)
-        return total
+        for s in active:
+            self._maybe_next_stage(s)
+
+    def _maybe_next_stage(self, s: _Sample) -> None:
+        if s.opt.done:
+            s.restarts += s.opt.restarts
+            s.reason = s.opt.reason
+            # iterations a converged L-BFGS leaves go to the next stage
+            self.advance(s, carry=max(0, s.n_iter - s.opt.iterations))
+        elif s.opt.iterations >= s.n_iter or self.budget.stage_over(self.end_share[s.stage]):
+            s.restarts += s.opt.restarts
+            self.advance(s)
 
 
-def _lbfgs_iterations(opt: torch.optim.LBFGS) -> int:
-    return int(opt.state[opt._params[0]].get("n_iter", 0))
-
-
-def _optimise(search: _Search, st: _Stage, n_iter: int, optimizer: str, history_size: int,
-              lr: float) -> Tuple[int, bool]:
-    """Up to ``n_iter`` iterations of the optimiser on one stage: (iterations done, whether
-    the time budget ran out)."""
-    params = search.model.parameters()
-
-    def closure():
-        return search.evaluate(st)
-
-    if optimizer == "lbfgs":
-        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=n_iter, max_eval=int(n_iter * 2.5) + 1,
-                                history_size=history_size, line_search_fn="strong_wolfe",
-                                tolerance_grad=0.0, tolerance_change=1e-12)
-        try:
-            opt.step(closure)
-        except _OutOfTime:
-            return _lbfgs_iterations(opt), True
-        return _lbfgs_iterations(opt), False
-    opt = torch.optim.Adam(params, lr=lr)
-    done = 0
-    try:
-        for _ in range(n_iter):
-            opt.zero_grad()
-            opt.step(closure)
-            done += 1
-    except _OutOfTime:
-        return done, True
-    return done, False
-
-
-def _run_stages(search: _Search, stages: List[tuple], max_iter: int, lam: torch.Tensor, eps: Dict[str, float],
-                optimizer: str, history_size: int, lr: float) -> None:
-    """The continuation: each stage starts from the best maps so far; iterations a stage
-    leaves unused (L-BFGS converged) go to the next; none starts once out of time."""
-    carry = 0  # iterations earlier stages left unused
-    observed = search.sim.observed
-    for (cutoff, _, reg_factor, eps_floor), n_stage in zip(stages, _stage_iterations(max_iter, stages)):
-        n_iter = n_stage + carry
-        if n_iter == 0:
-            continue
-        search.start(search.best_v)
-        target = observed if cutoff is None else lowpass(observed.double(), float(cutoff), search.sim.dt)
-        st = _Stage(cutoff, target, lam * float(reg_factor), {k: max(x, float(eps_floor)) for k, x in eps.items()})
-        done, out_of_time = _optimise(search, st, n_iter, optimizer, history_size, lr)
-        search.iters += done
-        if out_of_time:
-            return
-        carry = max(0, n_iter - done) if optimizer == "lbfgs" else 0
-
-
-def _final_check(search: _Search, before: torch.Tensor, v0: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor,
-                                                                                   torch.Tensor]:
-    """Keep a sample's refinement only where the full-band misfit fell: (maps, candidates'
-    misfit, kept), maps clamped."""
-    sim = search.sim
-    with torch.no_grad():
-        cand = sim.clamp(search.best_v)
-        after = misfit(sim(cand), sim.observed) if search.evals else before.clone()
-    kept = after < before
+def _final_check(run: _Run, samples: List[_Sample], before: torch.Tensor, v0: torch.Tensor,
+                 accept: List[float]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep a sample's refinement only where the full-band misfit fell below ``accept``
+    times the start's: (maps, candidates' misfit, kept), maps clamped."""
+    sim = run.sim
+    cand = sim.clamp(torch.stack([s.best_v for s in samples]))
+    tried = torch.tensor([s.evaluations > 0 for s in samples], device=v0.device)
+    after = before.clone()
+    if bool(tried.any()):
+        ids = torch.nonzero(tried).flatten()
+        after[ids] = sim.misfits(cand[ids])
+    kept = tried & (after < before * torch.tensor(accept, dtype=torch.float64, device=v0.device))
     return torch.where(kept[:, None, None], cand, sim.clamp(v0)), after, kept
 
 
-def _info(kinds: List[str], before: torch.Tensor, after: torch.Tensor, kept: torch.Tensor, iters: int, evals: int,
+def _info(kinds: List[str], samples: List[_Sample], before: torch.Tensor, after: torch.Tensor, kept: torch.Tensor,
           elapsed: float) -> List[dict]:
     return [{"kind": kinds[i], "misfit_before": float(before[i]),
              "misfit_after": float(after[i]) if bool(kept[i]) else float(before[i]),
-             "misfit_candidate": float(after[i]), "iterations": iters, "evaluations": evals,
-             "kept": bool(kept[i]), "time": elapsed} for i in range(len(kinds))]
+             "misfit_candidate": float(after[i]), "iterations": s.iterations, "evaluations": s.evaluations,
+             "restarts": s.restarts, "stage": max(s.stage, 0), "stopped": s.reason or ("finished" if s.finished
+                                                                                     else "budget"),
+             "kept": bool(kept[i]), "time": elapsed} for i, s in enumerate(samples)]
 
 
-def _untouched_info(kinds: List[str], elapsed: float) -> List[dict]:
-    """Info of a call with no time at all (not even the start's misfit)."""
-    nan = float("nan")
-    return [{"kind": k, "misfit_before": nan, "misfit_after": nan, "misfit_candidate": nan, "iterations": 0,
-             "evaluations": 0, "kept": False, "time": elapsed} for k in kinds]
+def _warn_idle(samples: List[_Sample], max_iter: int, time_budget: Optional[float], budget: Optional[_Budget]) -> None:
+    idle = [s.i for s in samples if s.iterations == 0]
+    if max_iter <= 0 or not idle:
+        return
+    if budget is None:
+        why = "time_budget=0 allows no simulation"
+    else:
+        need = budget.t0 + budget.t_forward * 2 + budget.eval_estimate() * 3
+        why = (f"time_budget={time_budget:g} s: a forward took {budget.t_forward:.2g} s and an evaluation "
+               f"{budget.eval_estimate():.2g} s (give at least about {max(need - budget.t0, 0):.3g} s, or fewer "
+               "maps per call)") if time_budget is not None else "the optimiser stopped at once"
+    warnings.warn(f"refine: {len(idle)} of {len(samples)} map(s) got no iteration and are returned as they "
+                  f"started ({why})", RefineWarning, stacklevel=3)
 
 
 def refine(
@@ -369,6 +348,7 @@ def refine(
     lr: float = 0.05,
     shots: Optional[Sequence[int]] = None,
     clamp: Tuple[float, float] = (1500.0, 4500.0),
+    accept_ratio: Union[float, Dict[str, float], None] = None,
     return_info: bool = False,
     clock: Callable[[], float] = time.perf_counter,
     device: Union[str, torch.device, None] = None,
@@ -378,44 +358,52 @@ def refine(
     """Refine velocity maps by regularised full-waveform inversion against observed gathers.
 
     Args:
-        velocity: (B,1,70,70) or (B,70,70) start maps in m/s (tensor or numpy), e.g. a
-            network's prediction.
-        seismic: (B, 5, nt, 70) observed raw gathers (tensor or numpy).
+        velocity: (B,1,W,W) or (B,W,W) start maps in m/s (tensor or numpy), e.g. a
+            network's prediction; square, one column per receiver of ``seismic``.
+        seismic: (B, n_sources, nt, W) observed raw gathers (tensor or numpy).
         family: one family name for the batch, a per-sample list of names (``"FlatVel_A"``
             ... ``"Style_B"``, or the kinds ``"flat"``, ``"tv"``, ``"smooth"``), or None to
             detect the kind per sample (:func:`detect_family_kind`).
         time_budget: wall-clock seconds for the whole batch (None: only ``max_iter``). No
             evaluation starts that the measured ones say would overrun it; 0 returns the
             start at once.
-        max_iter: optimiser iterations in all (L-BFGS iterations or Adam steps), split over
-            ``stages``.
-        optimizer: ``"lbfgs"`` (strong Wolfe line search) or ``"adam"``.
-        reg_weight: regulariser weight (one float or a dict per kind; default
-            ``DEFAULT_REG_WEIGHT``).
-        tv_eps: smoothing of the TV terms, km/s (one float for both, or a dict with the
-            kinds ``"flat"`` and/or ``"tv"``; default ``DEFAULT_TV_EPS``: 1e-4 for flat
-            profiles, 1e-2 for the 2-D TV).
+        max_iter: optimiser iterations per sample in all (L-BFGS iterations or Adam
+            steps), split over ``stages``.
+        optimizer: ``"lbfgs"`` (backtracking line search, restarts) or ``"adam"``.
+        reg_weight: regulariser weight: one float, or a dict whose keys are kinds or family
+            names (a family's entry wins over its kind's; default ``DEFAULT_REG_WEIGHT``).
+        tv_eps: smoothing of the TV terms, km/s (one float, or a dict with the kinds
+            ``"flat"`` and/or ``"tv"`` or family names; default ``DEFAULT_TV_EPS``: 1e-4 for
+            flat profiles, 1e-2 for the 2-D TV).
         depth_power: depth preconditioning exponent (0: none).
         stages: continuation as (cutoff Hz or None for the full band, share of the
-            iterations[, factor on the regulariser weight[, floor on the TV eps, km/s]])
-            tuples, run in order; each starts from the previous one's best maps, and
-            iterations a stage leaves unused (L-BFGS converged) go to the next (a share of
-            0: only those). Default ``CONTINUATION_STAGES``: full band with eps at least 10 m/s,
-            then, on what that leaves, the kinds' own eps.
+            iterations and of the time budget[, factor on the regulariser weight[, floor on
+            the TV eps, km/s[, absorbing-layer width in cells, None for the exact
+            scheme's]]]) tuples, run in order by each sample; each starts from the sample's
+            best map of the previous one, iterations a stage leaves unused (L-BFGS
+            converged) go to the next (a share of 0: only those), and with a
+            ``time_budget`` a stage also ends when its share of the time is spent. Default
+            ``CONTINUATION_STAGES``: full band with eps at least 10 m/s, then, on what that
+            leaves, the kinds' own eps.
         step_ms: velocity scale of one unit of the parameters (m/s).
         smooth_sigma: correlation length (cells) of the Style prior's Gaussian blur.
         cost_scale: factor on the normalised misfit (keeps the optimiser's tolerances
             meaningful as the misfit falls).
         history_size: L-BFGS history.
         lr: Adam's learning rate (in parameter units of ``step_ms`` m/s).
-        shots: shots used in the misfit (default: all, except for a batch whose samples are
-            all of kind ``"flat"``: the two end shots, 0 and n-1. In a laterally invariant
-            medium the shots are translations of one another, so two carry the information
-            of five, with the longest offsets, at 2/5 of the cost per evaluation).
+        shots: shots used in the misfit (default: all, except for samples of kind
+            ``"flat"``: the two end shots, 0 and n-1. In a laterally invariant medium the
+            shots are translations of one another, so two carry the information of five,
+            with the longest offsets, at 2/5 of the cost per evaluation).
         clamp: plausible velocity range (m/s); results are clamped to it.
+        accept_ratio: a sample's refinement is kept where its full-band misfit fell below
+            this share of the start's (one float in (0, 1], or a dict per kind or family;
+            default ``DEFAULT_ACCEPT_RATIO``); otherwise the (clamped) start is returned.
         return_info: also return one dict per sample: ``kind``, ``misfit_before``,
             ``misfit_after`` (full-band normalised misfit of the returned map),
-            ``iterations``, ``evaluations``, ``kept``, ``time`` (s, the batch's).
+            ``misfit_candidate`` (of the refined map, kept or not), ``iterations``,
+            ``evaluations``, ``restarts`` (line-search restarts), ``stage`` (the last one
+            reached), ``stopped`` (why it stopped), ``kept``, ``time`` (s, the batch's).
         clock: the wall clock (injectable for tests).
         device: where to compute (default: the velocity's device).
         progress: show a progress bar over evaluations.
@@ -425,29 +413,58 @@ def refine(
     Returns:
         refined maps of the input's shape and type (numpy in, numpy out), and with
         ``return_info`` the list of per-sample dicts.
+
+    Raises:
+        ParameterError: a map of the wrong shape (not square, or not matching the gathers'
+            receivers), non-finite or non-positive velocities, a bad option.
+        DataError: gathers with NaN/inf values or no signal.
+
+    Warns:
+        RefineWarning: when a map got no iteration (the budget allowed none).
     """
     t0 = clock()
-    inp = _Inputs.read(velocity, seismic, device)
-    _check_options(optimizer, max_iter, time_budget)
-    stages = _continuation(stages)
-    kinds = sample_kinds(family, inp.v0, inp.obs, inp.v0.shape[0])
-    lam, eps = _prior_settings(kinds, reg_weight, tv_eps, inp.v0.device)
+    inp = RefineInputs.read(velocity, seismic, device, clamp)
+    b = inp.v0.shape[0]
+    fams = [family] * b if isinstance(family, str) else list(family) if family is not None else [None] * b
+    kinds = sample_kinds(family, inp.v0, inp.obs, b)
+    names = [f if f is not None and f not in KINDS else None for f in map(lambda x: None if x is None else str(x),
+                                                                          fams)]
+    accept = per_sample_setting("accept_ratio", accept_ratio, DEFAULT_ACCEPT_RATIO, kinds, names)
+    check_options(optimizer, max_iter, time_budget, clamp, dict(enumerate(accept)))
+    stage_list = continuation(stages)
+    lam, eps = prior_settings(kinds, names, reg_weight, tv_eps, inp.v0.device)
     sim = _Simulator(inp.obs, kinds, shots, max_iter, clamp, simulate_kwargs)
+    samples = [_Sample(i, inp.v0[i]) for i in range(b)]
     if time_budget is not None and time_budget == 0:  # no time at all: not even the start's misfit
+        _warn_idle(samples, max_iter, time_budget, None)
         result = inp.output(sim.clamp(inp.v0))
-        return (result, _untouched_info(kinds, clock() - t0)) if return_info else result
+        if not return_info:
+            return result
+        nan = torch.full((b,), math.nan, dtype=torch.float64)
+        return result, _info(kinds, samples, nan, nan, torch.zeros(b, dtype=torch.bool), clock() - t0)
 
     budget = _Budget(clock, t0, time_budget)
-    before = _start_misfit(sim, inp.v0, budget)
+    ts = clock()
+    before = sim.misfits(inp.v0)
+    budget.t_forward = clock() - ts
     bar = progress_bar(total=max_iter, desc="refine", unit="eval") if progress else None
-    model = Parametrisation(inp.v0, kinds, depth_power, step_ms, smooth_sigma)
-    search = _Search(model, inp.v0, sim, budget, cost_scale, bar)
-    _run_stages(search, stages, max_iter, lam, eps, optimizer, history_size, lr)
+    run = _Run(Parametrisation(inp.v0, kinds, depth_power, step_ms, smooth_sigma), sim, budget, stage_list,
+               stage_iterations(max_iter, stage_list), lam, eps, cost_scale, optimizer, history_size, lr, bar)
+    for s in samples:
+        run.advance(s)
+    while True:
+        active = [s for s in samples if not s.finished]
+        if not active:
+            break
+        try:
+            run.evaluate(active)
+        except _OutOfTime:
+            break
     if bar is not None:
         bar.close()
-    out, after, kept = _final_check(search, before, inp.v0)
-    elapsed = clock() - t0
+    out, after, kept = _final_check(run, samples, before, inp.v0, accept)
+    _warn_idle(samples, max_iter, time_budget, budget)
     result = inp.output(out)
     if not return_info:
         return result
-    return result, _info(kinds, before, after, kept, search.iters, search.evals, elapsed)
+    return result, _info(kinds, samples, before, after, kept, clock() - t0)

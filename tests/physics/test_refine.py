@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from fwi_core.errors import DataError, FWIError, ParameterError
 from fwi_core.physics import detect_family_kind, family_kind, generate, refine, simulate
+from fwi_core.physics.refine import RefineWarning
 from tools.bench_refine import degrade
 
 rmod = importlib.import_module("fwi_core.physics.refine")  # the module (the package exports the function)
@@ -31,7 +33,7 @@ def layered():
 def test_refine_lowers_misfit_and_mae_on_flat_layers(layered):
     v, obs = layered
     start = degrade(v)
-    out, info = refine(start, obs, family="FlatVel_A", max_iter=15, return_info=True, shots=(0, 1, 2, 3), **SMALL)
+    out, info = refine(start, obs, family="FlatVel_A", max_iter=20, return_info=True, shots=(0, 1, 2, 3), **SMALL)
     assert out.shape == start.shape and isinstance(out, np.ndarray)
     i = info[0]
     assert i["kind"] == "flat" and i["kept"]
@@ -119,13 +121,15 @@ def test_time_budget_is_respected_with_a_fake_clock(layered, monkeypatch):
     # a budget that allows no evaluation returns the start (clamped) unchanged
     clock.t = 0.0
     start = degrade(v)
-    out, info = refine(start, obs, family="flat", time_budget=1.5, clock=clock, return_info=True, **SMALL)
+    with pytest.warns(RefineWarning, match="1 of 1 map.*no iteration.*time_budget=1.5 s"):
+        out, info = refine(start, obs, family="flat", time_budget=1.5, clock=clock, return_info=True, **SMALL)
     assert info[0]["evaluations"] == 0 and not info[0]["kept"]
     np.testing.assert_array_equal(out, start)
     assert clock.t <= 1.5
     # no budget at all: nothing starts
     clock.t = 0.0
-    out, info = refine(start, obs, family="flat", time_budget=0, clock=clock, return_info=True, **SMALL)
+    with pytest.warns(RefineWarning, match="time_budget=0"):
+        out, info = refine(start, obs, family="flat", time_budget=0, clock=clock, return_info=True, **SMALL)
     assert clock.t == 0.0 and info[0]["evaluations"] == 0
     np.testing.assert_array_equal(out, start)
 
@@ -182,17 +186,58 @@ def test_family_kinds_and_detection():
     (dict(tv_eps=0.0), "tv_eps must be > 0"),
     (dict(stages=((None, 0.0),)), "positive share"),
     (dict(stages=((None, 1.0, 1.0, -1.0),)), "eps floor"),
+    (dict(stages=((None, 1.0, 1.0, 0.0, 1),)), "nbc >= 2"),
+    (dict(shots=(0, 9)), "shots"),
+    (dict(accept_ratio=0.0), "accept_ratio"),
+    (dict(accept_ratio={"Style_C": 0.5}), "unknown kinds"),
+    (dict(reg_weight=-1.0), "reg_weight must be >= 0"),
+    (dict(clamp=(3000.0, 2000.0)), "clamp"),
 ])
 def test_bad_arguments(layered, kwargs, match):
     v, obs = layered
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ParameterError, match=match):
         refine(v, obs, **kwargs)
 
 
 def test_shape_mismatch(layered):
     v, obs = layered
-    with pytest.raises(ValueError, match="seismic"):
+    with pytest.raises(ParameterError, match="seismic"):
         refine(v, obs[:, :, :, :10])
+
+
+def _competition_gathers(b=1, nt=50):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(b, 5, nt, 70)).astype(np.float32)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    # a (1,60,70) map used to come back unchanged: maps are square, one column per receiver
+    (lambda: (np.full((1, 60, 70), 2500.0, np.float32), _competition_gathers()), ParameterError,
+     r"velocity maps must be square.*\(1, 60, 70\).*\(1,1,70,70\)"),
+    (lambda: (np.full((2, 1, 70, 70), 2500.0, np.float32), _competition_gathers(1)), ParameterError,
+     r"seismic of shape \(1, 5, 50, 70\) does not match velocity \(2, 1, 70, 70\)"),
+    (lambda: (np.full((1, 70, 70), 2500.0, np.float32), _competition_gathers()[0]), ParameterError,
+     "seismic must be .B, n_sources, nt, n_receivers."),
+    # NaN gathers used to return the start silently
+    (lambda: (np.full((2, 70, 70), 2500.0, np.float32),
+              np.where(np.arange(2)[:, None, None, None] == 1, np.nan, _competition_gathers(2))), DataError,
+     r"seismic has non-finite values .* sample\(s\) 1;"),
+    (lambda: (np.full((1, 70, 70), 2500.0, np.float32), np.zeros((1, 5, 50, 70), np.float32)), DataError,
+     "seismic of sample.* 0 is all zeros"),
+    # negative velocities used to come back as 1500 m/s
+    (lambda: (np.full((1, 70, 70), -0.3, np.float32), _competition_gathers()), ParameterError,
+     r"velocity has values <= 0 m/s in sample\(s\) 0 .*lowest -0.3.*denormalize_velocity"),
+    (lambda: (np.full((1, 70, 70), 2.5, np.float32), _competition_gathers()), ParameterError,
+     "velocity of sample.* 0 never exceeds 2.5: expected m/s"),
+    (lambda: (np.full((1, 70, 70), np.nan, np.float32), _competition_gathers()), ParameterError,
+     "velocity has non-finite values"),
+])
+def test_bad_inputs_are_errors_naming_the_argument(make, error, match, monkeypatch):
+    velocity, seismic = make()
+    monkeypatch.setattr(rmod, "simulate", lambda *a, **k: pytest.fail("simulated a bad input"))
+    with pytest.raises(error, match=match) as info:
+        refine(velocity, seismic, max_iter=3)
+    assert isinstance(info.value, FWIError) and isinstance(info.value, ValueError)
 
 
 def test_adam_continuation_and_one_simulation_per_evaluation(layered, monkeypatch):
@@ -240,3 +285,14 @@ def test_flat_batches_use_the_two_end_shots_by_default(layered, monkeypatch):
     cols.clear()
     refine(degrade(v), obs, family="FlatVel_A", max_iter=1, shots=(1, 2), **SMALL)
     assert set(cols) == {(6, 13)}                          # an explicit choice wins
+
+
+def test_refine_works_under_no_grad(layered):
+    """The inference planner runs its stages under torch.no_grad(): refine needs gradients
+    and turns them on itself."""
+    v, obs = layered
+    start = degrade(v)
+    with torch.no_grad():
+        out, info = refine(start, obs, family="flat", max_iter=3, return_info=True, **SMALL)
+    assert info[0]["iterations"] == 3 and info[0]["kept"]
+    assert np.abs(out - v).mean() < np.abs(start - v).mean()
