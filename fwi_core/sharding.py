@@ -33,13 +33,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 from .data.submission import HEADER, N_ROWS
 from .errors import ConfigError, SubmissionError
+from .inference_plan.progress import default_state_dir
 from .inference_plan.source import TestFileSource
 from .utils import atomic_path, atomic_write_text, remove_stale_temps
 
@@ -268,6 +269,7 @@ class ShardedPredict:
         self.folder = self.final.parent / f".{self.final.name}.shards"
         self.coordinator = Coordinator(self.ranks, timeout_s)
         self.files: Optional[List[int]] = None
+        self._state: Optional[Path] = None
 
     @property
     def enabled(self) -> bool:
@@ -279,11 +281,18 @@ class ShardedPredict:
         return self.folder / f"{self.ranks.tag}.csv" if self.enabled else self.final
 
     def state_dir(self, given: Optional[PathLike] = None) -> Optional[Path]:
-        """This rank's state folder: ``<given>/<rank tag>``, or (None) the planner's
-        default for this rank's CSV."""
+        """This rank's state folder: ``<given>/<rank tag>``, else the planner's default
+        for this rank's CSV (one process: ``given`` as it is)."""
         if not self.enabled:
             return None if given is None else Path(given)
-        return None if given is None else Path(given) / self.ranks.tag
+        self._state = Path(given) / self.ranks.tag if given is not None else default_state_dir(self.out_csv)
+        return self._state
+
+    def keep_state(self, keep: bool = False) -> bool:
+        """What the planner is told: a rank's state stays until the merge (so a rank that
+        finished early is not redone when another rank's failure stops the job), then
+        :meth:`finish` removes it unless ``keep``."""
+        return True if self.enabled else keep
 
     def device(self, requested: Optional[str] = None) -> Optional[str]:
         return self.ranks.device(requested)
@@ -305,6 +314,26 @@ class ShardedPredict:
 
     def write_empty(self) -> None:
         atomic_write_text(self.out_csv, ",".join(HEADER) + "\n")
+
+    def run(self, run_shard: Callable[[Path, Optional[Path], bool], Any], state_dir: Optional[PathLike] = None,
+            keep_state: bool = False) -> Any:
+        """Run this rank's shard and merge: ``run_shard(out_csv, state_dir, keep_state)``
+        runs the planner (one process: with the job's own CSV, state folder and
+        ``keep_state``); a rank without files writes an empty shard; then :meth:`finish`.
+        Returns what ``run_shard`` returned (None for an empty shard)."""
+        if not self.enabled:
+            return run_shard(self.final, None if state_dir is None else Path(state_dir), keep_state)
+        try:
+            if self.empty():
+                self.write_empty()
+                result = None
+            else:
+                result = run_shard(self.out_csv, self.state_dir(state_dir), self.keep_state(keep_state))
+        except BaseException:
+            self.coordinator.close()
+            raise
+        self.finish(keep_state=keep_state)
+        return result
 
     def finish(self, summary: Optional[Any] = None, keep_state: bool = False) -> Optional[Path]:
         """Every rank: hand its shard (and its summary) to rank 0, which merges them into
@@ -328,6 +357,8 @@ class ShardedPredict:
             if not keep_state:
                 for p in mine:
                     p.unlink(missing_ok=True)
+                if self._state is not None:
+                    shutil.rmtree(self._state, ignore_errors=True)
                 if self.ranks.is_main:
                     for g in gathered:
                         for p in g:

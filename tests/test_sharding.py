@@ -202,3 +202,14 @@ def test_killed_synth_job_resumes_its_chunks(tmp_path):
                          env=_env(), cwd=ROOT, capture_output=True, text=True)
     assert ref.returncode == 0 and _files(out) == _files(tmp_path / "ref")
     assert not shards.parent.exists()
+
+
+def test_one_process_predict_is_a_pass_through(tmp_path):
+    from fwi_core.sharding import ShardedPredict
+
+    shard = ShardedPredict(tmp_path / "sub.csv", 4, ranks=Ranks())
+    calls = []
+    assert shard.run(lambda out, state, keep: calls.append((out, state, keep)) or "summary", None, True) == "summary"
+    assert calls == [(tmp_path / "sub.csv", None, True)] and shard.finish() == tmp_path / "sub.csv"
+    src = object()
+    assert shard.take(src) is src and shard.device(None) is None
