@@ -44,46 +44,24 @@ check_parameters("infer", globals())  # a value of the wrong type fails here, na
 # the session limit runs from the kernel's start: fix the deadline before loading anything
 deadline = Deadline.from_budget(time_budget) if time_budget else Deadline.platform_default()
 
-from fwi_core.data import find_competition_root, load_solution, load_test_sample, validate_submission
-from fwi_core.data import score_submission
-from fwi_core.ensemble import Ensemble
-from fwi_core.crf import load_crf
-from fwi_core.models.checkpoint import find_checkpoints
+from fwi_core.data import load_solution, load_test_sample, score_submission, validate_submission
 from fwi_core.plotting import plot_predictions, plot_uncertainty_by_family, show
-from fwi_core.inference_plan import TestFileSource, find_stage_gains, run_budgeted
+from fwi_core.inference_plan import InferenceOptions, prepare_inference
 
-root = find_competition_root(data_root)
 out = Path(output_dir)
 out.mkdir(parents=True, exist_ok=True)
-paths = [Path(p) for p in checkpoints] or (checkpoint_dirs if ensemble_config else
-                                           find_checkpoints(checkpoint_dirs, kind=checkpoint_kind))
-ensemble = Ensemble.from_checkpoints(paths, config=ensemble_config)
-files = [m.path for m in ensemble.members.values() if m.path is not None]
-crf = load_crf(files) if use_crf else None
-gains = find_stage_gains(files)
-source = TestFileSource(root, limit=limit)
-plan = [s for s in stages if (flip_tta or s != "flip") and (use_crf or s != "crf")]
-print("data:", root, f"({len(source)} test files)")
-print("members:", *(f"{n} ({m.path})" for n, m in ensemble.members.items()), sep="\n  ")
-print("CRF:", crf if crf is not None else "off", "| gains:", "stage_gains.json" if gains else "defaults")
+# the same setup as `python -m fwi_core.predict` (one function, one set of defaults)
+options = InferenceOptions().with_(stages=stages, refine_iters=refine_iters, checkpoint_kind=checkpoint_kind,
+                                   flip_tta=flip_tta, use_crf=use_crf, mc_passes=mc_passes,
+                                   batch_size=batch_size, num_workers=num_workers)
+setup = prepare_inference(data_root, checkpoints or checkpoint_dirs, ensemble_config=ensemble_config,
+                          options=options, limit=limit)
+root, source, ensemble, crf, flagger = setup.root, setup.source, setup.ensemble, setup.crf, setup.flagger
+print(setup.describe())  # members, CRF, consistency flags, which gains and where from, the plan
 print("time left:", "no deadline" if deadline.at is None else f"{deadline.remaining() / 3600:.2f} h")
 
 # %%
-# the invertible UNet's consistency check (after the CRF): its threshold was learned by the train kernel
-flagger = None
-for name, member in ensemble.members.items():
-    marker = member.path.parent / "consistency.json" if member.path is not None else None
-    if marker is not None and marker.is_file() and hasattr(member.model, "inverse_consistency"):
-        from fwi_core.inverse_consistency import ConsistencyFlagger
-
-        flagger = ConsistencyFlagger.load(member.model, marker)
-        print("consistency check:", name, "threshold", flagger.threshold)
-        break
-
-summary = run_budgeted(ensemble, source, out / "submission.csv", deadline=deadline, stages=plan, gains=gains,
-                       crf=crf, mc_passes=mc_passes, batch_size=batch_size, num_workers=num_workers,
-                       resume=resume, strict=strict,
-                       resources={"refine_iters": list(refine_iters), "consistency": flagger})
+summary = setup.run(out / "submission.csv", deadline, resume=resume, strict=strict)
 csv = Path(summary.csv)
 print("ran:", ", ".join(summary.ran))
 if flagger is not None and "consistency" in summary.ran:

@@ -41,7 +41,8 @@ def test_cli_writes_a_complete_valid_csv_with_two_members(setup, tmp_path, monke
     age(monkeypatch, 0.0)
     out = tmp_path / "sub.csv"
     rc = main(["--data", str(root), "--checkpoints", str(tmp_path / "runs"), "--checkpoint-kind", "all",
-               "--time-budget", "600", "--out", str(out), "--batch-size", "4", "--mc-passes", "2"])
+               "--time-budget", "600", "--out", str(out), "--batch-size", "4", "--mc-passes", "2",
+               "--stages", "members", "flip", "crf", "mc_dropout"])
     assert rc == 0
     oids = [o for o, _ in list_test(root)]
     assert validate_submission(out, oids) == {"oids": 7, "rows": 490}
@@ -185,7 +186,8 @@ def test_kill_9_and_resume_gives_the_same_bytes(setup, tmp_path, nth):
     root, _ = setup
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FWI_PROGRESS": "0"}
     args = ["--data", str(root), "--checkpoints", str(tmp_path / "runs"), "--checkpoint-kind", "all",
-            "--time-budget", "3000", "--batch-size", "3", "--mc-passes", "2"]
+            "--time-budget", "3000", "--batch-size", "3", "--mc-passes", "2", "--stages", "members", "flip", "crf",
+            "mc_dropout"]
     full = subprocess.run([sys.executable, "-m", "fwi_core.predict", *args, "--out", str(tmp_path / "full.csv")],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     assert full.returncode == 0, full.stderr
@@ -232,8 +234,116 @@ def test_cli_reads_crf_json_and_stage_gains_beside_the_checkpoints(setup, tmp_pa
     save_crf_config({"window": 3, "iterations": 2}, ck[0].parent)
     StageGains(gains={"flip": -0.5, "mc_dropout": 0.0}).save(ck[0].parent)
     out = tmp_path / "sub.csv"
-    assert main(["--data", str(root), "--checkpoints", str(ck[0]), "--time-budget", "600", "--out", str(out)]) == 0
+    assert main(["--data", str(root), "--checkpoints", str(ck[0]), "--time-budget", "600", "--out", str(out),
+                 "--stages", "members", "flip", "crf", "mc_dropout"]) == 0
     stages = {s["name"]: s for s in json.loads((tmp_path / "sub_summary.json").read_text())["stages"]}
     assert stages["crf"]["status"] == "complete"
     assert stages["flip"]["status"] == "skipped" and stages["flip"]["gain_source"] == "table"
     assert stages["mc_dropout"]["status"] == "skipped"
+
+
+def _interrupted_run(args, monkeypatch, nth=4):
+    """Run the CLI and interrupt it at the nth progress commit (its state stays behind)."""
+    from fwi_core.inference_plan.store import PredictionStore
+
+    real, calls = PredictionStore.commit, []
+
+    def commit(self, progress):
+        calls.append(1)
+        if len(calls) == nth:
+            raise KeyboardInterrupt("interrupted")
+        return real(self, progress)
+    with monkeypatch.context() as m:
+        m.setattr(PredictionStore, "commit", commit)
+        with pytest.raises(KeyboardInterrupt):
+            main(args)
+
+
+def test_resume_with_a_retrained_checkpoint_under_the_same_name_starts_over_and_says_so(setup, tmp_path,
+                                                                                      monkeypatch):
+    root, ck = setup
+    age(monkeypatch, 0.0)
+    out = tmp_path / "work" / "sub.csv"
+    args = ["--data", str(root), "--checkpoints", str(ck[0]), "--time-budget", "600", "--stages", "members",
+            "flip", "--batch-size", "2", "--out", str(out)]
+    _interrupted_run(args, monkeypatch)
+    assert (tmp_path / "work" / ".sub.csv.state" / "progress.json").is_file()
+    tiny_checkpoint(ck[0], seed=7)                  # retrained: same file name, other weights
+    with pytest.warns(RuntimeWarning, match=r"starts over: member\(s\) r/best have other weights"):
+        assert main(args) == 0                      # resume is the default
+    assert json.loads((tmp_path / "work" / "sub_summary.json").read_text())["resumed"] is False
+    fresh = tmp_path / "fresh" / "sub.csv"
+    assert main(args[:-1] + [str(fresh)]) == 0
+    assert out.read_bytes() == fresh.read_bytes()   # the new weights' CSV, not the old one's
+
+
+@pytest.mark.parametrize("change, why", [
+    (["--refine-iters", "5", "3"], "the stage option refine_iters changed"),
+    (["--mc-passes", "3"], "the stage option mc_passes changed"),
+    (["--stages", "members", "mc_dropout"], "the stages or their options changed"),
+    (["--batch-size", "3"], "batch_size changed"),
+])
+def test_resume_with_other_options_starts_over_saying_what_changed(setup, tmp_path, monkeypatch, change, why):
+    root, ck = setup
+    age(monkeypatch, 0.0)
+    args = ["--data", str(root), "--checkpoints", str(ck[0]), "--time-budget", "600", "--stages", "members",
+            "flip", "--batch-size", "2", "--out", str(tmp_path / "sub.csv")]
+    _interrupted_run(args, monkeypatch)
+    with pytest.warns(RuntimeWarning, match=why):
+        assert main(args + change) == 0
+
+
+def test_the_same_run_resumes_by_default_and_no_resume_says_it_starts_over(setup, tmp_path, monkeypatch, capsys):
+    root, ck = setup
+    age(monkeypatch, 0.0)
+    args = ["--data", str(root), "--checkpoints", str(ck[0]), "--time-budget", "600", "--stages", "members",
+            "flip", "--batch-size", "2", "--out", str(tmp_path / "sub.csv")]
+    _interrupted_run(args, monkeypatch)
+    assert main(args) == 0
+    assert json.loads((tmp_path / "sub_summary.json").read_text())["resumed"] is True
+    _interrupted_run(args, monkeypatch)
+    capsys.readouterr()
+    assert main(args + ["--no-resume"]) == 0
+    assert "resume is off: the saved progress there is discarded, starting over" in capsys.readouterr().out
+    assert json.loads((tmp_path / "sub_summary.json").read_text())["resumed"] is False
+
+
+def test_cli_and_kernel_share_one_setup_and_its_defaults(setup, tmp_path, monkeypatch):
+    """The infer kernel's parameters are the CLI's defaults (InferenceOptions); the CLI can
+    set refinement iterations and finds the consistency flagger as the kernel does."""
+    import ast
+
+    from fwi_core.inference_plan import DEFAULT_STAGES, InferenceOptions
+    from fwi_core.inference_plan.stages.refine import DEFAULT_ITERS
+    from fwi_core.inverse_consistency import ConsistencyFlagger
+    from fwi_core.models.checkpoint import load_model
+    from fwi_core.predict import _parser, setup_run
+
+    src = (ROOT / "kernels" / "infer.py").read_text()
+    params = {}
+    for node in ast.parse(src.split("# %% tags=[\"parameters\"]")[1].split("# %%")[0]).body:
+        params[node.targets[0].id] = ast.literal_eval(node.value)
+    d = InferenceOptions()
+    assert tuple(params["stages"] or d.stages) == d.stages == tuple(DEFAULT_STAGES)
+    assert tuple(params["refine_iters"] or d.refine_iters) == d.refine_iters == tuple(DEFAULT_ITERS)
+    for k in ("checkpoint_kind", "mc_passes", "batch_size", "flip_tta", "use_crf"):
+        assert params[k] == getattr(d, k), k
+    assert "prepare_inference(" in src and "prepare_inference(" in (ROOT / "fwi_core" / "predict.py").read_text()
+    cli = _parser().parse_args(["--data", "x", "--checkpoints", "y"])
+    assert (cli.mc_passes, cli.batch_size, cli.checkpoint_kind, cli.resume) == \
+        (d.mc_passes, d.batch_size, d.checkpoint_kind, True)
+
+    root, ck = setup
+    inv = tiny_checkpoint(tmp_path / "runs" / "inv" / "best.pt", 0, "invertible_unet", width=4, latent_channels=4,
+                          hidden=8, blocks_per_level=1, drop_rate=0.0)
+    ConsistencyFlagger(load_model(inv), 0.5).save(inv.parent / "consistency.json")
+    a = _parser().parse_args(["--data", str(root), "--checkpoints", str(ck[0]), str(inv), "--refine-iters", "5", "3"])
+    s = setup_run(a)
+    assert s.resources["refine_iters"] == [5, 3] and s.flagger is not None and s.flagger.threshold == 0.5
+    assert s.stages == list(DEFAULT_STAGES) and "inv/best, threshold 0.5" in s.describe()
+    age(monkeypatch, 0.0)
+    out = tmp_path / "c.csv"
+    assert main(["--data", str(root), "--checkpoints", str(ck[0]), str(inv), "--time-budget", "600",
+                 "--stages", "members", "consistency", "--out", str(out)]) == 0
+    stages = {r["name"]: r for r in json.loads((tmp_path / "c_summary.json").read_text())["stages"]}
+    assert stages["consistency"]["status"] == "complete"

@@ -19,15 +19,21 @@ Modules, each importing only those listed before it:
 - :mod:`.policy`: what to run next (gain per second, estimates, re-planning);
 - :mod:`.runner`: running a stage (batches, fallbacks, the CSV);
 - :mod:`.planner`: :class:`BudgetedInference` / :func:`run_budgeted`, wiring the above;
-- :mod:`.measure`: measuring the gains table on validation data (runs the planner).
+- :mod:`.measure`: measuring the gains table on validation data (runs the planner);
+- :mod:`.setup`: one way to set a run up (:func:`prepare_inference`), for the CLI and the infer kernel.
+
+:mod:`.identity` (content digests of the members, stages and resources) names members in
+the run's fingerprint and in the gains table alike.
 """
 from ..errors import InsufficientBudgetError, StageError
 from .deadline import DEFAULT_SAFETY_MARGIN, Deadline
-from .gains import DEFAULT_GAINS, GAINS_FILE, StageGains, find_stage_gains
+from .gains import DEFAULT_GAINS, GAINS_FILE, StageGains, find_stage_gains, find_stage_gains_file
+from .identity import member_digests
 from .measure import compute_stage_gains, measure_stage_gains
 from .planner import BudgetedInference, run_budgeted
 from .progress import default_state_dir
 from .runner import CorruptedFileWarning
+from .setup import InferenceOptions, InferenceSetup, find_consistency_flagger, plan_stages, prepare_inference
 from .source import ArraySource, TestFileSource
 from .stages import (DEFAULT_STAGES, BatchState, ConsistencyStage, CRFStage, FlipStage, MCDropoutStage,
                      MemberStage, RefineStage, RunContext, Stage, build_stages, register_stage, registered_stages)
@@ -42,5 +48,6 @@ __all__ = [
     "registered_stages", "DEFAULT_STAGES", "StageGains", "compute_stage_gains", "measure_stage_gains",
     "find_stage_gains", "DEFAULT_GAINS", "GAINS_FILE", "TestFileSource", "ArraySource",
     "PredictionStore", "StoredArray", "format_submission_rows", "write_submission_csv", "RefineStage",
-    "ConsistencyStage",
+    "ConsistencyStage", "InferenceOptions", "InferenceSetup", "prepare_inference", "plan_stages",
+    "find_consistency_flagger", "find_stage_gains_file", "member_digests",
 ]

@@ -16,9 +16,10 @@ import torch
 from ..inference import to_velocity
 from ..metrics import mae
 from .gains import StageGains
+from .identity import member_digests
 from .planner import BudgetedInference
 from .source import ArraySource
-from .stages import DEFAULT_STAGES, member_array
+from .stages import member_array
 
 PathLike = Union[str, os.PathLike]
 
@@ -77,7 +78,7 @@ def compute_stage_gains(true: np.ndarray, cumulative: Mapping[str, np.ndarray],
 
 
 def measure_stage_gains(ensemble, seismic, true: np.ndarray, families: Optional[Sequence[str]] = None,
-                        stages: Sequence[Any] = DEFAULT_STAGES, crf=None,
+                        stages: Sequence[Any] = ("members", "flip", "crf", "mc_dropout"), crf=None,
                         batch_size: int = 16, device=None, mc_passes: int = 8, state_dir: Optional[PathLike] = None,
                         progress: bool = False) -> StageGains:
     """Run the stages over validation samples (every stage, in order, no deadline) and
@@ -115,4 +116,6 @@ def measure_stage_gains(ensemble, seismic, true: np.ndarray, families: Optional[
                 arr = planner.store.array(member_array(m)).read(0, n).astype(np.float32)
                 members[m] = to_velocity(torch.from_numpy(arr)).numpy()
         planner.store.remove()
-    return compute_stage_gains(true, cumulative, families, members)
+    table = compute_stage_gains(true, cumulative, families, members)
+    table.members = member_digests(ensemble)
+    return table

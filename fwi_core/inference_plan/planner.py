@@ -80,8 +80,10 @@ class BudgetedInference:
             :func:`default_state_dir`). Disk: 19.6 KB per file per stored map (two for
             the current prediction, one per member for each of its prediction, flipped
             prediction and MC mean, one for the MC spread).
-        resume: continue the run saved in ``state_dir`` (a different run's state is
-            discarded with a warning); False starts over.
+        resume: continue the run saved in ``state_dir`` when it is the same run (same test
+            files, members' weights, stages and options, resources, gains; otherwise the
+            saved state is discarded with a warning that says what differs); False starts
+            over (saying so when there was saved progress).
         strict: an unreadable file raises instead of getting the fallback prediction.
         batch_size, device, num_workers: batching (fixed batch boundaries), where the
             seismic goes, DataLoader workers reading files.
@@ -96,8 +98,8 @@ class BudgetedInference:
         keep_state: keep the state folder after a finished run (default: delete it).
         select: False runs every available stage regardless of gains and time (used to
             measure the gains table on validation data).
-        fingerprint_extra: more identity of the run (e.g. checkpoint files and sizes):
-            a saved state with another fingerprint is not resumed.
+        fingerprint_extra: more identity of the run (JSON-able): a saved state with other
+            extra identity is not resumed.
         on_stage_end: ``callback(stage_name, read_rows)`` after each stage, where
             ``read_rows(start, stop)`` returns the current (k,70,70) m/s predictions.
         log: ``log(message)`` for plan lines (default print; None: silent).
@@ -127,7 +129,7 @@ class BudgetedInference:
         self.specs = list(stages)
         self.deadline = deadline if deadline is not None else Deadline.platform_default()
         self.clock = self.deadline.clock
-        self.gains = gains or StageGains()
+        self.gains = (gains or StageGains()).for_ensemble(ensemble)   # members named by their weights
         state_dir = Path(state_dir) if state_dir is not None else default_state_dir(self.out_csv)
         if state_dir is None:
             raise ValueError("BudgetedInference: give state_dir when out_csv is None")
@@ -142,10 +144,10 @@ class BudgetedInference:
         self.seed = int(seed)
         self.resources = {"ensemble": ensemble, "crf": crf, "mc_passes": int(mc_passes), "device": self.device,
                           "crf_confidence": bool(crf_confidence), **(resources or {})}
-        self.fingerprint = run_fingerprint(self.ids, ensemble.member_names, self.specs, self.batch_size,
-                                           self.store_dtype, seed, mc_passes, crf, fingerprint_extra)
+        self.fingerprint = run_fingerprint(self.ids, ensemble, self.specs, self.batch_size, self.store_dtype, seed,
+                                           self.resources, self.gains.to_dict(), fingerprint_extra)
         self.store = PredictionStore(self.state_dir, self.n, self.store_dtype)
-        self.ctx = RunContext(ensemble, self.store, self.device, seed)
+        self.ctx = RunContext(ensemble, self.store, self.device, seed, self.batch_size)
         self.state = RunState()
         self.costs = Costs(self.n, self.out_csv is not None)
         self.stages: List[Stage] = []
@@ -196,6 +198,8 @@ class BudgetedInference:
         budget = None if math.isinf(self.deadline.remaining()) else self.deadline.remaining()
         self.budget = budget
         saved = self.store.load_progress() if self.resume else None
+        if not self.resume and self.store.progress_path.is_file():
+            self.log(f"{self.state_dir}: resume is off: the saved progress there is discarded, starting over")
         restored = saved is not None and self._restore(saved)
         if not restored:
             self._start_over()
@@ -233,7 +237,8 @@ class BudgetedInference:
 
     def _restore(self, saved: Dict[str, Any]) -> bool:
         """Adopt a saved state; False when it belongs to another run."""
-        state, ctx = RunState(resumed=True), RunContext(self.ensemble, self.store, self.device, self.seed)
+        state = RunState(resumed=True)
+        ctx = RunContext(self.ensemble, self.store, self.device, self.seed, self.batch_size)
         order = restore_state(saved, self.fingerprint, state, ctx, self.state_dir)
         if order is None:
             return False
@@ -250,7 +255,7 @@ class BudgetedInference:
         member first (every member timed on the first batch)."""
         self.store.remove()
         self.store = PredictionStore(self.state_dir, self.n, self.store_dtype)
-        self.ctx = RunContext(self.ensemble, self.store, self.device, self.seed)
+        self.ctx = RunContext(self.ensemble, self.store, self.device, self.seed, self.batch_size)
         self.state = RunState()
         prediction_buffer(self.store, 0)
         prediction_buffer(self.store, 1)

@@ -10,7 +10,12 @@
   ending a stage (copying unreached rows, writing the CSV: :class:`Costs`), the cost of
   the next batch;
 - re-planning while a stage runs (:meth:`Policy.should_abandon`: stop a stage slower than
-  planned when the stages it would crowd out are worth more).
+  planned when the stages it would crowd out are worth more);
+- partial stages: a ranked stage (physics refinement) whose pass over all its candidate
+  samples does not fit still runs, on the samples with the highest expected gain, with the
+  time the full stages leave (:meth:`Policy.choose` keeps the stages chosen after it in
+  ``reserve``); at most one stage is partial in a plan, the one with the best gain per
+  second.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import numpy as np
 from .deadline import Deadline
 from .gains import StageGains
 from .progress import RunState
+from .ranking import screen_count
 from .stages import RunContext, Stage
 
 __all__ = ["Policy", "Costs", "measured", "PROBE_MIN_FRACTION"]
@@ -83,6 +89,9 @@ class Policy:
         self.stages, self.ctx, self.state, self.gains = list(stages), ctx, state, gains
         self.deadline, self.costs, self.margin, self.select, self.budget = deadline, costs, margin, select, budget
         self.n = costs.n
+        #: stage name -> seconds the plan keeps for the stages chosen after it (its share ends there)
+        self.reserve: Dict[str, float] = {}
+        self._units: Dict[str, int] = {}
 
     def gain(self, stage: Stage) -> float:
         return float(self.gains.gain(stage))
@@ -92,7 +101,51 @@ class Policy:
         return self.state.records.setdefault(stage.name, {
             "name": stage.name, "kind": stage.kind, "status": "not run", "files": 0, "done": 0, "seconds": 0.0,
             "files_per_s": None, "expected_gain": self.gain(stage), "gain_source": self.gains.source_of(stage),
-            "note": ""})
+            "note": "", "samples": 0})
+
+    # ----------------------------------------------------------------------- ranked stages
+    def units(self, stage: Stage) -> int:
+        """Files a full pass of the stage covers: every file, or (ranked stages) its
+        candidate samples not yet done (counted once per re-plan round)."""
+        if not getattr(stage, "ranked", False):
+            return self.n
+        if stage.name not in self._units:
+            rec = self.state.records.get(stage.name, {})
+            if rec.get("ranked"):
+                left = int(rec["candidates"]) - int(rec.get("done", 0))
+            else:
+                left = len(stage.candidates(self.ctx, self.gains))
+            self._units[stage.name] = max(0, left)
+        return self._units[stage.name]
+
+    def full_cost(self, stage: Stage, before: Sequence[Stage]) -> Optional[float]:
+        """Projected seconds of the stage's whole pass (its units, ending it included)."""
+        c = self.per_file(stage, before)
+        if c is None:
+            return None
+        if getattr(stage, "ranked", False):
+            k = self.units(stage)
+            # a ranked stage copies the current prediction once, then rewrites the CSV
+            return c * k + self.costs.copy * self.n * (0 if self.state.records.get(stage.name, {}).get("copied")
+                                                      else 1) + self.costs.finish(0)
+        return c * self.n + self.costs.finish(0)
+
+    def share_left(self, stage: Stage) -> float:
+        """Seconds the running ranked stage may still spend: the time left minus what the
+        plan keeps for the stages after it, minus finishing (writing the CSV)."""
+        rec = self.state.records.get(stage.name, {})
+        keep = rec.get("reserve", self.reserve.get(stage.name, 0.0))
+        return self.deadline.remaining() - keep - self.costs.finish(0) * self.margin
+
+    def screen_count(self, stage: Stage, candidates: int) -> int:
+        """How many top candidates of a ranked stage get their misfit computed
+        (:func:`~fwi_core.inference_plan.ranking.screen_count`)."""
+        per = self.per_file(stage, [])
+        if per is None or not self.select:
+            return 0
+        screen = stage.screen_cost(self.ctx) if hasattr(stage, "screen_cost") else None
+        share = self.share_left(stage) / self.margin
+        return screen_count(candidates, share, per, screen, self.ctx.batch_size)
 
     # ----------------------------------------------------------------------- costs
     def per_file(self, stage: Stage, before: Sequence[Stage]) -> Optional[float]:
@@ -137,6 +190,7 @@ class Policy:
     def candidates(self) -> List[Stage]:
         """Stages that may still run (marks the others skipped, with why)."""
         out = []
+        self._units = {}
         for s in self.stages:
             rec = self.record(s)
             if s.name in self.ctx.executed or rec["status"] == "skipped":
@@ -148,26 +202,44 @@ class Policy:
             if self.select and self.gain(s) <= 0:
                 rec.update(status="skipped", note=f"expected gain {self.gain(s):.3g} <= 0 ({rec['gain_source']})")
                 continue
+            if getattr(s, "ranked", False) and self.units(s) == 0:
+                if not rec.get("ranked"):
+                    gains = s.kind_gains(self.gains)
+                    harmful = [k for k, g in gains.items() if g <= 0]
+                    rec.update(status="skipped", note="no samples to refine: none routed to "
+                               f"{', '.join(k for k in s.kinds if k not in harmful) or 'a kind it may refine'}"
+                               + (f" (kinds measured harmful: {', '.join(harmful)})" if harmful else ""))
+                continue
             out.append(s)
         return out
 
     def plan_time(self, selection: Sequence[Stage]) -> Optional[float]:
-        """Projected seconds to run ``selection`` (priority order) over every file."""
+        """Projected seconds to run ``selection`` (priority order) completely."""
         total, before = 0.0, []
         for s in selection:
-            c = self.per_file(s, before)
+            c = self.full_cost(s, before)
             if c is None:
                 return None
-            total += c * self.n + self.costs.finish(0)
+            total += c
             before.append(s)
         return total
 
-    def choose(self, pool: Sequence[Stage], seconds: float) -> List[Stage]:
+    def choose(self, pool: Sequence[Stage], seconds: float, commit: bool = True) -> List[Stage]:
         """The subset of ``pool`` to run in ``seconds``: greedy by gain per second of
-        projected time (ties: priority order); returned in priority order."""
+        projected time (ties: priority order), then the ranked stage with the best gain
+        per second that does not fit whole gets what is left (a partial pass); returned
+        in priority order. ``commit`` keeps what each stage must leave to the stages
+        chosen after it (:attr:`reserve`)."""
+        chosen, partial = self._choose(pool, seconds)
+        if commit:
+            self.reserve = {s.name: self.plan_time([t for t in chosen[i + 1:] if t is not partial]) or 0.0
+                            for i, s in enumerate(chosen)}
+        return chosen
+
+    def _choose(self, pool: Sequence[Stage], seconds: float):
         prio = {s.name: i for i, s in enumerate(self.stages)}
         if not self.select or math.isinf(seconds):
-            return sorted(pool, key=lambda s: prio[s.name])
+            return sorted(pool, key=lambda s: prio[s.name]), None
         chosen: List[Stage] = []
         base = 0.0
         while True:
@@ -183,9 +255,49 @@ class Policy:
                 if rate > best_rate:
                     best, best_rate, best_total = s, rate, total
             if best is None:
-                return sorted(chosen, key=lambda t: prio[t.name])
+                break
             chosen.append(best)
             base = best_total
+        partial = self._partial([s for s in pool if s not in chosen], seconds - base)
+        if partial is not None:
+            chosen.append(partial)
+        return sorted(chosen, key=lambda t: prio[t.name]), partial
+
+    def _partial(self, rest: Sequence[Stage], left: float) -> Optional[Stage]:
+        """The ranked stage that gets ``left`` seconds for a partial pass (best gain per
+        second; it must fit at least one batch), or None."""
+        best, best_rate = None, -math.inf
+        for s in rest:
+            if not getattr(s, "ranked", False):
+                continue
+            per, full = self.per_file(s, []), self.full_cost(s, [])
+            if per is None or full is None or full <= 0:
+                continue
+            one_batch = (per * min(self.ctx.batch_size, max(1, self.units(s))) + self.costs.copy * self.n
+                         + self.costs.finish(0)) * self.margin
+            if left < one_batch:
+                continue
+            rate = self.gain(s) / full
+            if rate > best_rate:
+                best, best_rate = s, rate
+        return best
+
+    def plan_gain(self, selection: Sequence[Stage], seconds: float) -> float:
+        """Expected gain of running ``selection`` in ``seconds`` (a partial stage counts
+        for the fraction of its candidates the time left to it covers)."""
+        full = [s for s in selection if self.plan_time([s]) is not None]
+        total = self.plan_time(full) or 0.0
+        gain = 0.0
+        for s in selection:
+            c = self.plan_time([s])
+            if c is None:
+                continue
+            if getattr(s, "ranked", False) and total > seconds:
+                share = max(0.0, seconds - (total - c))
+                gain += self.gain(s) * min(1.0, share / max(c, 1e-9))
+            else:
+                gain += self.gain(s)
+        return gain
 
     def skip_unaffordable(self, pool: Sequence[Stage]) -> None:
         """Mark the stages that no longer fit skipped, saying what they need."""
@@ -211,9 +323,9 @@ class Policy:
         # seconds usable under the same margin as the per-batch check
         usable = (self.deadline.remaining() - self.costs.finish(rows) * self.margin) / self.margin
         if rows * per_file <= usable:
-            after = self.choose(others, usable - rows * per_file)
-            keep_going = self.gain(stage) * rows / self.n + sum(self.gain(s) for s in after)
+            after = self.choose(others, usable - rows * per_file, commit=False)
+            keep_going = self.gain(stage) * rows / self.n + self.plan_gain(after, usable - rows * per_file)
         else:
             keep_going = self.gain(stage) * max(0.0, usable / per_file) / self.n
-        alternative = self.choose(others, usable)
-        return sum(self.gain(s) for s in alternative) > keep_going
+        alternative = self.choose(others, usable, commit=False)
+        return self.plan_gain(alternative, usable) > keep_going

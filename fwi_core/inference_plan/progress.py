@@ -10,6 +10,7 @@ killed in between recomputes that batch when resumed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import warnings
@@ -18,15 +19,17 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from .. import platform
+from .identity import digest_of, ensemble_identity, resource_id, resources_identity
 from .stages import RunContext, Stage
 from .store import PredictionStore
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["STATE_FORMAT", "RunState", "RunProgress", "run_fingerprint", "restore_state", "default_state_dir"]
+__all__ = ["STATE_FORMAT", "RunState", "RunProgress", "run_fingerprint", "describe_mismatch", "restore_state",
+           "default_state_dir"]
 
-#: The fingerprint's format (the package's former name: saved states stay resumable).
-STATE_FORMAT = "fwi_core.tta/1"
+#: The fingerprint's format: states saved under another format are not resumed.
+STATE_FORMAT = "fwi_core.inference_plan/2"
 
 
 def default_state_dir(out_csv: Optional[PathLike]) -> Optional[Path]:
@@ -42,26 +45,67 @@ def default_state_dir(out_csv: Optional[PathLike]) -> Optional[Path]:
     return out_csv.parent / f".{out_csv.name}.state"
 
 
-def run_fingerprint(ids: Sequence[str], members: Sequence[str], specs: Sequence[Any], batch_size: int,
-                    store_dtype: str, seed: int, mc_passes: int, crf, extra: Optional[dict]) -> Dict[str, Any]:
+def run_fingerprint(ids: Sequence[str], ensemble, specs: Sequence[Any], batch_size: int, store_dtype: str,
+                    seed: int, resources: Dict[str, Any], gains: Optional[Dict[str, Any]] = None,
+                    extra: Optional[dict] = None) -> Dict[str, Any]:
     """What makes two runs the same run: a saved state with another fingerprint is not
-    resumed."""
+    resumed. It holds the test files, the members' weights (a digest of each: a retrained
+    checkpoint under the same name is another run), the ensemble's weights and small
+    networks, every stage with its options, the resources the stages use (CRF, MC passes,
+    refinement iterations, the consistency flagger...), the gains table and the settings
+    that change results (batch size, stored dtype, seed)."""
+    ens = ensemble_identity(ensemble)
     return {
         "format": STATE_FORMAT, "files": len(ids),
         "ids_sha1": hashlib.sha1("\n".join(ids).encode()).hexdigest(),
-        "members": list(members),
-        "stages": [s.name if isinstance(s, Stage) else str(s) for s in specs],
-        "batch_size": batch_size, "store_dtype": store_dtype, "seed": int(seed),
-        "mc_passes": int(mc_passes), "crf": None if crf is None else _crf_id(crf),
-        "extra": extra or {},
+        "members": ens["members"],
+        "ensemble": {k: v for k, v in ens.items() if k != "members"},
+        "stages": [s.identity() if isinstance(s, Stage) else str(s) for s in specs],
+        "batch_size": int(batch_size), "store_dtype": str(store_dtype), "seed": int(seed),
+        "resources": resources_identity(resources),
+        "gains": None if gains is None else digest_of(gains),
+        "extra": resource_id(extra or {}),
     }
 
 
-def _crf_id(crf) -> Any:
-    try:
-        return {k: round(float(v), 8) for k, v in crf.config().items()}
-    except Exception:  # noqa: BLE001 - a foreign post-processor: identify by type
-        return type(crf).__name__
+def describe_mismatch(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """Why a saved fingerprint is not this run's, in words (one reason per difference)."""
+    if saved.get("format") != current["format"]:
+        return [f"it was saved in another format ({saved.get('format')!r}, this run {current['format']!r})"]
+    out = []
+    if saved.get("files") != current["files"] or saved.get("ids_sha1") != current["ids_sha1"]:
+        out.append(f"the test files differ ({saved.get('files')} files then, {current['files']} now)")
+    old_m, new_m = saved.get("members") or {}, current["members"]
+    gone, added = sorted(set(old_m) - set(new_m)), sorted(set(new_m) - set(old_m))
+    if gone or added:
+        out.append("the members differ (" + "; ".join(
+            ([f"gone: {', '.join(gone)}"] if gone else []) + ([f"new: {', '.join(added)}"] if added else [])) + ")")
+    changed = [m for m in new_m if m in old_m and old_m[m] != new_m[m]]
+    if changed:
+        out.append(f"member(s) {', '.join(changed)} have other weights (the checkpoint changed)")
+    for k, v in current["ensemble"].items():
+        if (saved.get("ensemble") or {}).get(k) != v:
+            out.append(f"the ensemble's {k.replace('_', ' ')} changed")
+    if saved.get("stages") != current["stages"]:
+        out.append(f"the stages or their options changed ({_short(saved.get('stages'))} then, "
+                   f"{_short(current['stages'])} now)")
+    old_r, new_r = saved.get("resources") or {}, current["resources"]
+    for k in sorted(set(old_r) | set(new_r)):
+        if old_r.get(k) != new_r.get(k):
+            out.append(f"the stage option {k} changed ({_short(old_r.get(k))} then, {_short(new_r.get(k))} now)")
+    for k in ("batch_size", "store_dtype", "seed"):
+        if saved.get(k) != current[k]:
+            out.append(f"{k} changed ({saved.get(k)!r} then, {current[k]!r} now)")
+    if saved.get("gains") != current["gains"]:
+        out.append("the gains table (stage_gains.json) changed")
+    if saved.get("extra") != current["extra"]:
+        out.append("the run's extra identity changed")
+    return out or ["its fingerprint differs"]
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    text = json.dumps(v, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass
@@ -122,10 +166,9 @@ def restore_state(saved: Dict[str, Any], fingerprint: Dict[str, Any], state: Run
     """Adopt saved progress into ``state`` and ``ctx``; returns the saved stage order, or
     None (with a warning) when it belongs to another run."""
     if saved.get("fingerprint") != fingerprint:
-        other = saved.get("fingerprint") or {}
-        differ = sorted(k for k in fingerprint if other.get(k) != fingerprint[k])
-        warnings.warn(f"{where}: saved progress belongs to another run ({', '.join(differ)} "
-                      "differ); starting over", RuntimeWarning, stacklevel=4)
+        why = describe_mismatch(saved.get("fingerprint") or {}, fingerprint)
+        warnings.warn(f"{where}: the saved progress belongs to another run, so this run starts over: "
+                      f"{'; '.join(why)}", RuntimeWarning, stacklevel=4)
         return None
     state.records = saved["records"]
     state.buffer = int(saved["buffer"])

@@ -25,6 +25,7 @@ from ..utils import progress_bar
 from .deadline import Deadline
 from .policy import Policy, measured
 from .progress import RunProgress, RunState
+from .ranked import run_ranked
 from .source import batches
 from .stages import MAP, BatchState, RunContext, Stage, stage_array
 
@@ -191,15 +192,24 @@ class StageRunner:
             return None
         return self.store.array(SETTLED, (), "int16").read(start, stop)[rows - start]
 
-    def _store_settled(self, batch: BatchState) -> None:
+    def settled_rows(self, rows: np.ndarray) -> Optional[np.ndarray]:
+        """Settled codes of any rows (None while no stage settled any row)."""
+        if not self.ctx.avail.get(SETTLED, 0):
+            return None
+        return self.store.array(SETTLED, (), "int16").read_rows(rows)
+
+    def store_settled(self, batch: BatchState) -> None:
         """Store the rows the batch's settling stage made final (before the batch's commit)."""
         if batch.settle_mask is None or batch.probe or not batch.settle_mask.any():
             return
         arr = self.store.array(SETTLED, (), "int16")
-        window = arr.read(batch.start, batch.stop)
-        window[batch.rows[batch.settle_mask] - batch.start] = batch.code
-        arr.write(batch.start, window)
+        rows = batch.rows[batch.settle_mask]
+        arr.write_rows(rows, np.full(len(rows), batch.code, dtype=np.int16))
         self.ctx.avail[SETTLED] = self.n
+
+    @staticmethod
+    def check_output(out, k: int, name: str) -> torch.Tensor:
+        return _check_output(out, k, name)
 
     def _invalidate_observers(self, stage: Stage) -> None:
         """``stage`` changed maps: what observers (the consistency flags) found before is stale."""
@@ -226,7 +236,11 @@ class StageRunner:
     # ----------------------------------------------------------------------- stages
     def run_stage(self, stage: Stage, mandatory: bool) -> None:
         """Run ``stage`` from the row its record has reached over as many batches as fit
-        (``mandatory``: the first pass, which covers every file), then end it."""
+        (``mandatory``: the first pass, which covers every file), then end it. A ranked
+        stage runs its candidates in rank order instead (:func:`~.ranked.run_ranked`)."""
+        if getattr(stage, "ranked", False) and not mandatory:
+            run_ranked(self, stage)
+            return
         rec = self.policy.record(stage)
         if stage.name not in self.ctx.executed:
             self.ctx.executed.append(stage.name)
@@ -281,7 +295,10 @@ class StageRunner:
                     keep = batch.rows[take] - s
                     window[keep] = out[torch.as_tensor(np.flatnonzero(take))].clamp(VEL_MIN, VEL_MAX)[:, 0].numpy()
                     if stage.settles:
-                        self._store_settled(batch)
+                        self.store_settled(batch)
+                    if mandatory:            # per-file features later stages need (refinement's routing)
+                        for st in self.ctx.stages.values():
+                            st.first_pass(batch, out)
                 out_buf.write(s, window)
                 if not stage.producer:
                     self.ctx.avail[stage_array(stage.name)] = e
@@ -324,20 +341,28 @@ class StageRunner:
                 self.costs.copy = (self.clock() - t) / (self.n - done)
         if mandatory:
             self.state.stage0_done = True
-        if not stage.observes and rec["done"] > 0:
-            self._invalidate_observers(stage)
-        self.state.buffer = 1 - self.state.buffer
-        self.state.csv_fresh = False
         rec["status"] = "complete" if done >= self.n else ("partial" if rec["done"] > 0 else "not run")
+        rec["samples"] = done
         if reason:
             rec["note"] = f"{reason} after {done} of {self.n} files"
         if rec.get("measured"):
             rec["files_per_s"] = 1.0 / rec["measured"] if rec["measured"] > 0 else None
+        self.swap_and_write(stage, rec, t)
+
+    def swap_and_write(self, stage: Stage, rec: Dict[str, Any], t: Optional[float] = None) -> None:
+        """End a stage whose output buffer is complete: make it current, rewrite the CSV
+        (progress committed around it), discard stale observers, log."""
+        t = self.clock() if t is None else t
+        if not stage.observes and rec["done"] > 0:
+            self._invalidate_observers(stage)
+        self.state.buffer = 1 - self.state.buffer
+        self.state.csv_fresh = False
         self.progress.commit(running=None)          # the new buffer is complete: the CSV may follow
         self.write_csv()
         rec["seconds"] = float(rec["seconds"]) + (self.clock() - t)
         self.progress.commit(running=None)
-        self.log(f"[{stage.name}] {rec['status']}: {rec['done'] if done >= self.n else done} files, "
+        self.log(f"[{stage.name}] {rec['status']}: {rec.get('samples', rec['done'])} "
+                 f"{'samples' if getattr(stage, 'ranked', False) else 'files'}, "
                  f"{rec['seconds']:.1f} s{'; ' + rec['note'] if rec['note'] else ''}; {self.postfix()}")
         if self.on_stage_end is not None:
             self.on_stage_end(stage.name, self.read_current)

@@ -21,7 +21,7 @@ from ..errors import LayoutError
 from ..data.io import SEIS_SHAPE
 from ..data.layout import list_test, load_test_sample
 
-__all__ = ["TestFileSource", "ArraySource", "RawBatch", "batches"]
+__all__ = ["TestFileSource", "ArraySource", "RawBatch", "batches", "row_batches"]
 
 
 class TestFileSource:
@@ -101,6 +101,8 @@ class RawBatch:
         seismic: (B, *item_shape) float32 raw gathers (zeros where ``ok`` is False).
         ok: (B,) bool, False for a file that could not be read.
         errors: messages of the unreadable files, by row offset in the batch.
+        rows: the rows read, for a batch of chosen rows (:func:`row_batches`); None for
+            the contiguous rows ``start:stop``.
     """
 
     start: int
@@ -108,17 +110,19 @@ class RawBatch:
     seismic: torch.Tensor
     ok: torch.Tensor
     errors: dict
+    rows: Optional[np.ndarray] = None
 
 
 class _Safe(Dataset):
-    def __init__(self, source, start: int, shape: Tuple[int, ...]):
+    def __init__(self, source, start: int, shape: Tuple[int, ...], rows: Optional[Sequence[int]] = None):
         self.source, self.start, self.shape = source, start, shape
+        self.rows = None if rows is None else [int(r) for r in rows]
 
     def __len__(self) -> int:
-        return len(self.source) - self.start
+        return len(self.source) - self.start if self.rows is None else len(self.rows)
 
     def __getitem__(self, j: int):
-        i = self.start + j
+        i = self.start + j if self.rows is None else self.rows[j]
         try:
             x = np.array(self.source.read(i), dtype=np.float32)   # a private, writable copy
             if x.shape != self.shape:
@@ -156,6 +160,26 @@ def batches(source, start: int, batch_size: int, num_workers: int = 0,
         e = s + len(ok)
         yield RawBatch(s, e, x, ok, {j: m for j, m in enumerate(errs) if m})
         s = e
+
+
+def row_batches(source, batches_of_rows: Sequence[Sequence[int]], num_workers: int = 0,
+                item_shape: Optional[Tuple[int, ...]] = None) -> Iterator[RawBatch]:
+    """Stream the given batches of rows (any rows, e.g. the samples a ranked stage refines,
+    in rank order): one :class:`RawBatch` per batch, its ``start``/``stop`` the smallest
+    row and one past the largest (``rows`` of the batch are what was read)."""
+    flat = [int(r) for b in batches_of_rows for r in b]
+    if not flat:
+        return
+    shape = item_shape or getattr(source, "item_shape", None) or _first_shape(source)
+    loader = DataLoader(_Safe(source, 0, tuple(shape), flat), batch_size=1, num_workers=num_workers,
+                        collate_fn=_collate)
+    it = iter(loader)
+    for rows in batches_of_rows:
+        items = [next(it) for _ in rows]
+        x = torch.cat([i[0] for i in items]) if items else torch.zeros((0,) + tuple(shape))
+        ok = torch.cat([i[1] for i in items]) if items else torch.zeros(0, dtype=torch.bool)
+        errs = {j: m for j, item in enumerate(items) for m in item[2] if m}
+        yield RawBatch(min(rows), max(rows) + 1, x, ok, errs, rows=np.asarray(rows, dtype=np.int64))
 
 
 def _collate(items):

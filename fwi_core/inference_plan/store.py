@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, remove_stale_temps
 
 PathLike = Union[str, os.PathLike]
 
@@ -83,6 +84,34 @@ class StoredArray:
         w.flush()
         del w
 
+    def read_rows(self, rows) -> np.ndarray:
+        """The given rows (any order, k of them) as an in-memory (k, *item_shape) array;
+        only the pages of those rows are read."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return np.empty((0,) + self.item_shape, self.dtype)
+        if rows.min() < 0 or rows.max() >= self.n:
+            raise IndexError(f"{self.path.name}: rows outside 0:{self.n}")
+        w = self._window(0, self.n, "r")
+        out = np.array(w[rows])
+        del w
+        return out
+
+    def write_rows(self, rows, values: np.ndarray) -> None:
+        """Write ``values`` (k, *item_shape) to the given rows and flush."""
+        rows = np.asarray(rows, dtype=np.int64)
+        values = np.asarray(values)
+        if values.shape != (len(rows),) + self.item_shape:
+            raise ValueError(f"{self.path.name}: {values.shape} values for {len(rows)} rows of {self.item_shape}")
+        if not len(rows):
+            return
+        if rows.min() < 0 or rows.max() >= self.n:
+            raise IndexError(f"{self.path.name}: rows outside 0:{self.n}")
+        w = self._window(0, self.n, "r+")
+        w[rows] = values.astype(self.dtype, copy=False)
+        w.flush()
+        del w
+
     def copy_from(self, other: "StoredArray", start: int, stop: int, chunk: int = 1024) -> None:
         """Copy rows ``start:stop`` of ``other`` into the same rows of this array."""
         for s in range(start, stop, chunk):
@@ -143,14 +172,23 @@ class PredictionStore:
         atomic_write_text(self.progress_path, json.dumps(progress, indent=1, sort_keys=True))
 
     def remove(self) -> None:
-        """Delete the state files this store knows and the folder if it is then empty."""
+        """Delete the state files (arrays first, the progress file last: a run killed in
+        between is resumed from it) and temporary files of killed writers, then the folder;
+        warns naming what is left when something else keeps the folder."""
         self._arrays.clear()
+        if not self.folder.is_dir():
+            return
         for p in list(self.folder.glob("*.npy")) + [self.progress_path]:
             try:
                 p.unlink()
             except FileNotFoundError:
                 pass
+        remove_stale_temps(self.folder)
         try:
             self.folder.rmdir()
-        except OSError:
+        except FileNotFoundError:
             pass
+        except OSError:
+            left = sorted(q.name for q in self.folder.iterdir())
+            warnings.warn(f"{self.folder}: the state folder could not be removed; it still holds "
+                          f"{', '.join(left[:10])}", RuntimeWarning, stacklevel=2)

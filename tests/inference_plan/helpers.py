@@ -111,15 +111,16 @@ def write_test_root(root: Path, n: int, shape=(5, 1000, 70), seed: int = 0) -> P
     return root
 
 
-def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """An engine-format checkpoint of a very narrow InversionNet (real shapes, dropout)."""
+def tiny_checkpoint(path: Path, seed: int = 0, model_name: str = "inversionnet", **kwargs) -> Path:
+    """An engine-format checkpoint of a very narrow InversionNet (real shapes, dropout), or
+    of another registered model with ``kwargs``."""
     from fwi_core.models import create_model
     from fwi_core.train.checkpoint import FORMAT, save_checkpoint
 
     torch.manual_seed(seed)
-    kwargs = {"width": 0.0625}
-    model = create_model("inversionnet", **kwargs)
-    meta = {"model": "inversionnet", "model_kwargs": kwargs, "metrics": None}
+    kwargs = kwargs or ({"width": 0.0625} if model_name == "inversionnet" else {})
+    model = create_model(model_name, **kwargs)
+    meta = {"model": model_name, "model_kwargs": kwargs, "metrics": None}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint({"format": FORMAT, "metadata": meta, "model": model.state_dict(), "ema": None}, path)
     return path

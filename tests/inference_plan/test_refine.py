@@ -70,13 +70,3 @@ def test_refine_stage_with_the_real_refinement_lowers_the_error():
     out = stage.run(_batch(start, seis))
     assert stage.last_counts.get("flat") == 1
     assert (out - truth).abs().mean() < (start - truth).abs().mean()
-
-
-def test_estimate_is_iterations_times_a_timed_evaluation():
-    ctx = types.SimpleNamespace(device=torch.device("cpu"), io_cost=0.0)
-    stage = RefineStage("refine", ("tv",), 30, 1.0)
-    first = stage.estimate(ctx, [])
-    assert first > 0 and stage._eval_cost > 0
-    assert first == pytest.approx(30 * 1.5 * stage._eval_cost)
-    stage.max_iter = 60
-    assert stage.estimate(ctx, []) == pytest.approx(2 * first)          # timed once, scaled by iterations

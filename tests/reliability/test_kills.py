@@ -31,8 +31,12 @@ COUNTS = [pytest.param(KILLS_DEFAULT, id="default"), pytest.param(KILLS_SLOW, id
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _tally(target: str, n: int):
+def _tally(target: str, n: int, capsys):
+    """The kill points' random source and tally; prints the seed first (replay a run with
+    ``FWI_KILL_SEED=<seed>``), so a failure anywhere after it can be replayed."""
     seed = kill_seed()
+    with capsys.disabled():
+        print(f"\nkills[{target}]: FWI_KILL_SEED={seed} (set it to replay these kill points)")
     return random.Random(f"{target}:{seed}:{n}"), Tally(target, seed)
 
 
@@ -51,7 +55,7 @@ def _kill(tally: Tally, rng: random.Random, point: KillPoint, window: float, pre
         outcome = launch(point)
         if outcome.killed:
             break
-        assert outcome.returncode == 0, outcome.stderr
+        assert outcome.returncode == 0, f"{outcome.stderr}\n({tally.line()})"
         tally.outlived += 1
         point = KillPoint(delay=0.5 * window * rng.random())
     tally.add(point, outcome)
@@ -68,7 +72,7 @@ SYNTH = ["--samples-per-family", "1", "--test-samples", "1", "--families", "Flat
 def test_synth_killed_while_writing(tmp_path, n, capsys):
     from tools import synth
 
-    rng, tally = _tally("synth", n)
+    rng, tally = _tally("synth", n, capsys)
     ref = tmp_path / "ref" / "ds"
     t = time.perf_counter()
     with TempWatch(ref.parent) as writes:
@@ -141,7 +145,7 @@ def test_training_killed_while_checkpointing_resumes_to_the_same_result(tmp_path
     from fwi_core.train.cli import main
     from tests.train.helpers import write_layout
 
-    rng, tally = _tally("train", n)
+    rng, tally = _tally("train", n, capsys)
     data = write_layout(tmp_path / "data", per_family=4, families=("FlatVel_A", "CurveFault_A"))
     ref = tmp_path / "ref"
     t = time.perf_counter()
@@ -162,7 +166,7 @@ def test_training_killed_while_checkpointing_resumes_to_the_same_result(tmp_path
             load_checkpoint(ck)
         assert main(_train_args(data, run) + ["--resume"]) == 0
         _assert_same_training(ref, run, f"resumed after a kill {point} ({tally.line()})")
-        assert not temp_leftovers(run), temp_leftovers(run)
+        assert not temp_leftovers(run), f"{temp_leftovers(run)} ({tally.line()})"
         tally.survived += 1
     _report(tally, capsys)
 
@@ -174,13 +178,14 @@ def test_predict_killed_while_writing_the_submission_resumes_to_the_same_bytes(t
     from fwi_core.predict import main
     from tests.inference_plan.helpers import tiny_checkpoint, write_test_root
 
-    rng, tally = _tally("predict", n)
+    rng, tally = _tally("predict", n, capsys)
     root = write_test_root(tmp_path / "data", 7)
     tiny_checkpoint(tmp_path / "runs" / "r" / "best.pt", 0)
     tiny_checkpoint(tmp_path / "runs" / "r" / "snapshot-01.pt", 1)
     oids = [o for o, _ in list_test(root)]
     args = ["--data", str(root), "--checkpoints", str(tmp_path / "runs"), "--checkpoint-kind", "all",
-            "--time-budget", "100000", "--batch-size", "3", "--mc-passes", "2"]
+            "--time-budget", "100000", "--batch-size", "3", "--mc-passes", "2",
+            "--stages", "members", "flip", "crf", "mc_dropout"]
     ref = tmp_path / "ref"
     t = time.perf_counter()
     with TempWatch(ref) as writes:
@@ -203,10 +208,10 @@ def test_predict_killed_while_writing_the_submission_resumes_to_the_same_bytes(t
             python("-m", "fwi_core.predict", *args, "--out", str(out)), p,
             start=appears(work, ".submission.csv.state"), watch=work))
         if out.read_bytes() != previous:                  # a stage finished: a complete, valid CSV
-            assert validate_submission(out, oids)["oids"] == len(oids)
-        assert main(args + ["--out", str(out), "--resume"]) == 0
+            assert validate_submission(out, oids)["oids"] == len(oids), tally.line()
+        assert main(args + ["--out", str(out), "--resume"]) == 0, tally.line()
         assert out.read_bytes() == full, f"resumed after a kill {point} ({tally.line()})"
-        assert not temp_leftovers(work), temp_leftovers(work)
+        assert not temp_leftovers(work), f"{temp_leftovers(work)} after a kill {point} ({tally.line()})"
         tally.survived += 1
     _report(tally, capsys)
 
@@ -227,7 +232,7 @@ def _repo_copy(dest: Path, marker: str = "") -> Path:
 def test_build_killed_while_writing_keeps_the_previous_build(tmp_path, n, capsys):
     from tools.build import build
 
-    rng, tally = _tally("build", n)
+    rng, tally = _tally("build", n, capsys)
     repo = _repo_copy(tmp_path / "repo")
     old_repo = _repo_copy(tmp_path / "old", marker="an older version of this kernel")
     ref = tmp_path / "ref"
@@ -257,7 +262,7 @@ def test_build_killed_while_writing_keeps_the_previous_build(tmp_path, n, capsys
             assert v in (old[k], new[k]), f"{k} after a kill {point} ({tally.line()})"
         build(None, out, repo)                             # rerun
         assert tree_state(out)[0] == new, tally.line()
-        assert not temp_leftovers(out), temp_leftovers(out)
+        assert not temp_leftovers(out), f"{temp_leftovers(out)} ({tally.line()})"
         tally.survived += 1
     _report(tally, capsys)
 

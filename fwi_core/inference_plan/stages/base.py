@@ -76,6 +76,10 @@ class Stage(abc.ABC):
         observes: (diagnostics such as the consistency flags) it does not change the maps
             but describes them; when a later stage changes maps, the planner discards what it
             found (:meth:`reset`) and it may run again.
+        ranked: (physics refinement) it works on candidate samples, best expected gain
+            first, and may run on part of them (it then also defines ``candidates``,
+            ``cheap_scores``, ``final_scores``, ``kinds_of``, ``misfit`` and
+            ``screen_cost``; see :mod:`fwi_core.inference_plan.ranked`).
     """
 
     name: str = "stage"
@@ -86,6 +90,7 @@ class Stage(abc.ABC):
     reapply: bool = False
     settles: bool = False
     observes: bool = False
+    ranked: bool = False
 
     def unavailable(self, ctx: "RunContext") -> Optional[str]:
         """Why the stage cannot run in this run (e.g. no dropout layers), or None."""
@@ -98,6 +103,11 @@ class Stage(abc.ABC):
 
     def prepare(self, ctx: "RunContext") -> None:
         """Called once before the stage's first batch (in each process)."""
+
+    def first_pass(self, batch: "BatchState", pred: torch.Tensor) -> None:
+        """Called for each batch of the first pass with its prediction (m/s), while the
+        gathers are in memory: store per-file features the stage needs later (refinement
+        stores each file's family kind)."""
 
     def reset(self, ctx: "RunContext") -> None:
         """(observers) Forget what the stage found: later stages changed the maps it saw."""
@@ -142,6 +152,9 @@ class BatchState:
         settled: (B,) int codes: 0, or which settling stage made the row final (the runner
             keeps those rows' prediction whatever a later stage returns; see :meth:`settle`).
         code: this stage's code in ``settled``.
+        scattered: the rows are chosen rows in rank order (a ranked stage), not the
+            readable rows of ``start:stop``.
+        kinds: (ranked refinement) the family kind each row was routed to, or None.
     """
 
     start: int
@@ -155,6 +168,8 @@ class BatchState:
     probe: bool = False
     settled: Optional[np.ndarray] = None
     code: int = 0
+    scattered: bool = False
+    kinds: Optional[List[str]] = None
     _x: Optional[torch.Tensor] = field(default=None, repr=False)
     settle_mask: Optional[np.ndarray] = field(default=None, repr=False)
 
@@ -192,6 +207,8 @@ class BatchState:
     def read(self, name: str) -> np.ndarray:
         """Rows of this batch of the stored array ``name`` (k, *item_shape)."""
         arr = self.ctx.store.array(name)
+        if self.scattered:
+            return arr.read_rows(self.rows)
         return arr.read(self.start, self.stop)[self.rows - self.start]
 
     def write(self, name: str, values, mask: Optional[np.ndarray] = None, item_shape=MAP, dtype=None) -> None:
@@ -203,6 +220,9 @@ class BatchState:
         values = values.detach().cpu().numpy() if torch.is_tensor(values) else np.asarray(values)
         values = values.reshape((len(rows),) + tuple(item_shape))
         arr = self.ctx.store.array(name, item_shape, dtype)
+        if self.scattered:        # chosen rows: stored, not tracked as a covered prefix
+            arr.write_rows(rows, values)
+            return
         window = arr.read(self.start, self.stop)
         window[rows - self.start] = values
         arr.write(self.start, window)
@@ -226,9 +246,10 @@ class RunContext:
         member_cost: member name -> seconds per file of one forward pass (timed).
         io_cost: seconds per file of reading and normalising the gathers.
         seed: base seed of the stochastic stages.
+        batch_size: files per batch (stages time themselves at this size).
     """
 
-    def __init__(self, ensemble, store, device: torch.device, seed: int = 0):
+    def __init__(self, ensemble, store, device: torch.device, seed: int = 0, batch_size: int = 1):
         self.ensemble = ensemble
         self.store = store
         self.device = device
@@ -240,6 +261,7 @@ class RunContext:
         self.io_cost: float = 0.0
         self.bad_rows: Dict[int, str] = {}
         self.family_names: List[str] = []
+        self.batch_size = int(batch_size)
 
     # -- helpers ------------------------------------------------------------------
     def row_ok(self, start: int, stop: int) -> np.ndarray:
@@ -312,7 +334,8 @@ def _subset(batch: BatchState, sel: np.ndarray, pred: torch.Tensor) -> BatchStat
     return BatchState(batch.start, batch.stop, batch.rows[it], [batch.ids[i] for i in it], pred,
                       None if batch.seismic is None else batch.seismic[torch.as_tensor(it)],
                       None if batch.families is None else [batch.families[i] for i in it], batch.ctx,
-                      batch.probe, None if batch.settled is None else batch.settled[it], batch.code)
+                      batch.probe, None if batch.settled is None else batch.settled[it], batch.code, batch.scattered,
+                      None if batch.kinds is None else [batch.kinds[i] for i in it])
 
 
 def member_array(name: str, which: str = "raw") -> str:

@@ -17,7 +17,7 @@ __all__ = ["DEFAULT_STAGES", "StageFactory", "register_stage", "registered_stage
 
 #: The default stage list, in priority order ("members" expands to one stage per member,
 #: the cheapest good one first).
-DEFAULT_STAGES = ("members", "flip", "crf", "mc_dropout")
+DEFAULT_STAGES = ("members", "flip", "crf", "mc_dropout", "refine_layered", "refine", "consistency")
 
 StageFactory = Callable[[Dict[str, Any]], Stage]
 _REGISTRY: Dict[str, StageFactory] = {}
