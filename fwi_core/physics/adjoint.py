@@ -47,6 +47,9 @@ from typing import Optional
 
 import torch
 
+from .native import backward as native_backward
+from .native import compact_coefficients, layout
+from .native import forward as native_forward
 from .stencil import (AUTO_COMPILE_MIN_SHOT_STEPS, C1, EagerStep, FlushDenormals, Geometry, compile_checked,
                       compiled_step, damping_profile, fill_halo, probe_fields, scheme_coefficients, step_fused,
                       stencil_weights)
@@ -291,6 +294,31 @@ class _WaveFunction(torch.autograd.Function):
                 g_al[:, 0] if need_al else None, g_amp if need_amp else None, None)
 
 
+class _NativeWave(torch.autograd.Function):
+    """The native kernel's propagation (:mod:`.native`): (alpha_rows (B,h,Wp), amp (B,n_shots))
+    -> seismic; ``kx``, ``kz`` (the sponge) and the wavelet are constants. The backward
+    recomputes each checkpointed segment and runs the adjoint in the kernel."""
+
+    @staticmethod
+    def forward(ctx, alpha_rows, amp, kx, kz, wav, lay, k, flush):  # noqa: D401
+        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        out, ckpt = native_forward(lay, alpha_rows, kx, kz, amp, wav, keep_every=k if need else 0,
+                                   flush_denormal=flush)
+        if need:
+            ctx.save_for_backward(alpha_rows, amp, kx, kz, wav, ckpt)
+            ctx.meta = (lay, k, flush)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        alpha_rows, amp, kx, kz, wav, ckpt = ctx.saved_tensors
+        lay, k, flush = ctx.meta
+        g_rows, g_amp = native_backward(lay, alpha_rows, kx, kz, amp, wav, grad_out, ckpt, k, flush_denormal=flush)
+        return (g_rows if ctx.needs_input_grad[0] else None, g_amp if ctx.needs_input_grad[1] else None,
+                None, None, None, None, None, None)
+
+
 def _coefficients(vel: torch.Tensor, geom: Geometry) -> dict:
     """Scheme coefficients, differentiable w.r.t. ``vel`` (B,H,W); vmin of the sponge is a
     constant. Float32: exactly :func:`.stencil.scheme_coefficients` (the host's rounding);
@@ -318,8 +346,10 @@ def simulate_differentiable(vel: torch.Tensor, geom: Geometry, *, batch_chunk: i
         batch_chunk: maps propagated together (forward and backward).
         checkpoint_every: steps between wavefield checkpoints (default
             ``DEFAULT_CHECKPOINT_EVERY``).
-        backend: ``"compile"``, ``"eager"`` or ``"auto"`` as in :func:`simulate` (float64
-            always runs eagerly).
+        backend: ``"native"`` (the C++ kernel of :mod:`.native`, float32 on the CPU),
+            ``"compile"``, ``"eager"`` or ``"auto"`` (the torch path, compiled for large jobs;
+            :func:`simulate` resolves ``"auto"`` to ``"native"`` on the CPU first). Float64
+            always runs the torch path eagerly.
         flush_denormal: flush denormals on CPU during the forward and the backward.
 
     Returns:
@@ -331,6 +361,14 @@ def simulate_differentiable(vel: torch.Tensor, geom: Geometry, *, batch_chunk: i
     if k < 1:
         raise ValueError(f"simulate: checkpoint_every must be >= 1, got {checkpoint_every}")
     b, h, w = vel.shape
+    if backend == "native":
+        if vel.dtype != torch.float32 or vel.device.type != "cpu":
+            raise ValueError(f"simulate: backend='native' computes in float32 on the CPU, got {vel.dtype} "
+                             f"on {vel.device}")
+        co = compact_coefficients(vel, geom)
+        wav = torch.from_numpy(ricker(geom.freq, geom.dt, geom.nt))
+        return _NativeWave.apply(co["alpha_rows"], co["amp"], co["kx"], co["kz"], wav, layout(geom, h, w),
+                                 min(k, geom.nt), flush_denormal)
     shot_steps = b * len(geom.source_columns) * geom.nt
     use_compile = backend == "compile" or (backend == "auto" and shot_steps >= AUTO_COMPILE_MIN_SHOT_STEPS)
     plan = _Plan(geom=geom, width=w, chunk=int(batch_chunk), k=min(k, geom.nt), compile=use_compile,

@@ -29,6 +29,9 @@ import numpy as np
 import torch
 
 from ..utils import progress_bar
+from .native import available as native_available
+from .native import compact_coefficients, layout, unavailable_reason, warn_fallback
+from .native import forward as native_forward
 from .adjoint import simulate_differentiable
 from .stencil import (AUTO_COMPILE_MIN_SHOT_STEPS, C1, C2, C3, CFL_LIMIT, DEFAULT_SOURCE_COLUMNS, EagerStep,
                       FlushDenormals, Geometry, compiled_step, damping_profile, default_source_columns,
@@ -36,12 +39,44 @@ from .stencil import (AUTO_COMPILE_MIN_SHOT_STEPS, C1, C2, C3, CFL_LIMIT, DEFAUL
 from .wavelet import ricker
 
 # the scheme's names (defined in :mod:`.stencil`) stay importable from here
-__all__ = ["simulate", "simulate_host_style", "ForwardModel", "Backend", "Geometry", "damping_profile",
+__all__ = ["simulate", "simulate_host_style", "ForwardModel", "Backend", "resolve_backend", "Geometry", "damping_profile",
            "scheme_coefficients", "default_source_columns", "denormals_flushed", "DEFAULT_SOURCE_COLUMNS",
            "CFL_LIMIT", "AUTO_COMPILE_MIN_SHOT_STEPS", "C1", "C2", "C3"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
-Backend = Literal["auto", "compile", "eager"]
+Backend = Literal["auto", "native", "compile", "eager"]
+BACKENDS = ("auto", "native", "compile", "eager")
+#: maps propagated per native call when ``batch_chunk`` is not given (the progress bar's step)
+NATIVE_CHUNK = 16
+
+
+def resolve_backend(backend: str, device, shot_steps: int) -> str:
+    """The backend a call runs: ``"native"``, ``"compile"``, ``"eager"``, or ``"auto"`` for the
+    torch path compiled where ``torch.compile`` works (else eager).
+
+    ``"auto"`` on the CPU is the native kernel where it builds (else a one-time warning and
+    the torch path); on other devices, and for the torch path, it compiles for jobs of at
+    least ``AUTO_COMPILE_MIN_SHOT_STEPS`` shot-steps (``batch x shots x nt``) and runs small
+    jobs eagerly. ``"native"`` raises where the kernel cannot run.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"simulate: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    device = torch.device(device)
+    if backend == "native":
+        if device.type != "cpu":
+            raise ValueError(f"simulate: backend='native' runs on the CPU; got device={device}")
+        reason = unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"simulate: backend='native' requested but the native kernel is unavailable "
+                               f"here ({reason}); use backend='auto' (falls back to the torch path)")
+        return "native"
+    if backend == "auto":
+        if device.type == "cpu":
+            if native_available():
+                return "native"
+            warn_fallback()
+        return "auto" if shot_steps >= AUTO_COMPILE_MIN_SHOT_STEPS else "eager"
+    return backend
 
 
 def _as_tensor(velocity: ArrayLike, device) -> tuple:
@@ -172,6 +207,27 @@ def _propagate(vel: torch.Tensor, geom: "Geometry", samples_per_chunk: int, prog
     return out
 
 
+def _propagate_native(vel: torch.Tensor, geom: "Geometry", samples_per_chunk: int, progress: bool,
+                      flush_denormal: bool) -> torch.Tensor:
+    """:func:`_propagate` on the native kernel: every shot of a chunk of maps in one call."""
+    b, h, w = vel.shape
+    _check_geometry(geom, h, w)
+    lay = layout(geom, h, w)
+    wav = torch.from_numpy(ricker(geom.freq, geom.dt, geom.nt))
+    out = torch.empty(b, len(lay.src), geom.nt, len(lay.rec))
+    bar = progress_bar(total=b, desc="simulate", unit="sample") if progress else None
+    for s0 in range(0, b, samples_per_chunk):
+        s1 = min(b, s0 + samples_per_chunk)
+        co = compact_coefficients(vel[s0:s1], geom)
+        out[s0:s1] = native_forward(lay, co["alpha_rows"], co["kx"], co["kz"], co["amp"], wav,
+                                    flush_denormal=flush_denormal)[0]
+        if bar is not None:
+            bar.update(s1 - s0)
+    if bar is not None:
+        bar.close()
+    return out
+
+
 def simulate(
     velocity: ArrayLike,
     *,
@@ -207,11 +263,16 @@ def simulate(
             once; default 2 on CPU, which keeps the working set in cache, 64 on CUDA).
         vmin, vmax: the plausible velocity range; values outside it (or above the CFL
             limit ``sqrt(3/8)*dx/dt``) raise ``ValueError``.
-        backend: ``"compile"`` fuses each time step into one loop with ``torch.compile``
-            (about 3x faster on CPU; the first call in a process compiles for 5-30 s),
-            ``"eager"`` uses in-place PyTorch ops, ``"auto"`` compiles for jobs of at least
-            ``AUTO_COMPILE_MIN_SHOT_STEPS`` shot-steps (where the compile time pays off)
-            and falls back to eager if compiling fails.
+        backend: ``"native"`` runs the C++ kernel of :mod:`.native` on the CPU (built with
+            the system's compiler at first use and cached on disk; equal bit for bit to the
+            torch path's step written as one expression, :func:`.stencil.step_fused`);
+            ``"compile"`` fuses each torch time step into one loop with ``torch.compile``
+            (CPU or CUDA; the first call in a process compiles for 5-30 s); ``"eager"`` uses
+            in-place PyTorch ops; ``"auto"`` (default) is ``"native"`` on a CPU where the
+            kernel builds (else a one-time warning and the torch path) and, on CUDA, compiles
+            for jobs of at least ``AUTO_COMPILE_MIN_SHOT_STEPS`` shot-steps and runs smaller
+            ones eagerly (:func:`resolve_backend`). On the native path ``batch_chunk`` (default
+            ``NATIVE_CHUNK``) only sets the progress bar's step.
         flush_denormal: on CPU, flush denormal floats to zero while simulating. The
             stencil spreads values of 1e-38 and below ahead of the wavefront, and denormal
             arithmetic is slow on x86: flushing makes the simulation about 25% faster. The
@@ -231,8 +292,10 @@ def simulate(
     Gradients: when ``velocity`` is a tensor that requires grad and grad mode is on, the
     result carries a ``grad_fn`` and back-propagates to ``velocity`` through the adjoint of
     the discrete scheme with wavefield checkpointing (:mod:`fwi_core.physics.adjoint`):
-    about 180 MB per sample for nt=1000 at the default ``checkpoint_every=50``. The
-    sponge's min(v) is treated as a constant. The forward values are the fast path's.
+    about 180 MB per sample for nt=1000 at the default ``checkpoint_every=50`` on the torch
+    path; the native path keeps the same 73 MB of checkpoints per sample plus, per worker
+    thread, the ``checkpoint_every`` fields of the segment being back-propagated (19 MB).
+    The sponge's min(v) is treated as a constant. The forward values are the fast path's.
     """
     if device is None:
         device = velocity.device if torch.is_tensor(velocity) else torch.device("cpu")
@@ -255,10 +318,7 @@ def simulate(
         batch_chunk = 64 if device.type == "cuda" else 2
     if batch_chunk < 1:
         raise ValueError(f"simulate: batch_chunk must be >= 1, got {batch_chunk}")
-    if backend not in ("auto", "compile", "eager"):
-        raise ValueError(f"simulate: backend must be 'auto', 'compile' or 'eager', got {backend!r}")
-    if backend == "auto" and v.shape[0] * len(geom.source_columns) * geom.nt < AUTO_COMPILE_MIN_SHOT_STEPS:
-        backend = "eager"
+    backend = resolve_backend(backend, device, v.shape[0] * len(geom.source_columns) * geom.nt)
     if torch.is_tensor(velocity) and velocity.requires_grad and torch.is_grad_enabled():
         vg = velocity[:, 0] if velocity.dim() == 4 else velocity
         if not vg.is_floating_point():
@@ -268,6 +328,11 @@ def simulate(
         return simulate_differentiable(vg.to(device=device, dtype=torch.float32), geom,
                                        batch_chunk=int(batch_chunk), checkpoint_every=checkpoint_every,
                                        backend=backend, flush_denormal=flush_denormal)
+    if backend == "native":
+        with torch.no_grad():
+            out = _propagate_native(v, geom, int(batch_chunk) if chunk_given else NATIVE_CHUNK, progress,
+                                    flush_denormal)
+        return out.numpy() if is_numpy else out
     with FlushDenormals(flush_denormal and device.type == "cpu"), torch.no_grad():
         out = _propagate(v, geom, int(batch_chunk), progress, backend)
     return out.cpu().numpy() if is_numpy else out

@@ -98,8 +98,9 @@ def scheme_coefficients(vel: torch.Tensor, geom: Geometry) -> dict:
     Args:
         vel: (B,H,W) float32 velocity.
     Returns:
-        dict of (B,Hp,Wp) tensors ``temp1``, ``temp2``, ``alpha``, ``beta`` and the padded
-        velocity ``vp``; differentiable w.r.t. ``vel`` except through the sponge's min(v).
+        dict of (B,Hp,Wp) tensors ``temp1``, ``temp2``, ``alpha``, ``beta``, the padded
+        velocity ``vp`` and the sponge's ``kappa = damp * dt``; differentiable w.r.t. ``vel``
+        except through the sponge's min(v) (``kappa`` and ``temp2`` are constants).
     """
     nbc = geom.nbc
     vp = torch.nn.functional.pad(vel[:, None], (nbc, nbc, nbc, nbc), mode="replicate")[:, 0]
@@ -111,7 +112,7 @@ def scheme_coefficients(vel: torch.Tensor, geom: Geometry) -> dict:
     temp1 = 2 + 2 * c1 * alpha - kappa
     temp2 = 1 - kappa
     beta = (vp * geom.dt) ** 2
-    return {"vp": vp, "alpha": alpha, "temp1": temp1, "temp2": temp2, "beta": beta}
+    return {"vp": vp, "alpha": alpha, "temp1": temp1, "temp2": temp2, "beta": beta, "kappa": kappa}
 
 
 def stencil_weights(dtype: torch.dtype = torch.float32) -> tuple:

@@ -1,0 +1,367 @@
+"""The C++ source of the native CPU kernels (:mod:`.native` compiles and loads it).
+
+One job is one shot of one sample; a pool of ``threads`` workers takes jobs from a shared
+counter, so every shot of every sample of a batch runs in one parallel loop, and each job
+runs all of its time steps in a working set that fits a core's L2 cache:
+
+* the two wavefields as halo buffers (``(H+4) x (W+4)``, the periodic wrap of the host's
+  ``torch.roll`` refreshed by copies each step, as :func:`.stencil.fill_halo` does);
+* the coefficients in compact form instead of three full planes: ``alpha`` as one row per
+  row of the unpadded map (``alpha_rows``, the replicate-padded columns included; the pad's
+  rows repeat the edge rows, ``row_of`` says which), and ``kappa`` as its two 1-D profiles
+  (``kx`` in the x-pad columns, ``kz`` in the columns between, zero in the model's rows).
+  ``temp1 = 2 + (-5 alpha) - kappa`` and ``-temp2 = -(1 - kappa)`` are recomputed per cell
+  in the host's float32 order of operations (built with ``-ffp-contract=off``: no fused
+  multiply-adds), so a step gives the bits that :func:`.stencil.step_fused` gives.
+
+Cells still exactly zero are skipped: each buffer keeps, per row, the columns that may be
+non-zero; a step computes a row over the union of its own range and its neighbours' (two
+rows up and down, widened by two columns; a range reaching an edge wraps to the full row),
+then trims zeros from both ends. A skipped cell would have come out exactly zero, so the
+skipping is exact (early steps touch a few percent of the 310 x 310 grid).
+
+The backward recomputes each checkpointed segment and stores, instead of the fields,
+``z_t = L'(p_{t-1}) - 5 p_{t-1}`` (the derivative of a step by ``alpha``, through ``temp1``
+too), so that the adjoint pass needs one stencil (its own) per cell and step; the gradient
+is accumulated in double precision per ``alpha_rows`` cell. See :mod:`.adjoint` for the
+adjoint's algebra (``r = alpha * q`` propagates with the forward step itself).
+"""
+
+SOURCE = r"""
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <new>
+#include <thread>
+#include <vector>
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
+
+namespace {
+
+typedef std::ptrdiff_t idx;
+
+struct Scheme {
+  int H, W;                // padded grid: rows, columns
+  idx ld;                  // row stride of a halo buffer (W + 4)
+  const float* arows;      // (R, W) alpha rows of this sample
+  const int32_t* row_of;   // (H,) the alpha row of each grid row
+  const float* kx;         // (W,) kappa in the columns j < x0 or j >= x1
+  const float* kz;         // (H,) kappa in the columns x0 <= j < x1
+  int x0, x1;
+  float c2, c3;
+};
+
+// per row, the columns that may be non-zero: lo..hi (empty when lo > hi)
+struct Rows {
+  std::vector<int32_t> lo, hi;
+  void reset(int H, int W) { lo.assign(H, W); hi.assign(H, -1); }
+};
+
+struct Csr {  // the calling thread's floating-point mode, restored on exit
+#if defined(__SSE2__)
+  unsigned int saved;
+  explicit Csr(bool flush) : saved(_mm_getcsr()) { if (flush) _mm_setcsr(saved | 0x8040u); }
+  ~Csr() { _mm_setcsr(saved); }
+#else
+  explicit Csr(bool) {}
+#endif
+};
+
+void fill_halo(float* b, int H, int W, idx ld) {
+  std::memcpy(b + 2, b + H * ld + 2, sizeof(float) * W);
+  std::memcpy(b + ld + 2, b + (H + 1) * ld + 2, sizeof(float) * W);
+  std::memcpy(b + (H + 2) * ld + 2, b + 2 * ld + 2, sizeof(float) * W);
+  std::memcpy(b + (H + 3) * ld + 2, b + 3 * ld + 2, sizeof(float) * W);
+  for (int r = 0; r < H + 4; ++r) {
+    float* row = b + r * ld;
+    row[0] = row[W];
+    row[1] = row[W + 1];
+    row[W + 2] = row[2];
+    row[W + 3] = row[3];
+  }
+}
+
+// one row's cells j0..j1: o = p_{t-2} -> p_t from c = p_{t-1}; with ZOUT, z = L'(p_{t-1}) - 5 p_{t-1};
+// with ACC, acc += p_t * za (the adjoint's gradient sum, za the recomputed z of this step)
+template <bool KARR, bool ZOUT, bool ACC>
+inline void span(float* __restrict o, const float* __restrict c, idx ld, const float* __restrict al,
+                 const float* __restrict kx, float ks, int j0, int j1, float c2, float c3,
+                 float* __restrict z, const float* __restrict za, float* __restrict acc) {
+  for (int j = j0; j <= j1; ++j) {
+    const float a = al[j];
+    const float k = KARR ? kx[j] : ks;
+    const float t1 = (2.0f + (-5.0f * a)) - k;
+    const float nt2 = -(1.0f - k);
+    const float* q = c + j;
+    const float s1 = ((q[1] + q[-1]) + q[ld]) + q[-ld];
+    const float s2 = ((q[2] + q[-2]) + q[2 * ld]) + q[-2 * ld];
+    const float l = c2 * s1 + c3 * s2;
+    const float v = (nt2 * o[j] + t1 * q[0]) + a * l;
+    o[j] = v;
+    if (ZOUT) z[j] = l + (-5.0f) * q[0];
+    if (ACC) acc[j] += v * za[j];
+  }
+}
+
+template <bool ZOUT, bool ACC>
+inline void row3(const Scheme& s, int i, float* o, const float* c, const float* al, int lo, int hi, float* z,
+                 const float* za, float* acc) {
+  const int a1 = std::min(hi, s.x0 - 1);
+  if (lo <= a1) span<true, ZOUT, ACC>(o, c, s.ld, al, s.kx, 0.0f, lo, a1, s.c2, s.c3, z, za, acc);
+  const int b0 = std::max(lo, s.x0), b1 = std::min(hi, s.x1 - 1);
+  if (b0 <= b1) span<false, ZOUT, ACC>(o, c, s.ld, al, s.kx, s.kz[i], b0, b1, s.c2, s.c3, z, za, acc);
+  const int e0 = std::max(lo, s.x1);
+  if (e0 <= hi) span<true, ZOUT, ACC>(o, c, s.ld, al, s.kx, 0.0f, e0, hi, s.c2, s.c3, z, za, acc);
+}
+
+// P (p_{t-2}, rows rp) becomes p_t from C (p_{t-1}, halo filled, rows rc). With ZOUT, z (H x W)
+// gets L'(p_{t-1}) - 5 p_{t-1} (zero outside the computed cells, where it is exactly zero).
+// With ACC (the adjoint), acc (R x W) += p_t * za on every row but skip_row (done by the caller
+// after it adds the receivers' term there).
+template <bool ZOUT, bool ACC>
+void step(const Scheme& s, float* P, const float* C, Rows& rp, const Rows& rc, float* z, const float* za,
+          float* acc, int skip_row) {
+  const int H = s.H, W = s.W;
+  const idx ld = s.ld;
+  for (int i = 0; i < H; ++i) {
+    int lo = rp.lo[i], hi = rp.hi[i];
+    for (int d = -2; d <= 2; ++d) {
+      int r = i + d;
+      r = r < 0 ? r + H : (r >= H ? r - H : r);
+      if (rc.lo[r] <= rc.hi[r]) {
+        lo = std::min(lo, rc.lo[r] - 2);
+        hi = std::max(hi, rc.hi[r] + 2);
+      }
+    }
+    if (lo <= hi && (lo < 0 || hi >= W)) { lo = 0; hi = W - 1; }  // the wrap reaches the far side
+    float* zr = ZOUT ? z + (idx)i * W : nullptr;
+    if (lo > hi) {
+      if (ZOUT) std::memset(zr, 0, sizeof(float) * W);
+      continue;
+    }
+    if (ZOUT) {
+      std::memset(zr, 0, sizeof(float) * lo);
+      std::memset(zr + hi + 1, 0, sizeof(float) * (W - 1 - hi));
+    }
+    float* o = P + (i + 2) * ld + 2;
+    const float* c = C + (i + 2) * ld + 2;
+    const float* al = s.arows + (idx)s.row_of[i] * W;
+    if (ACC && i != skip_row)
+      row3<ZOUT, true>(s, i, o, c, al, lo, hi, zr, za + (idx)i * W, acc + (idx)s.row_of[i] * W);
+    else
+      row3<ZOUT, false>(s, i, o, c, al, lo, hi, zr, nullptr, nullptr);
+    while (lo <= hi && o[lo] == 0.0f) ++lo;
+    while (hi >= lo && o[hi] == 0.0f) --hi;
+    rp.lo[i] = lo;
+    rp.hi[i] = hi;
+  }
+}
+
+inline void add_at(float* B, idx ld, Rows& r, int row, int col, float v) {
+  if (v == 0.0f) return;
+  B[(row + 2) * ld + col + 2] += v;
+  r.lo[row] = std::min(r.lo[row], (int32_t)col);
+  r.hi[row] = std::max(r.hi[row], (int32_t)col);
+}
+
+// interior of a halo buffer <-> a dense H x W field
+void save(const float* B, float* dst, int H, int W, idx ld) {
+  for (int i = 0; i < H; ++i) std::memcpy(dst + (idx)i * W, B + (i + 2) * ld + 2, sizeof(float) * W);
+}
+
+void load(float* B, const float* src, int H, int W, idx ld, Rows& r) {
+  for (int i = 0; i < H; ++i) {
+    float* row = B + (i + 2) * ld + 2;
+    std::memcpy(row, src + (idx)i * W, sizeof(float) * W);
+    int lo = 0, hi = W - 1;
+    while (lo <= hi && row[lo] == 0.0f) ++lo;
+    while (hi >= lo && row[hi] == 0.0f) --hi;
+    r.lo[i] = lo;
+    r.hi[i] = hi;
+  }
+}
+
+// runs job(worker_index, job_index) for every job on `threads` workers (the caller is one);
+// returns false if a worker ran out of memory
+template <class Job>
+bool parallel_jobs(int njobs, int threads, bool flush, Job job) {
+  std::atomic<int> next(0);
+  std::atomic<bool> failed(false);
+  auto worker = [&](int w) {
+    Csr csr(flush);
+    try {
+      for (;;) {
+        const int j = next.fetch_add(1);
+        if (j >= njobs || failed.load()) break;
+        job(w, j);
+      }
+    } catch (const std::bad_alloc&) {
+      failed.store(true);
+    }
+  };
+  threads = std::max(1, std::min(threads, njobs));
+  std::vector<std::thread> pool;
+  for (int w = 1; w < threads; ++w) pool.emplace_back(worker, w);
+  worker(0);
+  for (auto& t : pool) t.join();
+  return !failed.load();
+}
+
+struct Problem {
+  int S, n, H, W, R, nt, x0, x1, sz, rz, nr;
+  float c2, c3;
+  const float* arows;
+  const int32_t* row_of;
+  const float* kx;
+  const float* kz;
+  const float* amp;
+  const int32_t* src_col;
+  const float* wav;
+  const int32_t* rec_col;
+  Scheme scheme(int b) const {
+    return Scheme{H, W, (idx)W + 4, arows + (idx)b * R * W, row_of, kx + (idx)b * W, kz + (idx)b * H, x0, x1, c2, c3};
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+int fwi_native_version() { return 1; }
+
+// out: (S, n, nt, nr); ckpt (S, n, nck, 2, H, W) or null: before step it = (j+1)*k, the
+// fields p_{it-1} and p_{it-2}.
+int fwi_forward(int S, int n, int H, int W, int R, int nt, const float* arows, const int32_t* row_of,
+                const float* kx, const float* kz, int x0, int x1, float c2, float c3, const float* amp,
+                const int32_t* src_col, int sz, const float* wav, int rz, const int32_t* rec_col, int nr,
+                float* out, float* ckpt, int k, int threads, int flush) {
+  const Problem p{S, n, H, W, R, nt, x0, x1, sz, rz, nr, c2, c3, arows, row_of, kx, kz, amp, src_col, wav, rec_col};
+  const idx ld = W + 4, size = (idx)(H + 4) * ld, field = (idx)H * W;
+  const int nck = ckpt ? (nt + k - 1) / k - 1 : 0;
+  std::vector<std::vector<float>> bufs(threads);
+  std::vector<Rows> rows(2 * threads);
+  const bool ok = parallel_jobs(S * n, threads, flush != 0, [&](int w, int job) {
+    const int b = job / n, s = job % n;
+    const Scheme sc = p.scheme(b);
+    std::vector<float>& buf = bufs[w];
+    buf.assign(2 * size, 0.0f);
+    float* P = buf.data();
+    float* C = P + size;
+    Rows* rp = &rows[2 * w];
+    Rows* rc = &rows[2 * w + 1];
+    rp->reset(H, W);
+    rc->reset(H, W);
+    const float a = amp[(idx)b * n + s];
+    float* rec = out + ((idx)b * n + s) * nt * nr;
+    float* ck = ckpt ? ckpt + ((idx)b * n + s) * nck * 2 * field : nullptr;
+    for (int it = 0; it < nt; ++it) {
+      if (ck && it > 0 && it % k == 0) {
+        float* dst = ck + (idx)(it / k - 1) * 2 * field;
+        save(C, dst, H, W, ld);
+        save(P, dst + field, H, W, ld);
+      }
+      fill_halo(C, H, W, ld);
+      step<false, false>(sc, P, C, *rp, *rc, nullptr, nullptr, nullptr, -1);
+      add_at(P, ld, *rp, sz, src_col[s], wav[it] * a);
+      const float* row = P + (rz + 2) * ld + 2;
+      for (int m = 0; m < nr; ++m) rec[(idx)it * nr + m] = row[rec_col[m]];
+      std::swap(P, C);
+      std::swap(rp, rc);
+    }
+  });
+  return ok ? 0 : 1;
+}
+
+// grad: (S, n, nt, nr) gradient of the traces; g_rows: (S, n, R, W) gradient of alpha_rows
+// per shot (through temp1 as well); g_amp: (S, n) gradient of the source amplitudes.
+int fwi_backward(int S, int n, int H, int W, int R, int nt, const float* arows, const int32_t* row_of,
+                 const float* kx, const float* kz, int x0, int x1, float c2, float c3, const float* amp,
+                 const int32_t* src_col, int sz, const float* wav, int src_steps, int rz,
+                 const int32_t* rec_col, int nr, const float* grad, const float* ckpt, int k,
+                 float* g_rows, float* g_amp, int threads, int flush) {
+  const Problem p{S, n, H, W, R, nt, x0, x1, sz, rz, nr, c2, c3, arows, row_of, kx, kz, amp, src_col, wav, rec_col};
+  const idx ld = W + 4, size = (idx)(H + 4) * ld, field = (idx)H * W;
+  const int nseg = (nt + k - 1) / k, nck = nseg - 1;
+  struct Work {
+    std::vector<float> buf, z, acc;
+    std::vector<double> total;
+    std::vector<float> al_rec;
+    Rows r[4];
+  };
+  std::vector<Work> work(threads);
+  const bool ok = parallel_jobs(S * n, threads, flush != 0, [&](int w, int job) {
+    const int b = job / n, s = job % n;
+    const Scheme sc = p.scheme(b);
+    Work& wk = work[w];
+    wk.buf.assign(4 * size, 0.0f);
+    wk.z.resize((idx)std::min(k, nt) * field);
+    wk.acc.assign((idx)R * W, 0.0f);
+    wk.total.assign((idx)R * W, 0.0);
+    float* P = wk.buf.data();
+    float* C = P + size;
+    float* Qp = C + size;
+    float* Qc = Qp + size;
+    Rows* rp = &wk.r[0];
+    Rows* rc = &wk.r[1];
+    Rows* qp = &wk.r[2];
+    Rows* qc = &wk.r[3];
+    for (Rows& r : wk.r) r.reset(H, W);
+    const float* ar = sc.arows;
+    wk.al_rec.resize(nr);
+    for (int m = 0; m < nr; ++m) wk.al_rec[m] = ar[(idx)row_of[rz] * W + rec_col[m]];
+    const float a = amp[(idx)b * n + s];
+    const float* g = grad + ((idx)b * n + s) * nt * nr;
+    const float* ck = ckpt + ((idx)b * n + s) * nck * 2 * field;
+    const int sc_col = src_col[s];
+    float* acc = wk.acc.data();
+    float* acc_rz = acc + (idx)row_of[rz] * W;
+    float r_src = 0.0f;
+    for (int j = nseg - 1; j >= 0; --j) {
+      const int t0 = j * k, t_end = std::min(nt, t0 + k);
+      if (j == 0) {
+        std::fill(P, P + size, 0.0f);
+        std::fill(C, C + size, 0.0f);
+        rp->reset(H, W);
+        rc->reset(H, W);
+      } else {
+        load(C, ck + (idx)(j - 1) * 2 * field, H, W, ld, *rc);
+        load(P, ck + (idx)(j - 1) * 2 * field + field, H, W, ld, *rp);
+      }
+      for (int t = t0; t < t_end; ++t) {
+        fill_halo(C, H, W, ld);
+        step<true, false>(sc, P, C, *rp, *rc, wk.z.data() + (idx)(t - t0) * field, nullptr, nullptr, -1);
+        add_at(P, ld, *rp, sz, sc_col, wav[t] * a);
+        std::swap(P, C);
+        std::swap(rp, rc);
+      }
+      for (int t = t_end - 1; t >= t0; --t) {
+        const float* zt = wk.z.data() + (idx)(t - t0) * field;
+        fill_halo(Qc, H, W, ld);
+        step<false, true>(sc, Qp, Qc, *qp, *qc, nullptr, zt, acc, rz);
+        for (int m = 0; m < nr; ++m) add_at(Qp, ld, *qp, rz, rec_col[m], g[(idx)t * nr + m] * wk.al_rec[m]);
+        const float* q = Qp + (rz + 2) * ld + 2;
+        const float* zr = zt + (idx)rz * W;
+        for (int c = qp->lo[rz]; c <= qp->hi[rz]; ++c) acc_rz[c] += q[c] * zr[c];
+        if (t < src_steps) r_src += wav[t] * Qp[(sz + 2) * ld + sc_col + 2];
+        std::swap(Qp, Qc);
+        std::swap(qp, qc);
+      }
+      // a segment's float sums (at most k steps x the rows sharing an alpha row) go to double
+      for (idx c = 0; c < (idx)R * W; ++c) {
+        wk.total[c] += acc[c];
+        acc[c] = 0.0f;
+      }
+    }
+    float* gr = g_rows + ((idx)b * n + s) * R * W;
+    for (idx c = 0; c < (idx)R * W; ++c) gr[c] = (float)(wk.total[c] / (double)ar[c]);
+    g_amp[(idx)b * n + s] = r_src / ar[(idx)row_of[sz] * W + sc_col];
+  });
+  return ok ? 0 : 1;
+}
+
+}  // extern "C"
+"""
