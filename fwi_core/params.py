@@ -32,14 +32,16 @@ _DESCRIBE = {INT: "an integer", FLOAT: "a number", BOOL: "True or False", STR: "
 #: (a test keeps these in step with ``kernels/*.py``).
 KERNEL_PARAMETERS: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "train": {
-        "data_root": (PATH, NONE), "output_dir": (PATH,), "model_name": (STR,), "model_kwargs": (DICT,),
-        "epochs": (INT, NONE), "batch_size": (INT,), "lr": (FLOAT,), "schedule": (STR,), "restart_epochs": (INT,),
-        "restart_cycles": (INT,), "ema_decay": (FLOAT,), "amp": (STR,), "folds": (INT,), "fold": (INT,),
-        "time_budget": (FLOAT, NONE), "seed": (INT,), "max_train_samples": (INT,), "max_val_samples": (INT,),
-        "flip_prob": (FLOAT,), "scale_prob": (FLOAT,), "scale_range": (PAIR,), "noise_prob": (FLOAT,),
-        "noise_std": (FLOAT,), "pde_weight": (FLOAT,), "pde_every": (INT,), "pde_samples": (INT,),
-        "sim_fraction": (FLOAT,), "sim_kwargs": (DICT,), "backbone_checkpoint": (PATH, NONE),
-        "ensemble_runs": (LIST,), "num_workers": (INT,), "show_samples": (INT,),
+        "preset": (STR, NONE), "data_root": (PATH, NONE), "output_dir": (PATH,), "model_name": (STR, NONE),
+        "model_kwargs": (DICT,), "epochs": (INT, NONE), "batch_size": (INT, NONE), "lr": (FLOAT, NONE),
+        "schedule": (STR, NONE), "restart_epochs": (INT, NONE), "restart_cycles": (INT, NONE),
+        "ema_decay": (FLOAT, NONE), "amp": (STR, NONE), "folds": (INT, NONE), "fold": (INT, NONE),
+        "time_budget": (FLOAT, NONE), "seed": (INT, NONE), "max_train_samples": (INT, NONE),
+        "max_val_samples": (INT, NONE), "flip_prob": (FLOAT, NONE), "scale_prob": (FLOAT, NONE),
+        "scale_range": (PAIR, NONE), "noise_prob": (FLOAT, NONE), "noise_std": (FLOAT, NONE),
+        "pde_weight": (FLOAT, NONE), "pde_every": (INT, NONE), "pde_samples": (INT, NONE),
+        "sim_fraction": (FLOAT, NONE), "sim_kwargs": (DICT,), "backbone_checkpoint": (PATH, NONE),
+        "num_workers": (INT, NONE), "ensemble_runs": (LIST,), "show_samples": (INT,),
     },
     "infer": {
         "data_root": (PATH, NONE), "checkpoints": (LIST,), "checkpoint_dirs": (LIST,), "checkpoint_kind": (STR,),

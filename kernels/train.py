@@ -7,37 +7,39 @@
 # against the truth. The best checkpoint lands in `output_dir` for the `infer` kernel.
 
 # %% tags=["parameters"]
+preset = "auto"  # auto: kaggle_t4 on Kaggle, gpu on another CUDA machine, cpu otherwise; or smoke (fwi_core/train/presets.py)
 data_root = None  # None: find the competition data (Kaggle mounts, $FWI_DATA)
 output_dir = "."  # where checkpoints, logs and plots go (/kaggle/working on Kaggle)
-model_name = "inversionnet_small"
-model_kwargs = {}  # e.g. {"family_init": "flatvel", "num_families": 10} for specproj_unet
-epochs = None  # None: on Kaggle 0, i.e. train until the time budget (the schedule spans it); elsewhere 10
-batch_size = 16
-lr = 1e-3
-schedule = "cosine"  # cosine | onecycle | cosine_restarts (a snapshot per cycle) | constant
-restart_epochs = 1  # cosine_restarts in epoch mode: epochs per cycle
-restart_cycles = 3  # cosine_restarts in time mode (epochs 0): cycles over the budget
-ema_decay = 0.999  # EMA of the weights, evaluated beside the raw ones (0: off)
-amp = "fp16"  # off | bf16 | fp16 (fp16 on Kaggle T4; degrades gracefully on CPU)
-folds = 5
-fold = 0
-time_budget = None  # seconds of training; None: the platform's default
-seed = 0
-max_train_samples = 0  # 0: all
-max_val_samples = 0  # 0: all
-flip_prob = 0.5
-scale_prob = 0.0  # amplitude scaling of the gathers (source strength), factor in scale_range
-scale_range = (0.5, 2.0)
-noise_prob = 0.0  # additive Gaussian noise, noise_std x the sample's RMS
-noise_std = 0.05
-pde_weight = 0.0  # PDE-consistency term: misfit of simulate(prediction) against the gathers (GPU advised)
-pde_every = 4  # ... computed every k-th step, on pde_samples samples of the batch (0: all)
-pde_samples = 2
-sim_fraction = 0.0  # fraction of each epoch's samples freshly simulated from the 10 family generators
-sim_kwargs = {}  # SimulatedDataset options, e.g. {"augment": {"crop": 0.3, "warp": 0.3, "blend": 0.2}}
+# Training settings: None (and {}) keep the preset's value (the table printed below lists them all)
+model_name = None  # e.g. "convnext_unet", "specproj_unet", "inversionnet"
+model_kwargs = {}  # {}: the preset's; e.g. {"family_init": "flatvel", "num_families": 10} for specproj_unet
+epochs = None  # 0: train until the time budget (the schedule spans it)
+batch_size = None
+lr = None
+schedule = None  # cosine | onecycle | cosine_restarts (a snapshot per cycle) | constant
+restart_epochs = None  # cosine_restarts in epoch mode: epochs per cycle
+restart_cycles = None  # cosine_restarts in time mode (epochs 0): cycles over the budget
+ema_decay = None  # EMA of the weights, evaluated beside the raw ones (0: off)
+amp = None  # off | bf16 | fp16 (fp16 on Kaggle's T4)
+folds = None
+fold = None
+time_budget = None  # seconds of training; None: the preset's (none: the platform's session limit)
+seed = None
+max_train_samples = None  # 0: all
+max_val_samples = None  # 0: all
+flip_prob = None
+scale_prob = None  # amplitude scaling of the gathers (source strength), factor in scale_range
+scale_range = None
+noise_prob = None  # additive Gaussian noise, noise_std x the sample's RMS
+noise_std = None
+pde_weight = None  # PDE-consistency term: misfit of simulate(prediction) against the gathers (GPU advised)
+pde_every = None  # ... computed every k-th step, on pde_samples samples of the batch (0: all)
+pde_samples = None
+sim_fraction = None  # fraction of each epoch's samples freshly simulated from the 10 family generators
+sim_kwargs = {}  # {}: the preset's; SimulatedDataset options, e.g. {"augment": {"crop": 0.3, "warp": 0.3, "blend": 0.2}}
 backbone_checkpoint = None  # stage-wise: train model_name on the residual of this frozen checkpoint
+num_workers = None
 ensemble_runs = []  # earlier run folders (e.g. attached outputs of other folds/models): fit ensemble weights
-num_workers = 2
 show_samples = 4
 
 # %%
@@ -49,30 +51,23 @@ from fwi_core.data import find_competition_root
 from fwi_core.scoring import format_table, score_predictions
 from fwi_core.plotting import plot_curves, plot_predictions, show
 from fwi_core.params import check_parameters
-from fwi_core.train import TrainConfig, default_epochs, detect_platform, train
+from fwi_core.train import TrainConfig, detect_platform, train
+from fwi_core.train.cli import default_help
 
 check_parameters("train", globals())  # a value of the wrong type fails here, naming the parameter
 root = find_competition_root(data_root)
 out = Path(output_dir)
 out.mkdir(parents=True, exist_ok=True)
 platform = detect_platform()
+# the preset's values, then every parameter above that is not None (the CLI does the same)
+cfg = TrainConfig.from_kernel(globals()).replace(data=str(root), out=str(out))
 print("platform:", platform, "| data:", root, "| output:", out.resolve())
-if epochs is None:  # on Kaggle: train until the session's budget, the schedule spanning it
-    epochs = default_epochs(platform, time_budget)
-print("epochs:", epochs or "until the time budget (time-mode schedule)")
+print(f"preset {cfg.preset}:")
+for key, value in cfg.to_dict().items():
+    if key not in ("data", "out"):
+        print(f"  {key:<22} {value!r:<28} {default_help(key, getattr(TrainConfig(), key))}")
 
 # %%
-cfg = TrainConfig(
-    data=str(root), out=str(out), model=model_name, model_kwargs=dict(model_kwargs),
-    epochs=epochs, batch_size=batch_size, lr=lr, ema_decay=ema_decay, amp=amp, schedule=schedule,
-    restart_epochs=restart_epochs, restart_cycles=restart_cycles,
-    folds=folds, fold=fold, time_budget=time_budget, seed=seed,
-    max_train_samples=max_train_samples, max_val_samples=max_val_samples,
-    flip_prob=flip_prob, num_workers=num_workers, scale_prob=scale_prob, scale_range=tuple(scale_range),
-    noise_prob=noise_prob, noise_std=noise_std, pde_weight=pde_weight, pde_every=pde_every,
-    pde_samples=pde_samples, sim_fraction=sim_fraction, sim_kwargs=dict(sim_kwargs),
-    backbone_checkpoint=backbone_checkpoint,
-)
 result = train(cfg)
 print("stopped:", result["stopped_reason"], "| best validation MAE:", round(result["best_val_mae"], 2), "m/s")
 print("best checkpoint:", result["best_checkpoint"])
@@ -126,7 +121,7 @@ if tuned["improved"]:
 # kernel's `consistency` stage flags test maps above it.
 
 # %%
-if model_name == "invertible_unet":
+if cfg.model == "invertible_unet":
     import torch
 
     from fwi_core.inverse_consistency import ConsistencyFlagger
@@ -148,17 +143,18 @@ if model_name == "invertible_unet":
 # %% [markdown]
 # ## Ensemble weights from out-of-fold predictions
 #
-# With `ensemble_runs` (run folders of other folds or models trained by this kernel), the
-# out-of-fold predictions of all runs fit the ensemble's weights per family (equal, static
-# and optimised, compared on held-out folds) and `ensemble.json` is written beside the
-# checkpoints for the `infer` kernel's `ensemble_config`.
+# With `ensemble_runs` (run folders of other folds or models, e.g. earlier outputs of this
+# kernel attached under `/kaggle/input/<name>/`; folders that trained the same model on
+# other folds count as one model whatever their names), the out-of-fold predictions of all
+# runs score equal, static and optimised weights and the single best model on held-out
+# folds, as the infer kernel will apply them; the best is written to `ensemble.json` for the
+# `infer` kernel's `ensemble_config`, and its score is the one printed.
 
 # %%
 if ensemble_runs:
-    from fwi_core.ensemble import fit_ensemble
+    from fwi_core.ensemble import fit_ensemble, format_comparison
 
     fitted = fit_ensemble([*ensemble_runs, out], out_json=out / "ensemble.json")
-    print("ensemble:", fitted["config"], "| weighting:", fitted["selected"])
-    print(format_table({fam: {k: v for k, v in row.items() if k in ("equal", "static", "optimised")}
-                        for fam, row in fitted["comparison"]["table"].items()}))
-
+    print(format_comparison(fitted["comparison"]))
+    print(f"ensemble: {fitted['config']} | deployed weighting: {fitted['selected']}, held-out OOF MAE "
+          f"{fitted['deployed_mae']:.2f} m/s" + (f" | warning: {fitted['warning']}" if fitted["warning"] else ""))

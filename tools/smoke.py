@@ -3,7 +3,8 @@
 1. make a small synthetic dataset in the competition layout (``tools.synth``) unless one
    is already there;
 2. build the notebooks (``tools.build``);
-3. run ``build/train/train.ipynb`` and then ``build/infer/infer.ipynb`` with papermill on
+3. run ``build/train/train.ipynb`` (with ``preset = "smoke"``: ``fwi_core/train/presets.py``)
+   and then ``build/infer/infer.ipynb`` with papermill on
    a real ipykernel, from a working directory where ``fwi_core`` is not importable (so
    the notebooks prove they are self-contained);
 4. validate ``submission.csv`` and print its MAE against the true test velocities.
@@ -47,11 +48,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "smoke")
     ap.add_argument("--samples-per-family", type=int, default=16)
     ap.add_argument("--test-samples", type=int, default=20)
-    ap.add_argument("--model", default="inversionnet_small")
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--time-budget", type=float, default=240.0, help="seconds of training")
+    # the training settings are the "smoke" preset's (fwi_core/train/presets.py); these override them
+    ap.add_argument("--model", default=None, help="default: the smoke preset's")
+    ap.add_argument("--epochs", type=int, default=None, help="default: the smoke preset's")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the smoke preset's")
+    ap.add_argument("--lr", type=float, default=None, help="default: the smoke preset's")
+    ap.add_argument("--time-budget", type=float, default=None, help="seconds of training (default: the preset's)")
     ap.add_argument("--infer-budget", type=float, default=90.0,
                     help="seconds of the infer notebook (from its kernel's start): the planner's deadline")
     ap.add_argument("--timeout", type=int, default=1800, help="per-cell timeout (s)")
@@ -82,11 +84,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ["FWI_PROGRESS"] = "0"  # progress bars would print one log line per update
     _check_not_importable(workdir, env)
 
+    given = {"model_name": a.model, "epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr,
+             "time_budget": a.time_budget}
     t_train = run_notebook(ROOT / "build/train/train.ipynb", out / "train.out.ipynb", {
-        "data_root": str(data), "output_dir": str(out), "model_name": a.model, "epochs": a.epochs,
-        "batch_size": a.batch_size, "lr": a.lr, "ema_decay": 0.95, "folds": 5, "fold": 0,
-        "time_budget": a.time_budget, "schedule": "cosine_restarts", "restart_epochs": max(1, a.epochs // 3),
-        "num_workers": 0, "amp": "off", "scale_prob": 0.3, "noise_prob": 0.3,
+        "preset": "smoke", "data_root": str(data), "output_dir": str(out),
+        **{k: v for k, v in given.items() if v is not None},
     }, workdir, a.timeout)
     t_infer = run_notebook(ROOT / "build/infer/infer.ipynb", out / "infer.out.ipynb", {
         "data_root": str(data), "checkpoints": [], "checkpoint_dirs": [str(out)], "output_dir": str(out),

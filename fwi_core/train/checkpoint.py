@@ -222,7 +222,8 @@ class RunCheckpoints:
                 "ema_n_averaged": int(m.ema.n_averaged) if m.ema is not None else 0,
                 # per rank: RNG states and the running loss of the epoch so far
                 "ranks": all_gather_objects({"rng": rng_state(), "loss_sum": float(s.loss_sum),
-                                             "loss_count": s.loss_count}, self.dist),
+                                             "loss_count": s.loss_count, "pde_sum": float(s.pde_sum),
+                                             "pde_count": s.pde_count}, self.dist),
                 "epoch": s.epoch, "batch": s.batch, "step": s.step, "accum": s.accum,
                 "best_value": s.best_value, "best_step": s.best_step, "bad_evals": s.bad_evals,
                 "history": plain(s.history), "family_best": plain(s.family_best),
@@ -276,7 +277,17 @@ class RunCheckpoints:
             log.warning("resuming %s with changed settings %s: the result will differ from an "
                         "uninterrupted run", path, changed)
         m, st, s, saved = self.model, self.stepper, self.state, ckpt["state"]
-        m.raw.load_state_dict(ckpt["model"])
+        meta = ckpt["metadata"]
+        mismatch = (f"resume={path}: the run trained {meta.get('model')} "
+                    f"{json.dumps(plain(meta.get('model_kwargs') or {}))} but this config builds {m.name} "
+                    f"{json.dumps(plain(dict(m.kwargs)))}: resume with the run's model (python -m fwi_core.train "
+                    "--out RUN --resume restores it from config.json) or use a new out folder")
+        if meta.get("model") != m.name:
+            raise ConfigError(mismatch)
+        try:              # other kwargs may fit the same weights (e.g. a dropout rate)
+            m.raw.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            raise ConfigError(f"{mismatch} ({str(exc).splitlines()[0]})") from None
         if m.ema is not None:
             if ckpt["ema"] is None:
                 raise ConfigError(f"resume={path}: the checkpoint has no EMA weights; set ema_decay=0")
@@ -299,31 +310,54 @@ class RunCheckpoints:
         mine = ranks[self.dist.rank] if len(ranks) == self.dist.world_size else ranks[0]
         s.loss_sum.fill_(mine["loss_sum"])
         s.loss_count = mine["loss_count"]
+        s.pde_sum, s.pde_count = float(mine.get("pde_sum", 0.0)), int(mine.get("pde_count", 0))
         return [r["rng"] for r in ranks]
 
     def rebase_schedule(self, old_cfg: Dict[str, Any], saved: Dict[str, Any]) -> None:
         """After loading the scheduler of a run of another length (epochs changed, or a
         time-mode run resumed with a new budget): go on from the current step and
-        learning rate over the new length instead of crashing or climbing back up."""
-        st = self.stepper
+        learning rate over the new length instead of crashing or climbing back up. A run
+        whose schedule had annealed to its end warms back up to ``lr`` over
+        ``rewarm_fraction`` of the new length, then anneals over the rest. A changed
+        ``lr`` becomes the new peak."""
+        st, cfg = self.stepper, self.cfg
         fn = st.schedule
         step = int(saved["step"])
         progress = float(saved.get("progress", fn._progress(step)))
         self.state.cycle = int(saved.get("cycle", 0))
         old_total = fn.total
+        factor = fn(step)             # where the loaded schedule stands
+        if old_cfg.get("lr", cfg.lr) != cfg.lr:
+            st.scheduler.base_lrs = [cfg.lr for _ in st.optimizer.param_groups]
+            for g in st.optimizer.param_groups:
+                g["initial_lr"] = cfg.lr
+            log.info("learning rate changed from %g to %g on resume: the schedule's peak is now %g",
+                     old_cfg.get("lr"), cfg.lr, cfg.lr)
+        rewarm = cfg.rewarm_fraction if fn.finished(progress) else 0.0
         if self.budget.time_mode:
+            if rewarm:      # a finished anneal: the new budget is a new schedule, warming up first
+                progress = 0.0
             # progress goes on from where it stopped to 1 over the new budget
             self.state.progress0 = progress
             fn.progress = progress
-            if old_total:     # was a step-mode run: anneal from the current rate
-                fn.rebase(step, 0, fn(step), progress)
-                log.info("resumed a %d-step schedule in time mode: annealing over the new budget", old_total)
+            if old_total or rewarm:     # was a step-mode run, or had finished: anneal from the current rate
+                fn.rebase(step, 0, factor, progress, rewarm)
+                log.info("resumed a %s schedule in time mode: %s over the new budget",
+                         f"{old_total}-step" if old_total else "finished",
+                         f"warming up over {rewarm:.0%} of it, then annealing" if rewarm else "annealing")
+            st.set_lr(step)
             return
-        if old_total != self.total_steps:
-            factor = fn(step)
-            fn.rebase(step, self.total_steps, factor, progress)
+        if old_total != self.total_steps or rewarm:
+            if rewarm and step >= self.total_steps - 1:
+                rewarm = 0.0         # nothing left to train: stay annealed
+            fn.rebase(step, self.total_steps, factor, progress, rewarm)
             st.set_lr(step)
             st.scheduler._last_lr = [g["lr"] for g in st.optimizer.param_groups]
-            log.info("schedule length changed from %s to %d steps (epochs %s -> %d): continuing from step %d "
-                     "at %.3g of the learning rate", old_total or "time budget", self.total_steps,
-                     old_cfg.get("epochs"), self.cfg.epochs, step, factor)
+            if rewarm:
+                log.info("the run had annealed to the end of its schedule (step %d): warming the learning rate back "
+                         "up from %.3g to %g over %.0f%% of the %d new steps, then annealing to step %d", step,
+                         factor * cfg.lr, cfg.lr, 100 * rewarm, self.total_steps - step, self.total_steps)
+            else:
+                log.info("schedule length changed from %s to %d steps (epochs %s -> %d): continuing from step %d "
+                         "at %.3g of the learning rate", old_total or "time budget", self.total_steps,
+                         old_cfg.get("epochs"), self.cfg.epochs, step, factor)

@@ -16,6 +16,8 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..errors import ConfigError
 from ..models import is_model, list_models
+from ..params import KERNEL_PARAMETERS
+from .presets import AUTO, PRESETS, preset_values, resolve_preset
 
 AMP_MODES = ("off", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "onecycle", "cosine_restarts")
@@ -23,6 +25,8 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 MONITORS = ("mae", "mae_raw", "mae_ema", "family_mae", "boundary_iou", "ssim")
 #: Monitors that improve upwards (the others are errors, minimised).
 MAXIMISED = ("boundary_iou", "ssim")
+#: Train-kernel parameters whose TrainConfig field has another name.
+KERNEL_NAMES = {"model_name": "model"}
 
 
 @dataclass
@@ -93,16 +97,25 @@ class TrainConfig:
             with a checkpoint (0: no limit; None: the platform's session limit, counted
             from the start of the process, e.g. 11.5 h on Kaggle, none locally);
         max_steps: stop (resumably) after this many optimizer steps (0: no limit).
+        oof_mc_passes: >= 2: the out-of-fold file also holds the variance of that many
+            MC-dropout passes (``mc_var``, m/s^2), a feature for the ensemble's
+            meta-learner (0: none; models without dropout give zeros).
     Checkpoints:
         keep_last: rolling full checkpoints to keep (``best.pt`` is kept apart);
         checkpoint_every: also checkpoint every N optimizer steps (0: at epoch ends only);
         resume: a checkpoint file, a run folder (its latest checkpoint), or "auto" (the
             latest in ``out`` if any).
     Misc:
-        seed; device ("auto": CUDA if present); log_every (steps between loss syncs and
-        progress-bar updates).
+        seed; device ("auto": CUDA if present); log_every (steps between loss syncs,
+        progress-bar updates and log lines; the first steps 1, 2, 4, ... are logged too).
+        preset: the recipe the values came from (:mod:`fwi_core.train.presets`; set by
+        :meth:`from_dict` / the CLI / the kernel, which expand it; None: the defaults).
+        rewarm_fraction: resuming a run whose schedule had annealed to its end with a
+        longer length warms the learning rate back up to ``lr`` linearly over this
+        fraction of the new remainder, then anneals over the rest (0: stay annealed).
     """
 
+    preset: Optional[str] = None
     data: Optional[str] = None
     out: Optional[str] = None
     model: str = "inversionnet"
@@ -112,7 +125,7 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     optimizer: str = "adamw"
-    lr: float = 1e-4
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     amp: str = "off"
     grad_clip: float = 1.0
@@ -126,8 +139,8 @@ class TrainConfig:
     family_loss_weight: float = 0.1
     latent_weight: float = 0.01
     pde_weight: float = 0.0
-    pde_every: int = 1
-    pde_samples: int = 0
+    pde_every: int = 4
+    pde_samples: int = 2
     pde_shots: Tuple[int, ...] = ()
     pde_time: int = 0
     pde_ramp_steps: int = 0
@@ -136,7 +149,7 @@ class TrainConfig:
     scale_range: Tuple[float, float] = (0.5, 2.0)
     noise_prob: float = 0.0
     noise_std: float = 0.05
-    flip_prob: float = 0.0
+    flip_prob: float = 0.5
     balance_families: bool = False
     folds: int = 5
     fold: int = 0
@@ -145,6 +158,7 @@ class TrainConfig:
     min_delta: float = 0.0
     time_budget: Optional[float] = None
     max_steps: int = 0
+    oof_mc_passes: int = 0
     keep_last: int = 2
     checkpoint_every: int = 0
     resume: Optional[str] = None
@@ -157,6 +171,7 @@ class TrainConfig:
     device: str = "auto"
     sync_bn: bool = False
     log_every: int = 50
+    rewarm_fraction: float = 0.05
 
     def __post_init__(self):
         if isinstance(self.scale_range, list):   # from JSON
@@ -172,7 +187,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
         """Build from a dict (e.g. JSON); unknown keys raise :class:`ConfigError`.
-        ``model_kwargs`` may be a dict or a JSON string."""
+        ``model_kwargs`` may be a dict or a JSON string. With a ``preset`` key (a name of
+        :data:`~fwi_core.train.presets.PRESETS`, or "auto"), the preset's values fill
+        every key ``d`` does not give, and ``preset`` holds the resolved name."""
         if not isinstance(d, dict):
             raise ConfigError(f"a TrainConfig needs a dict (JSON object) of settings, got {type(d).__name__}")
         d = dict(d)
@@ -180,6 +197,12 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown TrainConfig keys [{', '.join(unknown)}]; valid keys: "
                               f"{', '.join(cls.field_names())}")
+        if d.get("preset") is not None:
+            name = resolve_preset(d["preset"])
+            preset = preset_values(name)
+            if "model" in d and d["model"] != preset.get("model", d["model"]):
+                preset.pop("model_kwargs", None)     # the preset's kwargs are its own model's
+            d = {**preset, **d, "preset": name}
         for key in ("model_kwargs", "sim_kwargs", "pde_simulate_kwargs"):
             if isinstance(d.get(key), str):
                 try:
@@ -189,6 +212,27 @@ class TrainConfig:
         if d.get("model_kwargs") is None:
             d["model_kwargs"] = {}
         return cls(**d)
+
+    @classmethod
+    def from_kernel(cls, params: Dict[str, Any]) -> "TrainConfig":
+        """The train kernel's configuration from its parameters (its ``globals()``):
+        ``preset`` (default "auto"), then every parameter that names a field
+        (``model_name``: ``model``) and is neither None nor an empty dict (None and {}
+        keep the preset's value). The CLI builds the same dict from its flags
+        (:func:`fwi_core.train.cli.config_from_args`)."""
+        fields = set(cls.field_names())
+        values: Dict[str, Any] = {"preset": params.get("preset", AUTO)}
+        for name in KERNEL_PARAMETERS["train"]:
+            key, value = KERNEL_NAMES.get(name, name), params.get(name)
+            if key in fields and key != "preset" and value is not None and not (isinstance(value, dict)
+                                                                                and not value):
+                values[key] = value
+        if values["preset"] is None:
+            values.pop("preset")
+        for key in ("scale_range", "pde_shots"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+        return cls.from_dict(values)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -253,6 +297,8 @@ class TrainConfig:
             if value not in options:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(options)}")
 
+        if self.preset is not None:
+            choice("preset", self.preset, list(PRESETS))
         choice("amp", self.amp, AMP_MODES)
         choice("schedule", self.schedule, SCHEDULES)
         choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -282,6 +328,10 @@ class TrainConfig:
             raise ConfigError("lr, weight_decay, grad_clip and min_lr must be >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1) (0 turns EMA off), got {self.ema_decay}")
+        if self.oof_mc_passes < 0 or self.oof_mc_passes == 1:
+            raise ConfigError(f"oof_mc_passes must be 0 (off) or >= 2, got {self.oof_mc_passes}")
+        if not 0.0 <= self.rewarm_fraction < 1.0:
+            raise ConfigError(f"rewarm_fraction must be in [0, 1), got {self.rewarm_fraction}")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ConfigError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
         for name in ("pde_every", ):

@@ -170,13 +170,32 @@ class TrainData:
     def train_loader(self, epoch: int, start_batch: int) -> DataLoader:
         """The batches of ``epoch`` from ``start_batch`` on (this rank's share)."""
         if hasattr(self.train_ds, "set_epoch"):   # simulated data: a fresh block every epoch
-            self.train_ds.set_epoch(epoch)
+            self._simulate_block(epoch)
         self.sampler.set_epoch(epoch)
         self.sampler.start = start_batch * self.per_rank
         return DataLoader(self.train_ds, batch_size=self.per_rank, sampler=self.sampler, drop_last=True,
                           num_workers=self.cfg.num_workers, pin_memory=self.dist.device.type == "cuda",
                           generator=torch.Generator().manual_seed(mix_seed(self.cfg.seed, epoch, 1)),
                           worker_init_fn=_worker_init)
+
+    def _simulate_block(self, epoch: int) -> None:
+        """``set_epoch``: make (or load) the epoch's simulated block, with a log line
+        before (it can take minutes) and after (how long it took)."""
+        sim = getattr(self.train_ds, "simulated", None)
+        fresh = sim is not None and getattr(self.train_ds, "n_sim", 0) and getattr(sim, "epoch", None) != epoch
+        if fresh and self.dist.is_main:
+            last = getattr(sim, "last_block", None) or {}
+            eta = f", about {self.train_ds.n_sim / last['samples_per_s']:.0f} s at the last block's rate" \
+                if last.get("samples_per_s") and not last.get("from_cache") else ""
+            log.info("epoch %d: simulating %d fresh samples on %s (blocks of %d)%s ...", epoch, self.train_ds.n_sim,
+                     getattr(sim, "device", "?"), getattr(sim, "sim_batch", 0), eta)
+        self.train_ds.set_epoch(epoch)
+        if fresh and self.dist.is_main:
+            last = getattr(sim, "last_block", None) or {}
+            if last:
+                log.info("epoch %d: %d simulated samples %s in %.1f s (%.1f samples/s)", epoch, last["samples"],
+                         "read from the cache" if last.get("from_cache") else "made", last["seconds"],
+                         last["samples_per_s"])
 
     def val_loader(self, batch_size: int) -> DataLoader:
         """This rank's share of the validation set, as (position, x, y, family)."""

@@ -22,6 +22,7 @@ stopped after any step and resumed ends with the same weights as an uninterrupte
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
@@ -46,6 +47,8 @@ from .step import Stepper
 from .validate import Validator, summarize
 
 __all__ = ["train", "summarize", "Trainer"]
+
+log = logging.getLogger("fwi_core.train")
 
 
 class Trainer:
@@ -119,16 +122,29 @@ class Trainer:
         x, y, flipped = self.augment(x, y, s.epoch, s.batch)
         return Batch(x, y, fam_idx, observed, flipped)
 
+    def _due(self) -> bool:
+        """Log after steps 1, 2, 4, 8, ... below ``log_every``, then every ``log_every``."""
+        step, every = self.state.step, self.cfg.log_every
+        return step % every == 0 or (step < every and step & (step - 1) == 0)
+
     def _postfix(self, bar) -> None:
-        loss = float(self.state.loss_sum / max(1, self.state.loss_count))
+        """The running loss, learning rate and PDE term on the progress bar and in the log."""
+        s = self.state
+        loss = float(s.loss_sum / max(1, s.loss_count))
         if not math.isfinite(loss):
-            raise TrainError(f"the training loss is {loss} at step {self.state.step}: lower lr, keep grad_clip "
+            raise TrainError(f"the training loss is {loss} at step {s.step}: lower lr, keep grad_clip "
                              "on, or use amp=bf16 instead of fp16")
-        info = {"loss": f"{loss:.4f}", "lr": f"{self.stepper.lr:.2e}", "ep": self.state.epoch}
+        info = {"loss": f"{loss:.4f}", "lr": f"{self.stepper.lr:.2e}", "ep": s.epoch}
+        if s.pde_count:
+            info["pde"] = f"{s.pde_sum / s.pde_count:.4g}"
         left = self.budget.left_text()
         if left is not None:
             info["budget_left"] = left
         bar.set_postfix(info, refresh=False)
+        if self.dist.is_main:
+            log.info("step %d (epoch %d, batch %d/%d): %s | %.3f s/step", s.step, s.epoch, s.batch,
+                     self.data.steps_per_epoch, " | ".join(f"{k} {v}" for k, v in info.items() if k != "ep"),
+                     self.budget.step_time)
 
     def _checkpoint(self, snapshot: Optional[int]) -> None:
         """Evaluation done: save (``best.pt`` when it improved) and log the row."""
@@ -156,12 +172,16 @@ class Trainer:
                     start = clock()
                     s.loss_sum += self.stepper.train_batch(self._batch(x, y, rest))
                     s.loss_count += 1
+                    pde = self.loss.take_pde()
+                    if pde is not None:
+                        s.pde_sum += float(pde)
+                        s.pde_count += 1
                     s.step += 1
                     s.batch += 1
                     bar.update(1)
-                    if s.step % cfg.log_every == 0:
-                        self._postfix(bar)
                     self.budget.record_step(start)
+                    if self._due():
+                        self._postfix(bar)
                     if s.batch == self.data.steps_per_epoch:
                         break
                     if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0:

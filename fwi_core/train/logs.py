@@ -12,7 +12,7 @@ from ..utils import atomic_path
 
 log = logging.getLogger("fwi_core.train")
 
-FIRST_COLUMNS = ["epoch", "step", "lr", "train_loss", "val_mae", "val_mae_raw", "val_mae_ema",
+FIRST_COLUMNS = ["epoch", "step", "lr", "train_loss", "pde_loss", "val_mae", "val_mae_raw", "val_mae_ema",
                  "family_mae"]
 
 
@@ -63,12 +63,12 @@ def _fmt(v):
 
 
 def save_curves(history: Sequence[Dict], path: os.PathLike) -> bool:
-    """Plot train loss, validation MAE (raw, EMA) and the per-family validation MAE
+    """Plot train loss (and the PDE term), validation MAE (raw, EMA) and the per-family validation MAE
     against the epoch into ``path`` with :func:`fwi_core.plotting.plot_curves` (the same
     three panels the train kernel shows); False when matplotlib is missing or the
     history holds nothing to plot."""
     present = list(dict.fromkeys(k for r in history for k in r))
-    keys = [k for k in ("train_loss", "val_mae_raw", "val_mae_ema") if k in present]
+    keys = [k for k in ("train_loss", "pde_loss", "val_mae_raw", "val_mae_ema") if k in present]
     keys += [k for k in present if k.startswith(("mae_raw/", "mae_ema/"))]   # the per-family panel
     if not history or not keys:
         return False

@@ -97,6 +97,8 @@ class TrainLoss:
         self.cfg, self.model, self.device = cfg, model, device
         self.has_auxiliary = model_capabilities(model).auxiliary_losses
         self.aux_weights = {"family": cfg.family_loss_weight, "latent": cfg.latent_weight}
+        #: unweighted PDE-term values of the current step's micro-batches (see :meth:`take_pde`)
+        self.pde_values: List[torch.Tensor] = []
 
     def __call__(self, pred: torch.Tensor, batch: Batch, step: int) -> torch.Tensor:
         """The loss of ``batch`` (a micro-batch) at optimizer step ``step``, after the
@@ -106,8 +108,19 @@ class TrainLoss:
             for name, value in self.model.auxiliary_losses(batch.family_idx).items():
                 loss = loss + self.aux_weights.get(name, 1.0) * value.float()
         if batch.observed is not None and step % self.cfg.pde_every == 0:
-            loss = loss + self.pde_weight(step) * self.pde_term(pred, batch.observed, batch.flipped)
+            term = self.pde_term(pred, batch.observed, batch.flipped)
+            self.pde_values.append(term.detach())
+            loss = loss + self.pde_weight(step) * term
         return loss
+
+    def take_pde(self) -> Optional[torch.Tensor]:
+        """The mean unweighted PDE term of the step just taken (None when the step did not
+        compute it), and forget it (the engine logs it as ``pde_loss``)."""
+        if not self.pde_values:
+            return None
+        value = torch.stack(self.pde_values).mean()
+        self.pde_values.clear()
+        return value
 
     def pde_weight(self, step: int) -> float:
         """``pde_weight``, ramped linearly over the first ``pde_ramp_steps`` steps."""

@@ -22,7 +22,11 @@ resume with a different length, hence :class:`LRSchedule`:
 
 Resuming with another length (more epochs, a new budget) rebases the schedule at the
 current step: from the rate it has reached, it anneals over the new remainder instead of
-jumping (``LRSchedule.rebase``).
+jumping (``LRSchedule.rebase``). A run whose schedule had already annealed to its end
+(a finished cosine or OneCycle run resumed longer) would stay at the minimum and learn
+nothing: it is rebased with a warm-up instead, linear from the rate it reached up to the
+peak over ``rewarm`` (``TrainConfig.rewarm_fraction``, default 5%) of the new remainder,
+then the schedule's anneal over the rest.
 """
 from __future__ import annotations
 
@@ -97,6 +101,7 @@ class LRSchedule:
         self.step_offset = 0     # rebase: the step and factor a resumed run starts from
         self.base_factor: Optional[float] = None
         self.base_progress = 0.0
+        self.rewarm = 0.0        # rebase after a finished anneal: warm-up share of the new remainder
 
     @property
     def time_mode(self) -> bool:
@@ -165,12 +170,30 @@ class LRSchedule:
         else:
             q = (step - self.step_offset) / max(1, self.total - 1 - self.step_offset)
         lo = self.min_ratio if self.name == "cosine" else 1.0 / ONECYCLE_DIV / ONECYCLE_FINAL_DIV
+        if self.rewarm > 0:           # back up from where the finished run stopped to the peak, then anneal
+            if not self.time_mode:    # in steps: the first new step already climbs, the w-th is at the peak
+                i, left = step - self.step_offset, self.total - self.step_offset
+                w = max(1, round(self.rewarm * left))
+                if i < w:
+                    return self.base_factor + (1.0 - self.base_factor) * (i + 1) / w
+                return lo + (1.0 - lo) * _cos((i - w + 1) / max(1, left - w))
+            if q < self.rewarm:
+                return self.base_factor + (1.0 - self.base_factor) * q / self.rewarm
+            return lo + (1.0 - lo) * _cos((q - self.rewarm) / (1.0 - self.rewarm))
         return lo + (self.base_factor - lo) * _cos(q)
 
-    def rebase(self, step: int, total_steps: int, factor: float, progress: float) -> None:
+    def finished(self, progress: float) -> bool:
+        """Had the schedule annealed to its end at ``progress``? (constant and cyclic
+        schedules never finish: their rate comes back by itself)"""
+        return self.name not in ("constant", "cosine_restarts") and progress >= 1.0 - 1e-6
+
+    def rebase(self, step: int, total_steps: int, factor: float, progress: float, rewarm: float = 0.0) -> None:
         """Continue from ``step``, where the factor was ``factor`` and the progress
         ``progress``, with a new length ``total_steps`` (0: time mode, in which the
-        engine's progress goes on from ``progress`` to 1 over the new budget)."""
+        engine's progress goes on from ``progress`` to 1 over the new budget).
+        ``rewarm`` > 0 (a finished anneal resumed longer): warm up from ``factor`` to 1
+        over that share of the new remainder, then anneal over the rest; in time mode
+        the new remainder is the whole new budget (``progress`` should then be 0)."""
         new_total = max(0, int(total_steps))
         if self.name == "cosine_restarts" and new_total and self.cycle_steps < 2:
             raise ConfigError("cosine_restarts: a cycle needs 2 optimizer steps at least")
@@ -185,6 +208,7 @@ class LRSchedule:
         self.step_offset = int(step)
         self.base_factor = float(factor)
         self.base_progress = float(progress)
+        self.rewarm = float(rewarm)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int,

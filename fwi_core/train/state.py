@@ -36,6 +36,8 @@ class RunState:
     improved: bool = False                 # the last evaluation improved on the best
     progress0: float = 0.0                 # time mode: schedule progress when this process started
     cycle: int = 0                         # cosine_restarts: the cycle of the last optimizer step
+    pde_sum: float = 0.0                   # the PDE term's values this epoch (unweighted), for the log
+    pde_count: int = 0
 
     @classmethod
     def start(cls, accum: int, device: torch.device) -> "RunState":

@@ -91,6 +91,7 @@ class Stepper:
 
     def _forward_backward(self, batch: Batch) -> torch.Tensor:
         n = len(batch)
+        self.loss.pde_values.clear()      # a retried step logs its own terms only
         parts = batch.split(self.state.accum)
         total = torch.zeros((), device=batch.x.device)
         for i, part in enumerate(parts):

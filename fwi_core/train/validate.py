@@ -14,6 +14,7 @@ import torch
 
 from ..data import denormalize_velocity
 from ..errors import TrainError
+from ..inference import predict_mc_dropout
 from ..metrics import boundary_iou, mae, per_family, ssim
 from ..models.checkpoint import load_checkpoint
 from ..utils import atomic_path
@@ -103,11 +104,15 @@ class Validator:
         early stopping, and the epoch's running train loss carries on past them."""
         s, data = self.state, self.data
         train_loss = float(mean_over_ranks(s.loss_sum / max(1, s.loss_count), self.dist))
+        row = {"epoch": round(s.epoch + s.batch / data.steps_per_epoch, 4), "step": s.step,
+               "lr": lr, "train_loss": train_loss}
+        if self.cfg.pde_weight > 0:      # the PDE term's mean (unweighted) over the epoch's steps that had it
+            pde = torch.tensor(s.pde_sum / s.pde_count if s.pde_count else float("nan"), device=self.device)
+            row["pde_loss"] = float(mean_over_ranks(pde, self.dist))
         if not partial:
             s.loss_sum.zero_()
             s.loss_count = 0
-        row = {"epoch": round(s.epoch + s.batch / data.steps_per_epoch, 4), "step": s.step,
-               "lr": lr, "train_loss": train_loss}
+            s.pde_sum, s.pde_count = 0.0, 0
         improved = data.val_ds is None   # without validation the latest weights count as best
         metrics = None
         if data.val_ds is not None:
@@ -208,10 +213,25 @@ class Validator:
         model.load_state_dict(ckpt["ema"] if source == "ema" else ckpt["model"])
         values, pred, target = self.predict({source: model}, keep=source)
         maes = {source: values[source]}
+        extra = {}
+        if self.cfg.oof_mc_passes >= 2:
+            extra["mc_var"] = self.mc_variance(model, self.cfg.oof_mc_passes)
         if self.dist.is_main:
             with atomic_path(path, suffix=".npz") as tmp:
                 with open(tmp, "wb") as f:
                     np.savez(f, indices=self.data.val_ids, pred=pred, target=target,
                              family=np.asarray(self.data.val_families, dtype=str), mae=maes[source],
-                             fold=np.int64(self.cfg.fold), source=np.asarray(source))
+                             fold=np.int64(self.cfg.fold), source=np.asarray(source), **extra)
         return path
+
+    def mc_variance(self, model: torch.nn.Module, passes: int) -> np.ndarray:
+        """(N, H, W) float32 variance (m/s^2) of ``passes`` MC-dropout predictions of every
+        validation sample, gathered over ranks in dataset order."""
+        pos, var = [], []
+        for idx, x, _, _ in self.data.val_loader(self.eval_batch):
+            _, v = predict_mc_dropout(model, x.to(self.device), passes)
+            pos.append(idx.numpy())
+            var.append(v[:, 0].cpu().numpy().astype(np.float32))
+        parts = all_gather_objects((pos, var), self.dist)
+        order = np.argsort(_cat([a for p in parts for a in p[0]]), kind="stable")
+        return _cat([a for p in parts for a in p[1]])[order]

@@ -102,7 +102,7 @@ def tiny_cfg(tmp_path, **over):
 
     base = dict(out=str(tmp_path / "run"), model="tiny_fwi", epochs=2, batch_size=4, lr=3e-3,
                 num_workers=0, device="cpu", ema_decay=0.9, patience=0, log_every=1,
-                time_budget=0, schedule="cosine", folds=0)
+                time_budget=0, schedule="cosine", folds=0, flip_prob=0.0, pde_every=1, pde_samples=0)
     base.update(over)
     return TrainConfig(**base)
 

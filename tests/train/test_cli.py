@@ -68,8 +68,8 @@ def test_cli_end_to_end_on_layout_data_then_runs_table(tmp_path, capsys):
 
     assert runs.main([str(tmp_path / "runs"), "--csv", str(tmp_path / "runs.csv")]) == 0
     table = capsys.readouterr().out
-    assert table.splitlines()[0].startswith("| run | model | platform | fold |")
-    assert "| inv-f0 | inversionnet | local | 0/2 | 2 |" in table
+    assert table.splitlines()[0].startswith("| run | model | platform | device | fold | epochs |")
+    assert "| inv-f0 | inversionnet | local | cpu (" in table and " | 0/2 | 2 | 2 | " in table
     assert "mae:CurveFault_A" in table and "mae:FlatVel_A" in table
     assert "completed" in table and (tmp_path / "runs.csv").is_file()
 

@@ -59,7 +59,8 @@ if not is_model("tiny_pde"):
 
 def _cfg(tmp_path, **over):
     base = dict(out=str(tmp_path / "run"), model="tiny_pde", epochs=1, batch_size=2, num_workers=0, device="cpu",
-                ema_decay=0.0, time_budget=0, folds=0, log_every=1, pde_weight=1.0, pde_simulate_kwargs=dict(SIM))
+                ema_decay=0.0, time_budget=0, folds=0, log_every=1, pde_weight=1.0, pde_simulate_kwargs=dict(SIM),
+                flip_prob=0.0, pde_every=1, pde_samples=0)
     base.update(over)
     return TrainConfig(**base)
 

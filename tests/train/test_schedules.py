@@ -140,10 +140,11 @@ def test_resume_with_fewer_epochs_and_time_mode(tmp_path, data, lrs, clock, sche
     before, after, _ = _resume_lrs(tmp_path, data, lrs, schedule, dict(epochs=6, max_steps=14),
                                    dict(epochs=4))
     assert len(after) == 2 and after[-1] < 1e-3 and after[0] <= before[-1]
-    # a third session in time mode (a new budget): anneals from the current rate, no jump
+    # a third session in time mode (a new budget) without re-warming (rewarm_fraction=0): anneals from the
+    # current rate, no jump (test_resume_cli covers the warm-up a finished anneal gets by default)
     n = len(lrs)
     res = train(tiny_cfg(tmp_path, schedule=schedule, lr=1.0, ema_decay=0.0, resume="auto", epochs=0,
-                         time_budget=30.0, model_kwargs={"delay": 1.0}), datasets=data)
+                         time_budget=30.0, model_kwargs={"delay": 1.0}, rewarm_fraction=0.0), datasets=data)
     third = lrs[n:]
     assert res["stopped_reason"] == "time_budget" and len(third) > 5
     assert third[0] <= after[-1] + 1e-12 or third[0] == pytest.approx(after[-1], rel=0.3, abs=1e-3)
