@@ -16,7 +16,8 @@ networks are saved).
 from ..errors import EnsembleConfigError
 from .config import EnsembleConfig, MemberSpec
 from .ensemble import Ensemble, Member, member_name_for
-from .family import FamilyClassifier, train_family_classifier
+from .family import (FamilyClassifier, load_oof_proba, oof_proba_path, save_oof_proba, train_family_classifier,
+                     train_family_classifier_oof)
 from .fit import fit_ensemble
 from .meta import (MetaFeatureSpec, MetaLearner, evaluate_meta_learner, meta_features, physics_misfit,
                    train_meta_learner)
@@ -31,6 +32,6 @@ __all__ = [
     "member_name_for", "weights_from_validation", "optimize_weights", "compare_weightings",
     "format_comparison", "member_family_mae", "mc_dropout_predict", "inverse_variance_weights",
     "mixture_variance", "uncertainty_map", "crf_confidence", "FamilyClassifier", "train_family_classifier",
-    "MetaFeatureSpec", "MetaLearner", "meta_features", "physics_misfit", "train_meta_learner",
+    "train_family_classifier_oof", "oof_proba_path", "save_oof_proba", "load_oof_proba", "MetaFeatureSpec", "MetaLearner", "meta_features", "physics_misfit", "train_meta_learner",
     "evaluate_meta_learner", "fit_ensemble",
 ]

@@ -7,6 +7,14 @@ set (whose families are unknown) and as a meta-learner feature.
     clf.predict(x_norm)         # B family names
     clf.save("family_classifier.pt"); FamilyClassifier.load("family_classifier.pt")
 
+Out of fold: the classifier's probabilities on the very samples it trained on are nearly
+one-hot (it has seen their labels), so features computed from them leak the label into the
+meta-learner and flatter per-family weights. :func:`train_family_classifier_oof` trains one
+classifier per fold on the other folds (the engine's family folds: same ``folds`` and
+``seed``) and keeps each sample's probabilities from the classifier that did not see it
+(``<classifier>.oof.npz``, read by ``fit_ensemble``), plus the classifier trained on
+everything, the one deployed (``python -m fwi_core.ensemble train-classifier``).
+
 The network downsamples the normalised gathers (B, S, T, R) by adaptive average pooling
 of the signal and of its magnitude (so oscillating wavelets do not cancel) to
 (2S, time_size, receiver_size), then runs four strided ConvBnAct blocks, global average
@@ -25,13 +33,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..data import family_kfold
 from ..models.blocks import ConvBnAct
-from ..utils import progress_bar
+from ..utils import atomic_path, progress_bar
 from .saved import SavedModule
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["FamilyClassifier", "train_family_classifier"]
+__all__ = ["FamilyClassifier", "train_family_classifier", "train_family_classifier_oof", "oof_proba_path",
+           "save_oof_proba", "load_oof_proba"]
 
 
 class FamilyClassifier(SavedModule, nn.Module):
@@ -206,3 +216,73 @@ def _accuracy(clf: FamilyClassifier, ds, batch_size: int, dev) -> tuple:
             hits.setdefault(str(f), []).append(p == str(f))
     allhits = [h for v in hits.values() for h in v]
     return float(np.mean(allhits)) if allhits else float("nan"), {f: float(np.mean(v)) for f, v in hits.items()}
+
+
+def oof_proba_path(classifier_path: PathLike) -> Path:
+    """Where the out-of-fold probabilities of a saved classifier live:
+    ``family_classifier.pt`` -> ``family_classifier.oof.npz``."""
+    return Path(classifier_path).with_suffix(".oof.npz")
+
+
+def train_family_classifier_oof(dataset, folds: int = 5, seed: int = 0, progress: bool = True,
+                                **train_kwargs) -> tuple:
+    """Cross-fitted family classifier on an ``FWIDataset``.
+
+    For each of the engine's family folds (:func:`fwi_core.data.family_kfold` with the same
+    ``folds`` and ``seed`` as the training runs) a classifier trained on the other folds
+    predicts the fold's samples; then one classifier is trained on every sample.
+
+    Returns:
+        ``(final classifier, oof)``: ``oof`` = ``{"fold": (N,), "index": (N,) global
+        sample indices, "proba": (N, F) probabilities from the classifier that did not
+        train on the sample, "families": (F,) column names, "true": (N,) true families,
+        "trained_on": {fold: (n,) the global indices its classifier trained on}}``;
+        ``final.report["oof_accuracy"]`` is the accuracy of those probabilities.
+    """
+    fams = np.asarray(_families_of(dataset))
+    names = sorted(set(fams.tolist()))
+    ids = np.asarray(getattr(dataset, "indices", np.arange(len(dataset))), dtype=np.int64)
+    rows = {"fold": [], "index": [], "proba": [], "true": []}
+    trained_on = {}
+    for k, (tr, va) in enumerate(family_kfold(fams.tolist(), folds, seed)):
+        clf = train_family_classifier(dataset.subset(tr), families=names, seed=seed + k, progress=progress,
+                                      **train_kwargs)
+        x = torch.stack([dataset[int(i)][0] for i in va])
+        rows["proba"].append(clf.predict_proba(x).cpu().numpy())
+        rows["fold"].append(np.full(len(va), k, np.int64))
+        rows["index"].append(ids[va])
+        rows["true"].append(fams[va])
+        trained_on[k] = ids[tr]
+    final = train_family_classifier(dataset, families=names, seed=seed, progress=progress, **train_kwargs)
+    oof = {k: np.concatenate(v) for k, v in rows.items()}
+    oof["families"] = np.asarray(names)
+    oof["trained_on"] = trained_on
+    pred = oof["families"][oof["proba"].argmax(1)]
+    final.report = {**(final.report or {}), "oof_accuracy": float(np.mean(pred == oof["true"])),
+                    "folds": int(folds), "seed": int(seed)}
+    return final, oof
+
+
+def save_oof_proba(path: PathLike, oof: Dict[str, Any]) -> Path:
+    """Write the out-of-fold probabilities (atomically)."""
+    path = Path(path)
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, fold=oof["fold"], index=oof["index"], proba=oof["proba"].astype(np.float32),
+                     families=np.asarray(oof["families"], dtype=str), true=np.asarray(oof["true"], dtype=str))
+    return path
+
+
+def load_oof_proba(path: PathLike) -> Dict[str, np.ndarray]:
+    """Read :func:`save_oof_proba`'s file; a clear error when it is absent or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no out-of-fold probabilities of the family classifier; its "
+                                "probabilities on its own training samples would leak their labels: train it "
+                                "with python -m fwi_core.ensemble train-classifier (writes both files)")
+    with np.load(path, allow_pickle=False) as z:
+        data = {k: z[k] for k in z.files}
+    missing = [k for k in ("fold", "index", "proba", "families") if k not in data]
+    if missing or data["proba"].shape != (len(data["index"]), len(data["families"])):
+        raise ValueError(f"{path}: not a family classifier's out-of-fold file (missing {missing} or wrong shapes)")
+    return data

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..data.normalize import denormalize_seismic, denormalize_velocity
 from ..metrics import per_family
 from ..physics.misfit import seismic_misfit
-from .optimize import optimize_weights
+from .optimize import TRUE_FAMILIES, optimize_weights
 from .saved import SavedModule
 
 PathLike = Union[str, os.PathLike]
@@ -338,18 +338,23 @@ def train_meta_learner(preds: ArrayLike, targets: ArrayLike, features: ArrayLike
 def evaluate_meta_learner(preds: ArrayLike, targets: ArrayLike, families: Sequence[str], features: ArrayLike,
                           folds: Sequence[int], member_names: Optional[Sequence[str]] = None,
                           spec: Optional[MetaFeatureSpec] = None, method: str = "projected_gradient",
-                          optimize_kwargs: Optional[Dict[str, Any]] = None, **train_kwargs) -> Dict[str, Any]:
+                          optimize_kwargs: Optional[Dict[str, Any]] = None,
+                          score_families: Union[str, Sequence[str], None] = TRUE_FAMILIES,
+                          **train_kwargs) -> Dict[str, Any]:
     """Does the meta-learner beat the best static weights on held-out folds?
 
     For each fold: fit optimised per-family static weights (:func:`optimize_weights`) and
     a meta-learner (starting from them) on the other folds, and score equal, static and
-    meta weights on the held-out fold.
+    meta weights on the held-out fold; the static rows are picked by ``score_families``
+    (see :func:`~fwi_core.ensemble.optimize.compare_weightings`: "true", N names, or None
+    for the default row).
 
     Returns:
         ``{"table": {family: {"n", "equal", "static", "meta"}} (MAE, 'all' included),
         "beats_static": bool (meta's overall MAE below static's by more than
         ``BEAT_TOLERANCE`` of it: ties and rounding do not count), "gain": static - meta
-        (overall MAE), "folds": number of folds}``.
+        (overall MAE), "folds": number of folds, "per_sample": {"equal", "static",
+        "meta": (N,) MAE}}``.
     """
 
 
@@ -365,6 +370,10 @@ def evaluate_meta_learner(preds: ArrayLike, targets: ArrayLike, families: Sequen
     if len(np.unique(fold_arr)) < 2:
         raise ValueError("evaluate_meta_learner: need at least 2 folds")
     names = list(member_names) if member_names is not None else [f"m{i}" for i in range(m)]
+    if isinstance(score_families, str):
+        scored: Optional[List[str]] = list(fams)
+    else:
+        scored = None if score_families is None else [str(x) for x in score_families]
     scores = {k: np.zeros(n) for k in ("equal", "static", "meta")}
     for fold in np.unique(fold_arr):
         tr, te = np.nonzero(fold_arr != fold)[0], np.nonzero(fold_arr == fold)[0]
@@ -373,7 +382,8 @@ def evaluate_meta_learner(preds: ArrayLike, targets: ArrayLike, families: Sequen
         meta = train_meta_learner(p[:, tr], t[tr], f[tr], names, spec, prior=static.vector(names).tolist(),
                                   **train_kwargs)
         with torch.no_grad():
-            ws = static.for_samples(names, list(fams[te]))
+            ws = static.for_samples(names, None if scored is None else [scored[i] for i in te])
+            ws = ws.expand(len(te), -1) if ws.dim() == 1 else ws
             wm = meta(f[te])
         for key, w in (("equal", torch.full((len(te), m), 1.0 / m)), ("static", ws), ("meta", wm)):
             comb = torch.einsum("bm,mbp->bp", w, p[:, te])
@@ -385,4 +395,4 @@ def evaluate_meta_learner(preds: ArrayLike, targets: ArrayLike, families: Sequen
     gain = table["all"]["static"] - table["all"]["meta"]
     beats = gain > BEAT_TOLERANCE * table["all"]["static"]
     return {"table": table, "beats_static": bool(beats), "gain": float(gain),
-            "folds": int(len(np.unique(fold_arr)))}
+            "folds": int(len(np.unique(fold_arr))), "per_sample": scores}

@@ -7,8 +7,9 @@
   non-negative and summing to 1, per family: optuna's TPE sampler when installed,
   otherwise (or with ``method="projected_gradient"``) a deterministic projected
   subgradient descent on the probability simplex.
-- :func:`compare_weightings`: OOF MAE of equal, static and optimised weights side by side
-  per family (cross-fitted over folds when fold ids are given), :func:`format_comparison`.
+- :func:`compare_weightings`: OOF MAE of equal, static and optimised weights and of the
+  single best member side by side per family (cross-fitted over folds when fold ids are
+  given; weight rows picked as deployment will pick them), :func:`format_comparison`.
 
 Shapes: ``preds`` (M, N, H, W) (or (M, N, 1, H, W)) member predictions, ``targets``
 (N, H, W) (or (N, 1, H, W)), ``families`` N names; any consistent unit (m/s for OOF files).
@@ -29,7 +30,7 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 METHODS = ("auto", "optuna", "projected_gradient")
 
 __all__ = ["weights_from_validation", "optimize_weights", "compare_weightings", "format_comparison",
-           "member_family_mae", "project_simplex", "weighted_mean", "METHODS"]
+           "member_family_mae", "project_simplex", "weighted_mean", "METHODS", "WEIGHTINGS", "TRUE_FAMILIES"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -281,8 +282,10 @@ def optimize_weights(preds: ArrayLike, targets: ArrayLike, families: Optional[Se
 
 
 # ------------------------------------------------------------------------- comparison
-def _sample_weights(weights: EnsembleWeights, names: Sequence[str], fams: Sequence[str]) -> torch.Tensor:
-    return weights.for_samples(names, fams)
+#: ``score_families`` of :func:`compare_weightings`: pick weight rows by the true families.
+TRUE_FAMILIES = "true"
+#: The weightings :func:`compare_weightings` scores (``single``: the best member alone).
+WEIGHTINGS = ("equal", "static", "optimised", "single")
 
 
 def compare_weightings(preds: ArrayLike, targets: ArrayLike, families: Sequence[str],
@@ -290,18 +293,27 @@ def compare_weightings(preds: ArrayLike, targets: ArrayLike, families: Sequence[
                        folds: Optional[Sequence[int]] = None,
                        static: Optional[EnsembleWeights] = None,
                        optimised: Optional[EnsembleWeights] = None,
-                       method: str = "auto", static_method: str = "inverse", **optimize_kwargs) -> Dict[str, Any]:
+                       method: str = "auto", static_method: str = "inverse",
+                       score_families: Union[str, Sequence[str], None] = TRUE_FAMILIES,
+                       **optimize_kwargs) -> Dict[str, Any]:
     """OOF MAE per family of equal, static (:func:`weights_from_validation`) and
-    optimised (:func:`optimize_weights`) weights, beside each member's own MAE.
+    optimised (:func:`optimize_weights`) weights and of the single best member, beside
+    each member's own MAE.
 
     With ``folds`` (N fold ids, at least 2 distinct) the weightings that are not given
     are cross-fitted: fitted on the other folds, scored on each held-out fold (an honest
     estimate); without, they are fitted and scored on all samples (optimistic). Given
-    ``static`` / ``optimised`` weights are scored as they are.
+    ``static`` / ``optimised`` weights are scored as they are. Weights are always fitted
+    per true family; ``score_families`` says which row each sample gets when scored, as
+    it will when deployed: the true families (``"true"``), the family classifier's
+    out-of-fold predictions (N names), or None (every sample the default row: an ensemble
+    without a classifier). ``single`` is the member with the lowest OOF MAE (the OOF
+    predictions are held out already), so the best weighting is never worse than it.
 
     Returns:
-        ``{"table": {family: {"n", "equal", "static", "optimised", <member>: MAE}},
-        "cross_fitted": bool, "best": the weighting with the lowest overall MAE,
+        ``{"table": {family: {"n", "equal", "static", "optimised", "single", <member>:
+        MAE}}, "cross_fitted": bool, "best": the weighting with the lowest overall MAE,
+        "single": the best member's name, "per_sample": {weighting: (N,) MAE},
         "weights": {"static": EnsembleWeights, "optimised": EnsembleWeights}}`` (the
         returned weights are fitted on all samples).
     """
@@ -310,6 +322,17 @@ def compare_weightings(preds: ArrayLike, targets: ArrayLike, families: Sequence[
     m, n = p.shape[:2]
     names = list(member_names) if member_names is not None else [f"m{i}" for i in range(m)]
     fam_arr = np.asarray(fams)
+    if isinstance(score_families, str):
+        if score_families != TRUE_FAMILIES:
+            raise ValueError(f"compare_weightings: score_families must be 'true', N names or None, "
+                             f"got {score_families!r}")
+        scored = list(fams)
+    elif score_families is None:
+        scored = None
+    else:
+        scored = [str(f) for f in score_families]
+        if len(scored) != n:
+            raise ValueError(f"score_families: {len(scored)} names for {n} samples")
 
     def fit_static(idx):
         return weights_from_validation(member_family_mae(p[:, idx], t[idx], fam_arr[idx], names),
@@ -319,6 +342,10 @@ def compare_weightings(preds: ArrayLike, targets: ArrayLike, families: Sequence[
         return optimize_weights(p[:, idx], t[idx], list(fam_arr[idx]), method=method, member_names=names,
                                 init=init, **optimize_kwargs)
 
+    def score(w: EnsembleWeights, idx: np.ndarray) -> np.ndarray:
+        ws = w.for_samples(names, None if scored is None else [scored[i] for i in idx])
+        return (weighted_mean(p[:, idx], ws) - t[idx]).abs().mean(1).double().numpy()
+
     everything = np.arange(n)
     static_full = static or fit_static(everything)
     opt_full = optimised or fit_opt(everything, static_full)
@@ -327,45 +354,49 @@ def compare_weightings(preds: ArrayLike, targets: ArrayLike, families: Sequence[
     if fold_arr is not None and len(fold_arr) != n:
         raise ValueError(f"folds: {len(fold_arr)} fold ids for {n} samples")
     cross = fold_arr is not None and len(np.unique(fold_arr)) >= 2 and (static is None or optimised is None)
-    for key, given, full, fitter in (("static", static, static_full, fit_static),
-                                     ("optimised", optimised, opt_full, None)):
+    for key, given, full in (("static", static, static_full), ("optimised", optimised, opt_full)):
         vals = np.zeros(n)
         if cross and given is None:
             for f in np.unique(fold_arr):
                 train_idx, test_idx = np.nonzero(fold_arr != f)[0], np.nonzero(fold_arr == f)[0]
-                if key == "static":
-                    w = fitter(train_idx)
-                else:
-                    w = fit_opt(train_idx, fit_static(train_idx))
-                ws = _sample_weights(w, names, list(fam_arr[test_idx]))
-                vals[test_idx] = (weighted_mean(p[:, test_idx], ws) - t[test_idx]).abs().mean(1).double().numpy()
+                w = fit_static(train_idx) if key == "static" else fit_opt(train_idx, fit_static(train_idx))
+                vals[test_idx] = score(w, test_idx)
         else:
-            ws = _sample_weights(full, names, fams)
-            vals = (weighted_mean(p, ws) - t).abs().mean(1).double().numpy()
+            vals = score(full, everything)
         per_sample[key] = vals
-    for i, name in enumerate(names):
-        per_sample[name] = (p[i] - t).abs().mean(1).double().numpy()
+    own = {name: (p[i] - t).abs().mean(1).double().numpy() for i, name in enumerate(names)}
+    single = min(names, key=lambda k: float(own[k].mean()))
+    per_sample["single"] = own[single]
+    per_sample.update(own)
     table: Dict[str, Dict[str, float]] = {}
     counts = {f: int((fam_arr == f).sum()) for f in set(fams)}
     counts["all"] = n
     for key, vals in per_sample.items():
         for fam, v in per_family(vals, fams).items():
             table.setdefault(fam, {"n": counts[fam]})[key] = float(v)
-    best = min(("equal", "static", "optimised"), key=lambda k: table["all"][k])
-    return {"table": table, "cross_fitted": bool(cross), "best": best, "members": names,
+    best = min(WEIGHTINGS, key=lambda k: table["all"][k])
+    return {"table": table, "cross_fitted": bool(cross), "best": best, "members": names, "single": single,
+            "per_sample": {k: per_sample[k] for k in WEIGHTINGS},
+            "scored_with": "true families" if isinstance(score_families, str) else
+            ("the default row" if scored is None else "the classifier's families"),
             "weights": {"static": static_full, "optimised": opt_full}}
 
 
 def format_comparison(report: Mapping[str, Any]) -> str:
-    """A plain-text table of :func:`compare_weightings` (families as rows, 'all' last)."""
+    """A plain-text table of :func:`compare_weightings` (families as rows, 'all' last;
+    a ``meta`` column when the report has one)."""
     table = report["table"]
-    cols = ["equal", "static", "optimised"] + list(report.get("members", []))
+    head_cols = [c for c in ("equal", "static", "optimised", "meta", "single") if c in table["all"]]
+    cols = head_cols + list(report.get("members", []))
     fams = sorted(f for f in table if f != "all") + ["all"]
     width = max(12, *(len(c) + 2 for c in cols))
     head = f"{'family':<14}{'n':>6}" + "".join(f"{c:>{width}}" for c in cols)
     lines = [head, "-" * len(head)]
     for f in fams:
-        lines.append(f"{f:<14}{table[f]['n']:>6}" + "".join(f"{table[f][c]:>{width}.3f}" for c in cols))
-    lines.append(f"({'cross-fitted over folds' if report.get('cross_fitted') else 'in-sample'}; "
+        lines.append(f"{f:<14}{table[f]['n']:>6}" + "".join(f"{table[f].get(c, float('nan')):>{width}.3f}"
+                                                             for c in cols))
+    scored = report.get("scored_with")
+    lines.append(f"({'cross-fitted over folds' if report.get('cross_fitted') else 'in-sample'}"
+                 f"{'; rows picked by ' + scored if scored else ''}; single = {report.get('single')}; "
                  f"best: {report.get('best')})")
     return "\n".join(lines)

@@ -141,7 +141,8 @@ def test_engine_oof_end_to_end(tmp_path):
     for name, hidden in (("wide-fold0", 32), ("narrow-fold0", 4)):
         train(tiny_cfg(tmp_path, out=str(runs / name), model_kwargs={"hidden": hidden}, epochs=1,
                        ema_decay=0.0), datasets=datasets(16, 8))
-    rep = fit_ensemble([runs], method="projected_gradient", iterations=20)
+    with pytest.warns(UserWarning, match="only 8 aligned OOF samples"):
+        rep = fit_ensemble([runs], method="projected_gradient", iterations=20, select="equal")
     ens = Ensemble.from_checkpoints([], config=rep["config"], device="cpu")
     assert sorted(ens.member_names) == ["narrow-fold0", "wide-fold0"]
     x = datasets(16, 8)[1].x[:3]
@@ -153,18 +154,19 @@ def test_engine_oof_end_to_end(tmp_path):
 def test_meta_with_seismic_physics_and_family_classifier(fake_root, tmp_path):
     """With data=: the meta-learner also uses seismic statistics, the physics residual and
     the family classifier's probabilities; the JSON references both files."""
-    from fwi_core.data import FWIDataset, index_train
-    from fwi_core.ensemble import train_family_classifier
+    from fwi_core.data import FWIDataset, family_kfold, index_train
+    from fwi_core.ensemble import oof_proba_path, save_oof_proba, train_family_classifier_oof
     from fwi_core.physics import generate
 
     ds = FWIDataset(index_train(fake_root))
-    clf = train_family_classifier(ds, epochs=1, batch_size=4, width=4, progress=False)
+    clf, oof = train_family_classifier_oof(ds, folds=2, seed=0, epochs=1, batch_size=4, width=4, progress=False)
     clf_path = clf.save(tmp_path / "runs" / "family_classifier.pt")
+    save_oof_proba(oof_proba_path(clf_path), oof)
     rng = np.random.default_rng(0)
     fams = ds.families()
     truth = np.stack([ds[i][1][0].numpy() for i in range(len(ds))]) * 1500 + 3000
     runs = tmp_path / "runs"
-    for fold, idx in ((0, np.arange(0, 12, 2)), (1, np.arange(1, 12, 2))):
+    for fold, (_, idx) in enumerate(family_kfold(fams, 2, 0)):
         t = truth[idx]
         f = [fams[i] for i in idx]
         for model, noise in (("a", 20.0), ("b", 60.0)):
