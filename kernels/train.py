@@ -158,3 +158,32 @@ if ensemble_runs:
     print(format_comparison(fitted["comparison"]))
     print(f"ensemble: {fitted['config']} | deployed weighting: {fitted['selected']}, held-out OOF MAE "
           f"{fitted['deployed_mae']:.2f} m/s" + (f" | warning: {fitted['warning']}" if fitted["warning"] else ""))
+
+# %% [markdown]
+# ## Stage gains on the validation fold (for the infer kernel's planner)
+#
+# The infer kernel spends its time on the stages that removed the most validation MAE per
+# second. This cell measures them on this run's validation fold, in the infer kernel's plan:
+# each checkpoint of the run as a member, flip TTA, the tuned CRF, MC dropout and physics
+# refinement per family kind (on a few samples of each kind, within
+# `fwi_core.inference_plan.measure.GAINS_TIME_BUDGET` seconds), and writes
+# `stage_gains.json` beside the checkpoints, where the infer kernel reads it (members are
+# matched by their weights, whatever the infer kernel names them).
+
+# %%
+from fwi_core.crf import load_crf
+from fwi_core.data import FWIDataset, index_train
+from fwi_core.ensemble import Ensemble
+from fwi_core.inference_plan import InferenceOptions, measure_stage_gains
+from fwi_core.inference_plan.measure import GAINS_TIME_BUDGET, MEASURED_STAGES
+from fwi_core.models.checkpoint import find_checkpoints
+
+run_dir = Path(result["best_checkpoint"]).parent
+run_members = Ensemble.from_checkpoints(find_checkpoints([run_dir], kind="all"))
+gains_ds = FWIDataset(index_train(root))
+gains_rows = [int(i) for i in oof["indices"]]
+stage_gains = measure_stage_gains(run_members, lambda i: gains_ds.raw(gains_rows[i])[0], res["true"],
+                                  families=[str(f) for f in res["family"]], crf=load_crf([run_dir]),
+                                  batch_size=InferenceOptions().batch_size, time_budget=GAINS_TIME_BUDGET)
+print("stage gains ->", stage_gains.save(run_dir), f"(measured on {stage_gains.samples} validation samples)")
+print(*stage_gains.describe(run_members, MEASURED_STAGES), sep="\n  ")

@@ -2,7 +2,8 @@
 
     python -m tools.evaluate --data DIR --checkpoint FILE [--batch-size 16] [--flip-tta]
                              [--max-samples N] [--families F ...] [--physics N] [--crf]
-                             [--mc-dropout T] [--json OUT] [--stage-gains [OUT]]
+                             [--mc-dropout T] [--json OUT] [--stage-gains OUT [--stages ...]
+                             [--refine-samples K]]
 
 Prints MAE (overall and per family) with the competition's MAE (odd columns), RMSE, SSIM
 and boundary IoU; ``--physics N`` adds the seismic misfit (normalised seismic
@@ -12,10 +13,12 @@ beside the checkpoint when there is one, else the default CRF with its temperatu
 predicts with T Monte Carlo dropout passes and reports the uncertainty's calibration
 (Gaussian NLL, 90% interval coverage, calibration error). With several checkpoints the
 metrics are the (equal-weight) ensemble's, followed by a model comparison: the MAE of each
-member and of the ensemble side by side, per family. ``--stage-gains`` runs the
-time-budgeted inference stages (members, flip, CRF, MC dropout) over the samples and
-writes the validation MAE each removed (``stage_gains.json``, beside the first checkpoint
-by default), the table the infer kernel's planner ranks stages by.
+member and of the ensemble side by side, per family. ``--stage-gains OUT`` runs the
+time-budgeted inference stages (the infer kernel's plan: members, flip, CRF, MC dropout,
+refinement per family kind on ``--refine-samples`` samples of each kind; ``--stages``
+picks others) over the samples and writes the validation MAE each removed to ``OUT``
+(nothing else is written: copy it beside the checkpoints as ``stage_gains.json`` for the
+planner to use it).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from fwi_core.params import int_at_least
 from fwi_core.physics.misfit import seismic_misfit
 from fwi_core.scoring import format_table, score_predictions, score_uncertainty
 from fwi_core.inference_plan import measure_stage_gains
+from fwi_core.inference_plan.measure import MEASURED_STAGES, REFINE_SAMPLES_PER_KIND
 from fwi_core.utils import atomic_write_text
 
 
@@ -60,9 +64,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--mc-dropout", type=int_at_least(0), default=0, metavar="T",
                     help="predict with T Monte Carlo dropout passes and score the uncertainty's calibration")
     ap.add_argument("--json", type=Path, default=None, help="write the table as JSON here")
-    ap.add_argument("--stage-gains", nargs="?", const="", default=None, metavar="OUT",
-                    help="measure the inference stages' gains and write stage_gains.json (to OUT, default "
-                         "beside the first checkpoint)")
+    ap.add_argument("--stage-gains", type=Path, default=None, metavar="OUT",
+                    help="measure the inference stages' gains and write the table to OUT (only there)")
+    ap.add_argument("--stages", nargs="+", default=None,
+                    help="stages measured by --stage-gains (default: the infer kernel's plan)")
+    ap.add_argument("--refine-samples", type=int_at_least(1), default=REFINE_SAMPLES_PER_KIND, metavar="K",
+                    help="--stage-gains measures refinement on K samples of each family kind")
     a = ap.parse_args(argv)
     if a.mc_dropout == 1:
         ap.error("argument --mc-dropout: expected 0 (off) or at least 2 passes, got 1")
@@ -148,12 +155,14 @@ def _stage_gains(a, ds) -> dict:
     ens = Ensemble.from_checkpoints(a.checkpoint)
     true = np.stack([ds.raw(i)[1] for i in range(len(ds))])
     gains = measure_stage_gains(ens, lambda i: ds.raw(i)[0], true, families=ds.families(),
-                                crf=load_crf(a.checkpoint), batch_size=a.batch_size,
-                                mc_passes=max(2, a.mc_dropout or 8))
-    dest = Path(a.stage_gains) if a.stage_gains else a.checkpoint[0].parent
-    path = gains.save(dest)
+                                stages=a.stages or MEASURED_STAGES, crf=load_crf(a.checkpoint),
+                                batch_size=a.batch_size, mc_passes=max(2, a.mc_dropout or 8),
+                                refine_samples=a.refine_samples)
+    path = gains.save(a.stage_gains)
     print(f"\nstage gains (validation MAE removed, m/s) -> {path}:",
           ", ".join(f"{k} {v:+.3f}" for k, v in gains.gains.items()))
+    for stage, kinds in gains.per_kind.items():
+        print(f"  {stage} per refined sample:", ", ".join(f"{k} {v:+.2f}" for k, v in kinds.items()))
     return gains.to_dict()
 
 

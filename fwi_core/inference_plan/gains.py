@@ -162,7 +162,12 @@ class StageGains:
             kind = "member" if n.startswith("member:") else n
             ref = _Named(n, kind)
             how = ("table" if n in self.gains else "table, by kind") if self.source_of(ref) == "table" else "default"
-            out.append(f"{n}: {self.gain(ref):+.3f} m/s ({how})")
+            line = f"{n}: {self.gain(ref):+.3f} m/s ({how})"
+            if n in self.per_kind:
+                line += "; per refined sample: " + ", ".join(f"{k} {v:+.2f}" for k, v in self.per_kind[n].items())
+            if n in self.seconds and "all" in self.seconds[n]:
+                line += f"; {self.seconds[n]['all']:.3g} s per {'sample' if n in self.per_kind else 'file'} measured"
+            out.append(line)
         return out
 
     # -- files ---------------------------------------------------------------------

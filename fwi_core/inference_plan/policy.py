@@ -231,7 +231,7 @@ class Policy:
         in priority order. ``commit`` keeps what each stage must leave to the stages
         chosen after it (:attr:`reserve`)."""
         chosen, partial = self._choose(pool, seconds)
-        if commit:
+        if commit and self.select:
             self.reserve = {s.name: self.plan_time([t for t in chosen[i + 1:] if t is not partial]) or 0.0
                             for i, s in enumerate(chosen)}
         return chosen

@@ -77,6 +77,8 @@ class RefineStage(Stage):
         max_iter: optimiser iterations per batch call.
         default_gain: expected validation-MAE decrease (m/s) without a gains-table entry.
         refine_kwargs: passed to :func:`fwi_core.physics.refine`.
+        limit_per_kind: (measuring gains on validation) refine at most this many samples
+            of each kind, evenly spaced over the samples routed to it.
     """
 
     needs_seismic = True
@@ -84,7 +86,8 @@ class RefineStage(Stage):
     ranked = True           # it covers the candidates with the highest expected gain first
 
     def __init__(self, name: str, kinds: Sequence[str], max_iter: int, default_gain: float,
-                 refine_kwargs: Optional[Dict[str, Any]] = None):
+                 refine_kwargs: Optional[Dict[str, Any]] = None, limit_per_kind: Optional[int] = None):
+        self.limit_per_kind = None if limit_per_kind is None else int(limit_per_kind)
         self.name = self.kind = name
         self.kinds = tuple(kinds)
         self.max_iter = int(max_iter)
@@ -95,7 +98,8 @@ class RefineStage(Stage):
 
     def identity(self):
         return {**super().identity(), "kinds": list(self.kinds), "max_iter": self.max_iter,
-                "refine_kwargs": {k: repr(v) for k, v in sorted(self.refine_kwargs.items())}}
+                "refine_kwargs": {k: repr(v) for k, v in sorted(self.refine_kwargs.items())},
+                "limit_per_kind": self.limit_per_kind}
 
     @property
     def shots(self) -> Optional[Tuple[int, ...]]:
@@ -133,11 +137,25 @@ class RefineStage(Stage):
             settled = ctx.store.array("settled", (), "int16").read(0, n)
             mine = list(ctx.stages).index(self.name) + 1 if self.name in ctx.stages else -1
             ok &= (settled == 0) | (settled == mine)
-        return np.flatnonzero(ok)
+        rows = np.flatnonzero(ok)
+        if self.limit_per_kind is not None:
+            keep = []
+            for c in np.unique(codes[rows]):
+                of_kind = rows[codes[rows] == c]
+                pick = np.unique(np.linspace(0, len(of_kind) - 1, min(self.limit_per_kind, len(of_kind))).round())
+                keep.append(of_kind[pick.astype(np.int64)])
+            rows = np.sort(np.concatenate(keep)) if keep else rows[:0]
+        return rows
 
     def cheap_scores(self, ctx, gains, rows: np.ndarray, disagreement: Optional[np.ndarray]) -> np.ndarray:
-        """Expected gain (m/s) of each candidate before its misfit is known."""
+        """Expected gain (m/s) of each candidate before its misfit is known; when measuring
+        (``limit_per_kind``) the kinds in turn instead, so a time limit leaves samples of each."""
         codes = ctx.store.array(KIND_ARRAY, (), "int8").read_rows(rows).astype(np.int64) - 1
+        if self.limit_per_kind is not None:
+            turn = np.zeros(len(rows))
+            for c in np.unique(codes):
+                turn[codes == c] = np.arange(int((codes == c).sum()))
+            return -turn
         probs = ctx.store.array(KIND_P_ARRAY, (len(KIND_NAMES),), "float16").read_rows(rows).astype(np.float64)
         return expected_gain(codes, probs, self.kind_gains(gains), error_weight(disagreement))
 
@@ -243,7 +261,8 @@ class RefineStage(Stage):
     @classmethod
     def _from_resources(cls, resources: Dict[str, Any], name: str, kinds: Sequence[str], which: int) -> "RefineStage":
         iters = resources.get("refine_iters") or DEFAULT_ITERS
-        return cls(name, kinds, int(iters[which]), DEFAULT_GAIN, resources.get("refine_kwargs"))
+        return cls(name, kinds, int(iters[which]), DEFAULT_GAIN, resources.get("refine_kwargs"),
+                   resources.get("refine_limit"))
 
 
 def _sync(t: torch.Tensor) -> None:
