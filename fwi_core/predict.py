@@ -26,6 +26,10 @@ The tuned CRF (``crf.json``), the consistency threshold (``consistency.json`` be
 beside the checkpoints. An interrupted run is resumed when it is the same run (same
 files, weights, stages, options); ``--no-resume`` starts over. A summary (what ran,
 unreadable files) is printed and saved as ``<out stem>_summary.json``.
+
+Under ``torchrun --nproc-per-node N [--nnodes M ...] -m fwi_core.predict ...`` each rank
+predicts its share of the test files (whole batches) with its own plan and state, and rank
+0 merges the shards into ``--out`` (:mod:`fwi_core.sharding`).
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from typing import List, Optional
 
 from fwi_core.errors import DataFormatError, FWIError
 from fwi_core.inference_plan import Deadline, InferenceOptions, InferenceSetup, prepare_inference
+from fwi_core.sharding import ShardedPredict
 
 #: Exit codes: 2 a bad argument or input, or a budget too small for the first pass;
 #: 1 an unreadable test file under --strict.
@@ -97,16 +102,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         return _fail(e, EXIT_BAD_INPUT)
     try:
+        shard = ShardedPredict(a.out, a.batch_size)     # under torchrun: this rank's share (fwi_core.sharding)
+        a.device = shard.device(a.device)
         setup = setup_run(a)
+        setup.source = shard.take(setup.source)
     except (FWIError, FileNotFoundError, ValueError) as e:   # bad data, checkpoints, ensemble, CRF or gains
         return _fail(e, EXIT_BAD_INPUT)
     print(setup.describe())
-    try:
-        summary = setup.run(a.out, deadline, resume=a.resume, state_dir=a.state_dir, strict=a.strict,
-                            device=a.device, keep_state=a.keep_state)
+    try:      # one process: setup.run itself; torchrun: this rank's shard, then rank 0 merges into --out
+        summary = shard.run(lambda out, state_dir, keep: setup.run(
+            out, deadline, resume=a.resume, state_dir=state_dir, strict=a.strict, device=a.device, keep_state=keep),
+            a.state_dir, a.keep_state)
     except (FWIError, ValueError) as e:   # too small a budget, a bad stage list or setting; --strict
         return _fail(e, EXIT_UNREADABLE if isinstance(e, DataFormatError) else EXIT_BAD_INPUT)
-    print(f"wrote {a.out} ({summary.files} oids; summary in {a.out.with_name(a.out.stem + '_summary.json')})")
+    print(f"wrote {a.out} ({summary.files if summary else 0} oids; summary in "
+          f"{a.out.with_name(a.out.stem + '_summary.json')})")
     return 0
 
 
