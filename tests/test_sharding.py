@@ -213,3 +213,15 @@ def test_one_process_predict_is_a_pass_through(tmp_path):
     assert calls == [(tmp_path / "sub.csv", None, True)] and shard.finish() == tmp_path / "sub.csv"
     src = object()
     assert shard.take(src) is src and shard.device(None) is None
+
+
+def test_each_gpu_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
+    import torch
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert Ranks(11, 16, 3).device(None) == "cuda:3" and chosen == [3]
+    assert Ranks(11, 16, 3).device("cpu") == "cpu"                # an explicit --device wins
+    assert Ranks(0, 1, 0).device(None) is None                   # one process: the caller's default
