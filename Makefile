@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 KERNEL ?= infer
 SMOKE_ARGS ?=
 
-.PHONY: venv build smoke test test-slow test-all bench push-kernel kernel-status kernel-output clean
+.PHONY: venv peers build smoke test test-slow test-all bench bench-peers push-kernel kernel-status kernel-output clean
 
 venv: $(STAMP)
 
@@ -16,6 +16,15 @@ $(STAMP): requirements-dev.txt
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
+
+# the simulator's peers (Devito, deepwave) for the "peers" benchmark section
+PEERS_STAMP := $(VENV)/.peers-installed
+peers: $(PEERS_STAMP)
+
+$(PEERS_STAMP): requirements-peers.txt $(STAMP)
+	$(PY) -m pip install --quiet -r requirements-peers.txt
+	$(PY) -m pip install --quiet --no-deps devito==4.8.23
+	touch $(PEERS_STAMP)
 
 build: venv
 	$(PY) -m tools.build
@@ -33,8 +42,11 @@ test-slow: venv
 test-all: venv
 	$(PY) -m pytest -q
 
-bench: venv
+bench: venv peers
 	$(PY) -m tools.bench
+
+bench-peers: venv peers
+	$(PY) -m tools.bench --sections peers
 
 push-kernel: venv
 	$(PY) -m tools.kaggle_cli push $(KERNEL)
