@@ -106,6 +106,7 @@ def _collect_worker(rank, world, port, base, results):
     results[rank] = [str(p) for ps in lists for p in ps]
 
 
+@pytest.mark.slow
 def test_collect_brings_files_from_other_machines_to_rank_0(tmp_path):
     for r in range(2):
         (tmp_path / f"host{r}").mkdir()

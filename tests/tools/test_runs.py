@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 from fwi_core.models.checkpoint import read_metadata
 from fwi_core.train import train
 from tools import runs
@@ -16,15 +17,18 @@ def two_platforms(tmp_path_factory):
     """A run 'on Kaggle' (2 epochs) and one 'on SageMaker' (1 epoch) of the tiny model."""
     tmp = tmp_path_factory.mktemp("runs")
     mp = pytest.MonkeyPatch()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         mp.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
-        # each forward sleeps 50 ms: an optimizer step of the global batch of 4 takes 50-100 ms
-        train(tiny_cfg(tmp / "kaggle", epochs=2, time_budget=0, model_kwargs={"delay": 0.05}), datasets=datasets())
+        # each forward sleeps 200 ms: an optimizer step of the global batch of 4 takes 200-400 ms
+        train(tiny_cfg(tmp / "kaggle", epochs=2, time_budget=0, model_kwargs={"delay": 0.2}), datasets=datasets())
         mp.delenv("KAGGLE_KERNEL_RUN_TYPE")
         mp.setenv("SM_MODEL_DIR", str(tmp / "sm-model"))
         train(tiny_cfg(tmp / "sagemaker", epochs=1, time_budget=0), datasets=datasets())
     finally:
         mp.undo()
+        torch.set_num_threads(threads)
     return tmp
 
 
@@ -32,8 +36,8 @@ def test_checkpoint_metadata_names_platform_device_and_throughput(two_platforms)
     meta = read_metadata(two_platforms / "kaggle" / "run" / "best.pt")
     assert meta["platform"] == "kaggle"
     assert meta["device"].startswith("cpu (") and meta["device"].endswith(" threads)")
-    # the global batch of 4 over a mean optimizer step of 50-100 ms
-    assert 40 <= meta["samples_per_s"] <= 80
+    # the global batch of 4 over a mean optimizer step of 200-400 ms
+    assert 10 <= meta["samples_per_s"] <= 20
 
 
 def test_rows_give_seconds_per_epoch_and_cost_from_the_price_table(two_platforms, tmp_path):
