@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="default: .<out name>.state beside --out (on Kaggle: in the temp folder, outside the "
                          "20 GB output)")
     ap.add_argument("--keep-state", action="store_true")
+    ap.add_argument("--state-limit-gb", type=float, default=None,
+                    help="what the state folder may hold (default: 40 on Kaggle, else 90%% of the free disk)")
+    ap.add_argument("--no-gather-cache", action="store_true",
+                    help="read the test files in every pass instead of keeping a float16 copy in the state folder")
     ap.add_argument("--store-dtype", default=DEFAULTS.store_dtype, choices=["float32", "float16"])
     ap.add_argument("--limit", type=int, default=None, help="only the first N test files (quick checks)")
     ap.add_argument("--seed", type=int, default=DEFAULTS.seed)
@@ -89,7 +93,7 @@ def setup_run(a: argparse.Namespace) -> InferenceSetup:
     options = DEFAULTS.with_(stages=a.stages, refine_iters=a.refine_iters, checkpoint_kind=a.checkpoint_kind,
                              flip_tta=not a.no_flip, use_crf=not a.no_crf, mc_passes=a.mc_passes,
                              batch_size=a.batch_size, num_workers=a.num_workers, store_dtype=a.store_dtype,
-                             seed=a.seed)
+                             seed=a.seed, state_limit_gb=a.state_limit_gb, gather_cache=not a.no_gather_cache)
     return prepare_inference(a.data, a.checkpoints, ensemble_config=a.ensemble_config, options=options,
                              gains_path=a.gains, limit=a.limit, device=a.device)
 

@@ -143,7 +143,8 @@ def measure_stage_gains(ensemble, seismic, true: np.ndarray, families: Optional[
         planner = BudgetedInference(ensemble, source, None, stages=stages, crf=crf, batch_size=batch_size,
                                     device=device, mc_passes=mc_passes, state_dir=Path(tmp) / "state",
                                     select=False, keep_state=True, progress=progress, on_stage_end=grab,
-                                    log=log, resources=resources, deadline=deadline)
+                                    log=log, resources=resources, deadline=deadline,
+                                    gather_cache=False)
         planner.run()
         members = {}
         for m in ensemble.member_names:

@@ -52,14 +52,17 @@ from .gains import StageGains
 from .policy import Costs, Policy
 from .progress import RunProgress, RunState, default_state_dir, restore_state, run_fingerprint
 from .runner import StageRunner, prediction_buffer, time_members
-from .source import TestFileSource
+from .source import TestFileSource, item_shape_of
 from .stages import DEFAULT_STAGES, RunContext, Stage, build_stages
-from .store import PredictionStore
+from .store import PredictionStore, state_limit
 from .summary import RunSummary, uncertainty_by_family
 
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["BudgetedInference", "run_budgeted"]
+
+#: record fields that are the run's bookkeeping, not the summary's
+_INTERNAL = ("done", "measured", "ranked", "final", "copied", "reserve", "screen")
 
 
 class BudgetedInference:
@@ -104,6 +107,14 @@ class BudgetedInference:
             ``read_rows(start, stop)`` returns the current (k,70,70) m/s predictions.
         log: ``log(message)`` for plan lines (default print; None: silent).
         resources: extra entries for registered stage factories.
+        state_limit_gb: what the state folder may hold, GB (default: 40 on Kaggle, where
+            it lives in the temp folder outside the 20 GB output; elsewhere no limit of its
+            own); never more than 90% of its disk's free space. The projection is logged when
+            the run starts; a stage whose arrays would exceed it is skipped.
+        gather_cache: keep a float16 copy of the first files' gathers in the state folder,
+            as many as the limit leaves room for after every stage's arrays, so later
+            passes read them from there instead of the test files (refinement, which fits
+            the data to float32 rounding, always reads the files).
     """
 
     def __init__(self, ensemble, source, out_csv: Optional[PathLike], stages: Sequence[Any] = DEFAULT_STAGES,
@@ -114,7 +125,8 @@ class BudgetedInference:
                  crf_confidence: bool = False, margin: float = 1.5, progress: bool = True,
                  keep_state: bool = False, select: bool = True, fingerprint_extra: Optional[dict] = None,
                  on_stage_end: Optional[Callable] = None, log: Optional[Callable[[str], None]] = print,
-                 resources: Optional[Dict[str, Any]] = None):
+                 resources: Optional[Dict[str, Any]] = None, state_limit_gb: Optional[float] = None,
+                 gather_cache: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if margin < 1.0:
@@ -142,8 +154,11 @@ class BudgetedInference:
         self.progress, self.keep_state, self.select = progress, keep_state, select
         self.on_stage_end, self.log_fn = on_stage_end, log
         self.seed = int(seed)
+        self.state_limit_gb, self.gather_cache = state_limit_gb, bool(gather_cache)
+        self.disk_limit: int = 0
         self.resources = {"ensemble": ensemble, "crf": crf, "mc_passes": int(mc_passes), "device": self.device,
-                          "crf_confidence": bool(crf_confidence), **(resources or {})}
+                          "crf_confidence": bool(crf_confidence), "gather_cache": self.gather_cache,
+                          **(resources or {})}
         self.fingerprint = run_fingerprint(self.ids, ensemble, self.specs, self.batch_size, self.store_dtype, seed,
                                            self.resources, self.gains.to_dict(), fingerprint_extra)
         self.store = PredictionStore(self.state_dir, self.n, self.store_dtype)
@@ -201,9 +216,11 @@ class BudgetedInference:
         if not self.resume and self.store.progress_path.is_file():
             self.log(f"{self.state_dir}: resume is off: the saved progress there is discarded, starting over")
         restored = saved is not None and self._restore(saved)
+        self.disk_limit = state_limit(self.state_dir, self.state_limit_gb)
         if not restored:
             self._start_over()
         self._wire(budget)
+        self.policy.disk_limit = self.disk_limit
         if restored and saved.get("finished"):
             # killed after the finished commit, before the summary file or the state's removal
             self.log(f"{self.state_dir}: this run already finished")
@@ -219,6 +236,7 @@ class BudgetedInference:
         self.journal.commit()
         self.log(f"{self.n} files; {self.runner.postfix()}; stages in priority order: "
                  f"{', '.join(s.name for s in self.stages)}")
+        self.log(self._disk_report())
 
         first = self.stages[0]
         running = saved.get("running") if restored else None
@@ -268,6 +286,26 @@ class BudgetedInference:
         except StageError:    # a bad stage list: leave no state folder behind
             self.store.remove()
             raise
+        self.ctx.stages = {s.name: s for s in self.stages}
+        if self.gather_cache:          # the room the stages' arrays leave, for the gathers' float16 copy
+            per_file = int(np.prod(item_shape_of(self.source))) * 2
+            self.state.cache_rows = int(max(0, min(self.n, (self.disk_limit - self._projected()) // per_file)))
+
+    def _projected(self) -> int:
+        """Bytes the state folder holds at most: the two prediction buffers and every
+        stage's arrays (all of them run), the gather cache aside."""
+        total = 2 * self.n * 70 * 70 * 4
+        for i, st in enumerate(self.stages):
+            total += st.disk_bytes(self.ctx, self.stages[:i])
+        return total
+
+    def _disk_report(self) -> str:
+        cache = self.state.cache_rows * int(np.prod(item_shape_of(self.source))) * 2 if self.state.cache_rows else 0
+        gb = 1e9
+        return (f"state folder {self.state_dir}: up to {(self._projected() + cache) / gb:.2f} GB "
+                f"(prediction buffers and the stages' arrays {self._projected() / gb:.2f} GB, float16 gathers of "
+                f"{self.state.cache_rows} of {self.n} files {cache / gb:.2f} GB) within its limit of "
+                f"{self.disk_limit / gb:.2f} GB")
 
     def _wire(self, budget: Optional[float]) -> None:
         self.journal = RunProgress(self.store, self.fingerprint, self.state, self.ctx, [s.name for s in self.stages])
@@ -310,7 +348,7 @@ class BudgetedInference:
             csv=None if self.out_csv is None else str(self.out_csv), files=self.n, budget_s=budget,
             elapsed_s=self.clock() - t_start, met_deadline=self.deadline.remaining() >= 0,
             plan=list(self.state.plan),
-            stages=[{k: v for k, v in records[s.name].items() if k not in ("done", "measured")} for s in self.stages],
+            stages=[{k: v for k, v in records[s.name].items() if k not in _INTERNAL} for s in self.stages],
             bad_files={self.ids[r]: m for r, m in sorted(self.ctx.bad_rows.items())},
             fallback_files=len(self.ctx.bad_rows) + unreached, resumed=self.state.resumed,
             uncertainty=uncertainty_by_family(self.store, self.ctx))

@@ -30,6 +30,7 @@ from .gains import StageGains
 from .progress import RunState
 from .ranking import screen_count
 from .stages import RunContext, Stage
+from .store import folder_bytes
 
 __all__ = ["Policy", "Costs", "measured", "PROBE_MIN_FRACTION"]
 
@@ -91,6 +92,8 @@ class Policy:
         self.n = costs.n
         #: stage name -> seconds the plan keeps for the stages chosen after it (its share ends there)
         self.reserve: Dict[str, float] = {}
+        #: bytes the state folder may hold (0: not checked)
+        self.disk_limit = 0
         self._units: Dict[str, int] = {}
 
     def gain(self, stage: Stage) -> float:
@@ -198,6 +201,10 @@ class Policy:
             why = s.unavailable(self.ctx)
             if why:
                 rec.update(status="skipped", note=why)
+                continue
+            if self.disk_limit and folder_bytes(self.ctx.store.folder) + s.disk_bytes(self.ctx) > self.disk_limit:
+                rec.update(status="skipped", note=f"its arrays ({s.disk_bytes(self.ctx) / 1e9:.2f} GB) would take the "
+                           f"state folder over its {self.disk_limit / 1e9:.2f} GB limit")
                 continue
             if self.select and self.gain(s) <= 0:
                 rec.update(status="skipped", note=f"expected gain {self.gain(s):.3g} <= 0 ({rec['gain_source']})")

@@ -120,6 +120,8 @@ class RunState:
         stage0_done: the first pass ended (the current prediction covers every file).
         csv_fresh: the CSV holds the current prediction.
         resumed: the run continues a saved one (not saved itself).
+        cache_rows: the first files whose gathers the float16 cache holds (decided when the
+            run starts, from the disk the state folder may use).
     """
 
     records: Dict[str, Dict[str, Any]] = field(default_factory=dict)
@@ -128,6 +130,7 @@ class RunState:
     stage0_done: bool = False
     csv_fresh: bool = False
     resumed: bool = False
+    cache_rows: int = 0
 
 
 class RunProgress:
@@ -153,6 +156,7 @@ class RunProgress:
                 "bad": {str(r): m for r, m in ctx.bad_rows.items()}, "families": ctx.family_names,
                 "member_cost": ctx.member_cost, "io_cost": ctx.io_cost, "plan": st.plan,
                 "stage0_done": st.stage0_done, "csv_fresh": st.csv_fresh, "finished": finished,
+                "cache_rows": st.cache_rows,
                 "summary": summary}
 
     def commit(self, running: Optional[str] = None, finished: bool = False, summary=None) -> None:
@@ -180,6 +184,7 @@ def restore_state(saved: Dict[str, Any], fingerprint: Dict[str, Any], state: Run
     ctx.io_cost = float(saved["io_cost"])
     state.plan = list(saved["plan"])
     state.stage0_done = bool(saved["stage0_done"])
+    state.cache_rows = int(saved.get("cache_rows", 0))
     state.csv_fresh = bool(saved.get("csv_fresh", False))
     for rec in state.records.values():
         rec.pop("measured", None)          # re-time on this machine

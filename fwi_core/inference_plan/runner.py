@@ -26,12 +26,12 @@ from .deadline import Deadline
 from .policy import Policy, measured
 from .progress import RunProgress, RunState
 from .ranked import run_ranked
-from .source import batches
+from .source import batches, item_shape_of
 from .stages import MAP, BatchState, RunContext, Stage, stage_array
 
 #: Stored array of the settled rows: 0, or the code of the stage that made the row final.
 SETTLED = "settled"
-from .store import PredictionStore, StoredArray
+from .store import GATHERS, CachedSource, PredictionStore, StoredArray
 from .submission_csv import format_submission_rows, write_submission_csv
 
 __all__ = ["StageRunner", "CorruptedFileWarning", "FALLBACK_VELOCITY", "prediction_buffer", "time_members"]
@@ -92,6 +92,14 @@ class StageRunner:
         self.batch_size, self.num_workers, self.strict, self.margin = batch_size, num_workers, strict, margin
         self.show_progress, self.log, self.on_stage_end = show_progress, log, on_stage_end
         self.fallback_map: Optional[np.ndarray] = None
+        # later passes read the first files' gathers from their float16 copy (written by the first pass)
+        self.cache: Optional[StoredArray] = None
+        self.cached = source
+        if state.cache_rows > 0:
+            shape = item_shape_of(source)
+            self.cache = StoredArray(store.folder / f"{GATHERS}.npy", state.cache_rows, shape, "float16",
+                                     create=False)
+            self.cached = CachedSource(source, self.cache, lambda: self.ctx.avail.get(GATHERS, 0))
 
     # ----------------------------------------------------------------------- buffers, CSV
     def buf(self, i: int) -> StoredArray:
@@ -253,8 +261,8 @@ class StageRunner:
         bar = progress_bar(total=self.n, initial=start, desc=stage.name, unit="file",
                            disable=not self.show_progress)
         stop_reason = ""
-        source_iter = batches(self.source, start, self.batch_size, self.num_workers) if stage.needs_seismic \
-            else None
+        source_iter = batches(self.source if mandatory else self.cached, start, self.batch_size, self.num_workers) \
+            if stage.needs_seismic else None
         s = start
         try:
             while s < self.n:
@@ -277,6 +285,10 @@ class StageRunner:
                             self.log(f"warning: {self.ids[s + j]} unreadable in stage {stage.name}: {msg}")
                         if mandatory:
                             self._bad(s + j, msg)
+                    if mandatory and self.cache is not None and s < self.cache.n:
+                        k = min(e, self.cache.n) - s          # keep a float16 copy for the later passes
+                        self.cache.write(s, raw.seismic[:k].numpy().astype(np.float16))
+                        self.ctx.avail[GATHERS] = s + k
                 batch = self.batch(stage, s, e, raw)
                 window = self.read_current(s, e) if self.state.stage0_done else np.zeros((e - s,) + MAP, np.float32)
                 if len(batch):

@@ -49,6 +49,10 @@ class InferenceOptions:
         batch_size, num_workers: batching and file-reading workers.
         store_dtype: dtype of the stored member predictions (float32 or float16).
         seed: seed of the stochastic stages.
+        state_limit_gb: what the state folder may hold (None: 40 GB on Kaggle, where it
+            lives in the temp folder; elsewhere 90% of the free disk).
+        gather_cache: keep a float16 copy of the gathers the limit leaves room for, so
+            later passes do not read the test files again.
     """
 
     stages: Tuple[str, ...] = tuple(DEFAULT_STAGES)
@@ -61,6 +65,8 @@ class InferenceOptions:
     num_workers: int = 0
     store_dtype: str = "float32"
     seed: int = 0
+    state_limit_gb: Optional[float] = None
+    gather_cache: bool = True
 
     def with_(self, **changes: Any) -> "InferenceOptions":
         """A copy with the given fields changed; a None value keeps the default."""
@@ -132,7 +138,8 @@ class InferenceSetup:
         return run_budgeted(self.ensemble, self.source, out_csv, deadline=deadline, stages=self.stages,
                             gains=self.gains, crf=self.crf, mc_passes=o.mc_passes, batch_size=o.batch_size,
                             num_workers=o.num_workers, store_dtype=o.store_dtype, seed=o.seed, resume=resume,
-                            resources=resources, **kwargs)
+                            resources=resources, state_limit_gb=o.state_limit_gb, gather_cache=o.gather_cache,
+                            **kwargs)
 
 
 def prepare_inference(data_root: Optional[PathLike], checkpoints: Sequence[PathLike] = (), *,

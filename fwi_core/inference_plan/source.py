@@ -21,7 +21,7 @@ from ..errors import LayoutError
 from ..data.io import SEIS_SHAPE
 from ..data.layout import list_test, load_test_sample
 
-__all__ = ["TestFileSource", "ArraySource", "RawBatch", "batches", "row_batches"]
+__all__ = ["TestFileSource", "ArraySource", "RawBatch", "batches", "row_batches", "item_shape_of"]
 
 
 class TestFileSource:
@@ -185,6 +185,12 @@ def row_batches(source, batches_of_rows: Sequence[Sequence[int]], num_workers: i
 def _collate(items):
     xs, oks, errs = zip(*items)
     return torch.stack(xs), torch.tensor(oks, dtype=torch.bool), list(errs)
+
+
+def item_shape_of(source) -> Tuple[int, ...]:
+    """The shape of one gather of ``source``: its ``item_shape``, else its first readable row's."""
+    shape = getattr(source, "item_shape", None)
+    return tuple(shape) if shape else _first_shape(source)
 
 
 def _first_shape(source) -> Tuple[int, ...]:

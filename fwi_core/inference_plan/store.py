@@ -10,17 +10,71 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
+from .. import platform
 from ..utils import atomic_write_text, remove_stale_temps
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["StoredArray", "PredictionStore"]
+__all__ = ["StoredArray", "PredictionStore", "state_limit", "KAGGLE_STATE_LIMIT_GB", "GATHERS", "GATHER_BYTES",
+           "CachedSource"]
+
+#: The state folder's default limit on Kaggle, in GB. It lives in the temp folder (outside
+#: /kaggle/working, whose 20 GB are saved as the notebook's output): a session's disk is
+#: about 73 GB, so 40 GB leaves the output and a margin free. Elsewhere the default is 90%
+#: of the free disk.
+KAGGLE_STATE_LIMIT_GB = 40.0
+#: The float16 cache of the test gathers (one (5, 1000, 70) array per cached file).
+GATHERS = "gathers"
+GATHER_BYTES = 5 * 1000 * 70 * 2
+
+
+def state_limit(folder: PathLike, limit_gb: Optional[float]) -> int:
+    """Bytes the state folder may hold: ``limit_gb`` (None: :data:`KAGGLE_STATE_LIMIT_GB`
+    on Kaggle, else no limit of its own), and never more than 90% of what its disk has free
+    plus what the folder already holds."""
+    folder = Path(folder)
+    probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free + folder_bytes(folder)
+    cap = int(0.9 * free)
+    if limit_gb is None and platform.detect_platform().name == "kaggle":
+        limit_gb = KAGGLE_STATE_LIMIT_GB
+    return cap if limit_gb is None else min(cap, int(float(limit_gb) * 1e9))
+
+
+def folder_bytes(folder: PathLike) -> int:
+    """Apparent size of the files directly in ``folder`` (0 when it does not exist)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+class CachedSource:
+    """A source whose first ``rows`` files are read from the float16 gather cache once the
+    first pass has written them there (``avail()`` rows), the others from ``source``."""
+
+    def __init__(self, source, cache: "StoredArray", avail):
+        self.source, self.cache, self.avail = source, cache, avail
+        self.ids = source.ids
+        self.item_shape = getattr(source, "item_shape", None)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def read(self, i: int) -> np.ndarray:
+        if i < min(self.cache.n, self.avail()):
+            return self.cache.read(i, i + 1)[0].astype(np.float32)
+        return self.source.read(i)
+
+    def describe(self, i: int) -> str:
+        return self.source.describe(i)
 
 
 class StoredArray:

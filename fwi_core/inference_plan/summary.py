@@ -31,7 +31,9 @@ class RunSummary:
         met_deadline: it finished (CSV written) before the deadline.
         plan: stage names the planner chose after the first pass, in order.
         stages: one dict per stage: name, kind, status (complete | partial | skipped |
-            not run), files, seconds, files_per_s, expected_gain, gain_source, note.
+            not run), files, samples (files it covered; for refinement, samples refined),
+            seconds, files_per_s, expected_gain, gain_source, note (for a ranked stage also
+            candidates, screened).
         bad_files: oid -> why it could not be read (it got the fallback prediction).
         fallback_files: files written with the fallback (unreadable or never reached).
         resumed: the run continued a previous one.
@@ -67,11 +69,11 @@ class RunSummary:
                  f"{'' if self.met_deadline else ' (AFTER the deadline)'}"
                  f"{'; resumed a previous run' if self.resumed else ''}",
                  f"plan after the first pass: {', '.join(self.plan) or '(nothing more fits)'}",
-                 f"{'stage':<28}{'status':>10}{'files':>8}{'s':>9}{'files/s':>9}{'gain':>8}  note"]
+                 f"{'stage':<28}{'status':>10}{'samples':>8}{'s':>9}{'per s':>9}{'gain':>8}  note"]
         for s in self.stages:
             fps = f"{s['files_per_s']:.2f}" if s.get("files_per_s") else "-"
-            lines.append(f"{s['name']:<28}{s['status']:>10}{s['files']:>8}{s['seconds']:>9.1f}{fps:>9}"
-                         f"{s['expected_gain']:>8.2f}  {s.get('note', '')}")
+            lines.append(f"{s['name']:<28}{s['status']:>10}{s.get('samples', s['files']):>8}{s['seconds']:>9.1f}"
+                         f"{fps:>9}{s['expected_gain']:>8.2f}  {s.get('note', '')}")
         if self.bad_files:
             lines.append(f"{len(self.bad_files)} unreadable file(s) got the fallback prediction:")
             lines += [f"  {oid}: {msg}" for oid, msg in sorted(self.bad_files.items())]

@@ -158,4 +158,5 @@ def planner(ens, src, tmp_path, clock=None, budget=None, **kw):
     kw.setdefault("progress", False)
     kw.setdefault("log", None)
     kw.setdefault("device", "cpu")
+    kw.setdefault("gather_cache", False)     # float32 gathers in every pass: outputs compare with Ensemble.predict
     return BudgetedInference(ens, src, tmp_path / "sub.csv", deadline=deadline, state_dir=tmp_path / "state", **kw)

@@ -104,6 +104,12 @@ class Stage(abc.ABC):
     def prepare(self, ctx: "RunContext") -> None:
         """Called once before the stage's first batch (in each process)."""
 
+    def disk_bytes(self, ctx: "RunContext", before: Sequence["Stage"] = ()) -> int:
+        """Bytes the stage adds to the state folder (its stored per-file arrays), given the
+        stages that will have run before it; the planner skips a stage that would take the
+        folder over its limit."""
+        return 0
+
     def first_pass(self, batch: "BatchState", pred: torch.Tensor) -> None:
         """Called for each batch of the first pass with its prediction (m/s), while the
         gathers are in memory: store per-file features the stage needs later (refinement
@@ -276,6 +282,10 @@ class RunContext:
         names = self.executed if before is None or before not in self.executed \
             else self.executed[:self.executed.index(before)]
         return any(self.stages[n].kind == kind for n in names if n in self.stages)
+
+    def map_bytes(self) -> int:
+        """Bytes of one stored map per file over the run's files (the store's dtype)."""
+        return int(self.store.n) * MAP[0] * MAP[1] * int(np.dtype(self.store.dtype).itemsize)
 
     def members_run(self) -> List[str]:
         """Members whose predictions are stored (in ensemble order)."""

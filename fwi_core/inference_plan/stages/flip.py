@@ -33,6 +33,10 @@ class FlipStage(Stage):
     def unavailable(self, ctx):
         return None
 
+    def disk_bytes(self, ctx, before=()):
+        members = set(ctx.members_run()) | {s.member for s in before if isinstance(s, MemberStage)}
+        return ctx.map_bytes() * len(members)
+
     def run(self, batch):
         ctx = batch.ctx
         xf = hflip(batch.x)

@@ -42,6 +42,9 @@ class MCDropoutStage(Stage):
     def unavailable(self, ctx):
         return None if self._droppers(ctx) else "no member has dropout layers"
 
+    def disk_bytes(self, ctx, before=()):
+        return ctx.map_bytes() * (len(self._droppers(ctx)) + 1)       # each dropper's MC mean, the spread
+
     def estimate(self, ctx, before):
         members = ctx.members_run() + [s.member for s in before if isinstance(s, MemberStage)
                                        and s.member not in ctx.members_run()]

@@ -28,6 +28,10 @@ class MemberStage(Stage):
         flips = 2.0 if any(s.kind == "flip" for s in before) or ctx.has_run("flip", self.name) else 1.0
         return c * flips + ctx.io_cost
 
+    def disk_bytes(self, ctx, before=()):
+        flip = any(s.kind == "flip" for s in before) or ctx.has_run("flip", self.name)
+        return ctx.map_bytes() * (2 if flip else 1)
+
     def run(self, batch):
         ens, x = batch.ctx.ensemble, batch.x
         batch.write(member_array(self.member), ens.predict_member(self.member, x).float())
