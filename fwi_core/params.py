@@ -41,7 +41,7 @@ KERNEL_PARAMETERS: Dict[str, Dict[str, Tuple[str, ...]]] = {
         "scale_range": (PAIR, NONE), "noise_prob": (FLOAT, NONE), "noise_std": (FLOAT, NONE),
         "pde_weight": (FLOAT, NONE), "pde_every": (INT, NONE), "pde_samples": (INT, NONE),
         "sim_fraction": (FLOAT, NONE), "sim_kwargs": (DICT,), "backbone_checkpoint": (PATH, NONE),
-        "num_workers": (INT, NONE), "ensemble_runs": (LIST,), "show_samples": (INT,),
+        "pseudo_dir": (PATH, NONE), "distill_teacher": (PATH, NONE), "num_workers": (INT, NONE), "ensemble_runs": (LIST,), "show_samples": (INT,),
     },
     "infer": {
         "data_root": (PATH, NONE), "checkpoints": (LIST,), "checkpoint_dirs": (LIST,), "checkpoint_kind": (STR,),

@@ -38,6 +38,8 @@ pde_samples = None
 sim_fraction = None  # fraction of each epoch's samples freshly simulated from the 10 family generators
 sim_kwargs = {}  # {}: the preset's; SimulatedDataset options, e.g. {"augment": {"crop": 0.3, "warp": 0.3, "blend": 0.2}}
 backbone_checkpoint = None  # stage-wise: train model_name on the residual of this frozen checkpoint
+pseudo_dir = None  # a pseudo-label folder (tools.pseudo_label --out, e.g. an attached dataset): mixed into training
+distill_teacher = None  # an ensemble JSON: train a student on its predictions instead of the labels
 num_workers = None
 ensemble_runs = []  # earlier run folders (e.g. attached outputs of other folds/models): fit ensemble weights
 show_samples = 4
@@ -68,7 +70,14 @@ for key, value in cfg.to_dict().items():
         print(f"  {key:<22} {value!r:<28} {default_help(key, getattr(TrainConfig(), key))}")
 
 # %%
-result = train(cfg)
+if distill_teacher:  # a student of the ensemble: its predictions are the targets, validation on true labels
+    from fwi_core.recipes.distill import distill_from_json, format_report
+
+    distilled = distill_from_json(distill_teacher, cfg)
+    result = distilled["result"]
+    print(format_report(distilled["report"]))
+else:
+    result = train(cfg)
 print("stopped:", result["stopped_reason"], "| best validation MAE:", round(result["best_val_mae"], 2), "m/s")
 print("best checkpoint:", result["best_checkpoint"])
 

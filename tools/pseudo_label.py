@@ -1,13 +1,14 @@
 """Run one round of test-time pseudo-labelling.
 
-    python -m tools.pseudo_label --data ROOT --checkpoints PATH [PATH...] --out DIR [--limit N] [--device cuda]
+    python -m tools.pseudo_label --data ROOT --checkpoints PATH [PATH...] --out DIR [--max-gb 15]
+        [--rank-by disagreement|misfit|none] [--dtype float16] [--limit N] [--device cuda]
 
 Predicts ``ROOT/test/*.npy`` with the checkpoints (averaged; folders are searched for
-``best*.pt``), simulates every prediction with the exact forward model and writes the
-(simulated gathers, predicted map) pairs to ``DIR/train_samples/Pseudo/`` in the
-competition layout, plus ``DIR/pseudo_labels.json`` (see
-:func:`fwi_core.physics.pseudo_label_round`). Train on them with
-``FWIDataset(index_train(DIR))`` next to the real data.
+``best*.pt``), keeps the most confident predictions that fit ``--max-gb`` (0.72 MB a sample
+in float16), simulates them with the exact forward model and writes the (simulated
+gathers, predicted map) pairs to ``DIR/train_samples/Pseudo/`` in the competition layout,
+plus ``DIR/pseudo_labels.json`` (see :func:`fwi_core.recipes.pseudo_label_round`). Train
+on them next to the real data with ``python -m fwi_core.train --pseudo DIR``.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from fwi_core.data import find_competition_root
 from fwi_core.errors import FWIError
 from fwi_core.models.checkpoint import find_checkpoints
 from fwi_core.recipes import pseudo_label_round
+from fwi_core.recipes.pseudo_label import MAX_GB, RANKINGS
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -35,6 +37,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--weights", default="auto", choices=["auto", "raw", "ema"])
     ap.add_argument("--family", default="Pseudo", help="folder name = family name of the samples")
     ap.add_argument("--samples-per-file", type=int, default=500)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage of the gathers")
+    ap.add_argument("--max-gb", type=float, default=MAX_GB,
+                    help=f"keep at most this many GB of samples (default {MAX_GB}: Kaggle keeps 20 GB of output)")
+    ap.add_argument("--max-samples", type=int, default=None, help="keep at most this many samples")
+    ap.add_argument("--rank-by", default="disagreement", choices=list(RANKINGS),
+                    help="which predictions to keep when not all fit (default: disagreement)")
     ap.add_argument("--force", action="store_true", help="replace an earlier round's folder")
     a = ap.parse_args(argv)
 
@@ -43,10 +51,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         ckpts = find_checkpoints(a.checkpoints)
         res = pseudo_label_round([str(p) for p in ckpts], root, a.out, limit=a.limit, batch_size=a.batch_size,
                                  device=a.device, flip_tta=a.flip_tta, weights=a.weights, family=a.family,
-                                 samples_per_file=a.samples_per_file, overwrite=a.force)
+                                 samples_per_file=a.samples_per_file, overwrite=a.force, dtype=a.dtype,
+                                 max_gb=a.max_gb, max_samples=a.max_samples, rank_by=a.rank_by)
     except (FWIError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print(f"kept {res['samples']} of {res['candidates']} test samples (ranked by {res['rank_by']}; "
+          f"{res['bytes_per_sample']:,} bytes each in {res['dtype']}, {res['bytes'] / 1e9:.2f} GB)")
     print(f"pseudo-labelled {res['samples']} test samples with {len(ckpts)} checkpoint(s) on {res['device']}: "
           f"predict {res['predict_s']:.1f} s, simulate {res['simulate_s']:.1f} s "
           f"({res['simulate_samples_per_s']:.2f} samples/s), mean velocity {res['velocity_mean']:.0f} m/s")

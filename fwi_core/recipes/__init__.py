@@ -5,8 +5,8 @@ and the training engine.
   predictions, write them as a training family);
 - :mod:`.distill`: a fast student trained on an ensemble's predictions.
 """
-from .distill import TeacherTargets, distill, teacher_targets
-from .pseudo_label import MANIFEST, PSEUDO_FAMILY, pseudo_dataset, pseudo_label_round
+from .distill import TeacherTargets, distill, distill_from_json, teacher_targets
+from .pseudo_label import MANIFEST, PSEUDO_FAMILY, bytes_per_sample, pseudo_dataset, pseudo_label_round
 
-__all__ = ["pseudo_label_round", "pseudo_dataset", "PSEUDO_FAMILY", "MANIFEST", "distill", "teacher_targets",
-           "TeacherTargets"]
+__all__ = ["pseudo_label_round", "pseudo_dataset", "bytes_per_sample", "PSEUDO_FAMILY", "MANIFEST", "distill",
+           "distill_from_json", "teacher_targets", "TeacherTargets"]

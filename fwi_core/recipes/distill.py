@@ -4,6 +4,13 @@
                   simulated_dataset=sim_ds)
     out["report"]   # student vs ensemble MAE (m/s, per family) and ms per sample
 
+From the command line (and the train kernel's ``distill_teacher``): the teacher is an
+ensemble JSON (``python -m fwi_core.ensemble fit``), the student a training config, the
+data and folds the engine's::
+
+    python -m fwi_core.recipes.distill --teacher runs/ensemble.json --data DIR --out runs/student \
+        --preset cpu --model inversionnet_small --epochs 10 --folds 5 --fold 0
+
 The teacher (an :class:`~fwi_core.ensemble.Ensemble`) predicts every training map (and
 every map of an optional dataset of simulated samples, e.g. generated with
 ``fwi_core.physics.generate`` + ``simulate``); those predictions, not the labels, are the
@@ -15,6 +22,7 @@ ensemble's accuracy for the student's speed.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -27,10 +35,12 @@ from ..ensemble.ensemble import Ensemble
 from ..inference import to_velocity
 from ..metrics import mae, per_family
 from ..models.checkpoint import load_model
+from ..platform import detect_platform
 from ..train import TrainConfig, train
-from ..utils import progress_bar
+from ..train.datasets import fold_datasets
+from ..utils import default_device, progress_bar
 
-__all__ = ["TeacherTargets", "teacher_targets", "distill"]
+__all__ = ["TeacherTargets", "teacher_targets", "distill", "distill_from_json", "format_report"]
 
 
 class TeacherTargets(Dataset):
@@ -169,3 +179,31 @@ def distill(teacher: Ensemble, train_dataset: Dataset, val_dataset: Optional[Dat
                                                                              batch_size, eval_samples)
         report["speedup"] = report["ensemble_ms_per_sample"] / max(report["student_ms_per_sample"], 1e-9)
     return {"result": result, "student": student, "train_dataset": train_ds, "report": report}
+
+
+def distill_from_json(teacher_json: Union[str, os.PathLike], cfg: TrainConfig, flip_tta: bool = False,
+                      eval_samples: Optional[int] = 256, device: Optional[Union[str, torch.device]] = None,
+                      progress: bool = True) -> Dict[str, Any]:
+    """:func:`distill` with the ensemble of ``teacher_json`` as the teacher and the data and
+    fold of ``cfg`` (the engine's family folds of ``cfg.data``): the student trains on the
+    teacher's predictions of the fold's training maps and is validated on its true labels."""
+    cfg = cfg.validate()
+    dev = torch.device(device) if device is not None else default_device()
+    teacher = Ensemble.from_checkpoints([], config=teacher_json, device=dev)
+    train_ds, val_ds = fold_datasets(cfg, detect_platform())
+    return distill(teacher, train_ds, val_ds, cfg, flip_tta=flip_tta, eval_samples=eval_samples,
+                   device=dev, progress=progress, batch_size=cfg.batch_size)
+
+
+def format_report(report: Dict[str, Any]) -> str:
+    """Student vs ensemble: MAE per family (m/s) and ms per sample, as text."""
+    if "student_mae" not in report:
+        return f"{report.get('n_teacher_targets', 0)} teacher targets (no validation set: nothing compared)"
+    fams = sorted(f for f in report["student_mae"] if f != "all") + ["all"]
+    lines = [f"{'family':<14}{'student':>10}{'ensemble':>10}", "-" * 34]
+    lines += [f"{f:<14}{report['student_mae'][f]:>10.2f}{report['ensemble_mae'].get(f, float('nan')):>10.2f}"
+              for f in fams]
+    lines.append(f"ms per sample: student {report['student_ms_per_sample']:.2f}, ensemble "
+                 f"{report['ensemble_ms_per_sample']:.2f} ({report['speedup']:.1f}x faster); "
+                 f"{report['n_teacher_targets']} teacher targets")
+    return "\n".join(lines)

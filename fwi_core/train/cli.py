@@ -62,6 +62,7 @@ _HELP = {
     "pde_shots": "shot indices used by the PDE term (default: all)",
     "sim_fraction": "fraction of each epoch's samples freshly simulated",
     "sim_kwargs": "SimulatedDataset options as a JSON object",
+    "pseudo": "a pseudo-label folder (python -m tools.pseudo_label --out DIR) whose samples join training",
     "max_steps": "stop (resumably) after this many optimizer steps (0: no limit; not restored on resume)",
     "log_every": "steps between loss/lr log lines (the first steps are logged too)",
     "rewarm_fraction": "resuming an annealed run longer: warm back up over this fraction of the new steps",

@@ -26,7 +26,7 @@ MONITORS = ("mae", "mae_raw", "mae_ema", "family_mae", "boundary_iou", "ssim")
 #: Monitors that improve upwards (the others are errors, minimised).
 MAXIMISED = ("boundary_iou", "ssim")
 #: Train-kernel parameters whose TrainConfig field has another name.
-KERNEL_NAMES = {"model_name": "model"}
+KERNEL_NAMES = {"model_name": "model", "pseudo_dir": "pseudo"}
 
 
 @dataclass
@@ -44,6 +44,9 @@ class TrainConfig:
             augmentations, simulated with the exact forward model; 0: none);
             sim_kwargs: its options (``families``, ``weights``, ``augment``, ``device``,
             ``cache_dir``, ...). Training datasets with ``set_epoch`` get it every epoch.
+        pseudo: a pseudo-label folder (``python -m tools.pseudo_label --out DIR``: it holds
+            ``train_samples/Pseudo/``): its samples join every epoch's training items (family
+            ``Pseudo``; validation stays real). None: none.
         num_workers: DataLoader worker processes.
     Model:
         model: a name from :func:`fwi_core.models.list_models`; model_kwargs: its arguments.
@@ -167,6 +170,7 @@ class TrainConfig:
     max_val_samples: int = 0
     sim_fraction: float = 0.0
     sim_kwargs: Dict[str, Any] = field(default_factory=dict)
+    pseudo: Optional[str] = None
     num_workers: int = 2
     device: str = "auto"
     sync_bn: bool = False

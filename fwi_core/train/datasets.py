@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data import FWIDataset, family_kfold, find_competition_root, index_train
-from ..errors import ConfigError
+from ..errors import ConfigError, FWIError
 from ..physics.simulated import mix_datasets
 from ..platform import Platform
 from .config import TrainConfig
@@ -89,6 +89,48 @@ def _limit(ds: Dataset, n: int, seed: int) -> Dataset:
     return ds.subset(pos) if isinstance(ds, FWIDataset) else Subset(ds, pos.tolist())
 
 
+class Joined(Dataset):
+    """Datasets one after the other, keeping ``families()`` (for family balancing) and
+    ``raw()`` when every part has it."""
+
+    def __init__(self, parts: Sequence[Dataset]):
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _locate(self, i: int):
+        k = int(np.searchsorted(self.offsets, int(i), side="right") - 1)
+        return self.parts[k], int(i) - int(self.offsets[k])
+
+    def __getitem__(self, i):
+        ds, j = self._locate(i)
+        return ds[j]
+
+    def raw(self, i):
+        ds, j = self._locate(i)
+        return ds.raw(j)
+
+    def families(self) -> List[str]:
+        return [f for p in self.parts for f in families_of(p)]
+
+
+def _pseudo_labels(folder: str) -> FWIDataset:
+    """The samples of a pseudo-label folder (every family under its ``train_samples/``)."""
+    root = Path(folder)
+    if not (root / "train_samples").is_dir():
+        raise ConfigError(f"pseudo={folder}: no train_samples/ folder there; give the --out folder of "
+                          "python -m tools.pseudo_label (it holds train_samples/Pseudo/)")
+    try:
+        ds = FWIDataset(index_train(root))
+    except FWIError as exc:
+        raise ConfigError(f"pseudo={folder}: {exc}") from exc
+    if len(ds) == 0:
+        raise ConfigError(f"pseudo={folder}: the folder holds no samples")
+    return ds
+
+
 # --------------------------------------------------------------------------- the run's data
 def per_rank_batch(cfg: TrainConfig, dist: DistInfo) -> int:
     """Each process's share of the global ``batch_size``."""
@@ -101,8 +143,8 @@ def per_rank_batch(cfg: TrainConfig, dist: DistInfo) -> int:
     return per_rank
 
 
-def _split(cfg: TrainConfig, platform: Platform,
-           datasets: Optional[Tuple[Dataset, Optional[Dataset]]]) -> Tuple[Dataset, Optional[Dataset]]:
+def fold_datasets(cfg: TrainConfig, platform: Platform,
+           datasets: Optional[Tuple[Dataset, Optional[Dataset]]] = None) -> Tuple[Dataset, Optional[Dataset]]:
     """The given ``(train, val)`` pair, or ``cfg.data`` indexed and split by family folds."""
     if datasets is not None:
         if not isinstance(datasets, (tuple, list)) or len(datasets) != 2:
@@ -141,10 +183,15 @@ class TrainData:
         """Build the training set (limited, mixed with simulated samples) and the
         validation set (limited; None when empty), the epoch sampler (family-balanced
         with ``balance_families``)."""
-        train_ds, val_ds = _split(cfg, platform, datasets)
+        train_ds, val_ds = fold_datasets(cfg, platform, datasets)
         if len(train_ds) == 0:
             raise ConfigError("the training set is empty")
         train_ds = _limit(train_ds, cfg.max_train_samples, cfg.seed)
+        if cfg.pseudo:
+            pseudo = _pseudo_labels(cfg.pseudo)
+            train_ds = Joined([train_ds, pseudo])
+            log.info("training on %d real + %d pseudo-labelled samples (%s)", len(train_ds) - len(pseudo),
+                     len(pseudo), cfg.pseudo)
         if cfg.sim_fraction > 0:
             kwargs = {"seed": cfg.seed, "nt": int(train_ds[0][0].shape[-2]), **cfg.sim_kwargs}
             try:

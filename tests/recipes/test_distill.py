@@ -60,3 +60,43 @@ def test_distill_trains_a_student_on_teacher_targets(tmp_path):
         before = (TinyNet().eval()(train_ds.x) - expected[:16]).abs().mean()
         after = (out["student"](train_ds.x) - expected[:16]).abs().mean()
     assert after < before
+
+
+def test_distill_from_the_command_line_with_an_ensemble_json(tmp_path, capsys):
+    """``python -m fwi_core.recipes distill --teacher ens.json`` + training flags: the
+    student trains on the teacher's predictions of the fold's training maps."""
+    import json
+
+    import numpy as np
+
+    from fwi_core.ensemble import EnsembleConfig, MemberSpec
+    from fwi_core.models import create_model
+    from fwi_core.models.checkpoint import load_model
+    from fwi_core.recipes.__main__ import main
+    from fwi_core.train.checkpoint import FORMAT, save_checkpoint
+    from tests.train.helpers import write_layout
+
+    data = write_layout(tmp_path / "wi", per_family=4)
+    torch.manual_seed(0)
+    kwargs = {"width": 0.0625}
+    for name in ("a", "b"):
+        save_checkpoint({"format": FORMAT, "metadata": {"model": "inversionnet", "model_kwargs": kwargs},
+                         "model": create_model("inversionnet", **kwargs).state_dict(), "ema": None},
+                        tmp_path / "teacher" / name / "best.pt")
+    ens_json = EnsembleConfig([MemberSpec("a", "a/best.pt"), MemberSpec("b", "b/best.pt")],
+                              EnsembleWeights.equal(["a", "b"])).save(tmp_path / "teacher" / "ensemble.json")
+    argv = ["distill", "--teacher", str(ens_json), "--eval-samples", "4", "--data", str(data), "--out",
+            str(tmp_path / "student"), "--preset", "cpu", "--model", "inversionnet", "--model-kwargs",
+            '{"width": 0.0625}', "--epochs", "1", "--batch-size", "2", "--folds", "2", "--num-workers", "0",
+            "--time-budget", "0", "--device", "cpu", "--flip-prob", "0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "student" in out and "ensemble" in out and "ms per sample" in out and "x faster" in out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["stopped_reason"] == "completed" and summary["step"] == 2
+    student = load_model(summary["best_checkpoint"])
+    assert sum(p.numel() for p in student.parameters()) > 0
+    with pytest.raises(SystemExit):
+        main(["distill", "--teacher", str(tmp_path / "nope.json"), "--data", str(data)])
+    assert "is not a file" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(tmp_path / "student" / "oof_fold0.npz")["indices"].shape, (4,))

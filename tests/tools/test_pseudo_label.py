@@ -47,7 +47,7 @@ def test_round_writes_a_readable_layout_of_simulated_predictions(fake_root, tmp_
     maps = np.stack([ds.raw(i)[1] for i in range(2)])
     np.testing.assert_array_equal(maps, want_maps)
     assert not np.array_equal(maps[0], maps[1])
-    assert _rel(ds.raw(1)[0], simulate(maps[1:], backend="eager")[0]) < 1e-5
+    assert _rel(ds.raw(1)[0], simulate(maps[1:], backend="eager")[0]) < 1e-3        # float16 storage
     # a second round needs overwrite; it replaces the folder and leaves no temporary folders
     with pytest.raises(FileExistsError, match="overwrite"):
         pseudo_label_round(pred, fake_root, out, device="cpu", progress=False)
@@ -67,8 +67,7 @@ def test_predictor_output_is_checked(fake_root, tmp_path):
     with pytest.raises(ValueError, match="predictor must be"):
         pseudo_label_round([1, 2], fake_root, tmp_path / "c", device="cpu", progress=False)
     # nothing half-written is left behind
-    assert not (tmp_path / "a" / "train_samples").exists()
-    assert [p.name for p in (tmp_path / "a").iterdir()] == []
+    assert not (tmp_path / "a").exists()               # a round whose predictor fails writes nothing
 
 
 @pytest.fixture
@@ -102,7 +101,7 @@ def test_command_runs_one_round_with_checkpoints(fake_root, checkpoint, tmp_path
     x = torch.from_numpy(normalize_seismic(load_test_sample(path)))[None]
     want = to_velocity(predict_batch([load_model(checkpoint)], x)).numpy()[0]
     np.testing.assert_allclose(vel, want, rtol=1e-5)
-    assert _rel(seis, simulate(vel[None])[0]) < 1e-5
+    assert _rel(seis, simulate(vel[None])[0]) < 1e-3                      # float16 storage
     # a second run without --force is refused with a clear message
     assert pseudo_label.main(["--data", str(fake_root), "--checkpoints", str(checkpoint), "--out", str(out),
                               "--limit", "1", "--device", "cpu"]) == 2
@@ -127,3 +126,39 @@ def test_models_are_averaged_and_defaults(tmp_path):
     one, _ = pl._predict_fn(models[0], torch.device("cpu"), True, "auto")
     np.testing.assert_allclose(one(x).numpy(), to_velocity(predict_batch(models[0], x, flip_tta=True)).numpy(),
                                rtol=1e-6)
+
+
+def test_a_round_keeps_the_most_confident_that_fit_the_size(fake_root, tmp_path):
+    """float16 gathers (719,600 bytes a sample with the map); max_gb / max_samples keep the
+    samples ranked most confident: by the flip disagreement, or by the data misfit."""
+    from fwi_core.models import create_model
+    from fwi_core.recipes.pseudo_label import bytes_per_sample
+
+    assert bytes_per_sample() == 719_600 and bytes_per_sample(dtype="float32") == 1_419_600
+    torch.manual_seed(0)
+    model = create_model("inversionnet", width=0.0625).eval()
+    res = pseudo_label_round(model, fake_root, tmp_path / "d", max_gb=2.5 * 719_600 / 1e9, device="cpu",
+                             backend="eager", progress=False)
+    assert res["candidates"] == 3 and res["samples"] == 2 and res["bytes"] == 2 * 719_600
+    assert res["rank_by"] == "disagreement" and res["dtype"] == "float16"
+    manifest = json.loads((tmp_path / "d" / "pseudo_labels.json").read_text())
+    # the scores of the kept samples: the two lowest flip disagreements of the three
+    from fwi_core.data import hflip
+    from fwi_core.inference import to_velocity
+
+    tests = list_test(fake_root)
+    x = torch.from_numpy(np.stack([normalize_seismic(load_test_sample(p)) for _, p in tests]))
+    with torch.no_grad():
+        dis = (to_velocity(model(x)) - to_velocity(torch.flip(model(hflip(x)), (-1,)))).abs().mean((1, 2, 3))
+    keep = sorted(np.argsort(dis.numpy())[:2].tolist())
+    assert manifest["oids"] == [tests[i][0] for i in keep]
+    np.testing.assert_allclose(manifest["scores"], dis.numpy()[keep], rtol=1e-4)
+    data = np.load(tmp_path / "d" / "train_samples" / "Pseudo" / "data" / "data1.npy", mmap_mode="r")
+    assert data.dtype == np.float16 and data.shape == (2, 5, 1000, 70)
+    # misfit ranking: the kept map explains its test gathers best
+    res = pseudo_label_round(_LayeredPredictor(), fake_root, tmp_path / "m", max_samples=1, rank_by="misfit",
+                             device="cpu", backend="eager", progress=False)
+    assert res["samples"] == 1 and res["rank_by"] == "misfit" and res["score_kept_max"] <= res["score_median"]
+    with pytest.raises(ValueError, match="rank_by='disagreement' needs models"):
+        pseudo_label_round(_LayeredPredictor(), fake_root, tmp_path / "x", rank_by="disagreement", device="cpu",
+                           progress=False)
