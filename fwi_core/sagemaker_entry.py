@@ -66,7 +66,7 @@ class SageMakerJob:
             raise ConfigError("SM_MODEL_DIR is not set: this is not a SageMaker training job (the entry point "
                               "reads SM_MODEL_DIR, SM_CHANNEL_*, SM_HOSTS, SM_CURRENT_HOST, SM_NUM_GPUS)")
         hosts, current = sagemaker_hosts(env)
-        hosts = hosts or ("algo-1",)
+        hosts = hosts or (current or "algo-1",)         # no SM_HOSTS: one host, this one
         gpus_raw = env.get("SM_NUM_GPUS", "0") or "0"
         if not gpus_raw.isdigit():
             raise ConfigError(f"environment variable SM_NUM_GPUS={gpus_raw!r}: expected an integer")

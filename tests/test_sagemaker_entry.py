@@ -34,6 +34,8 @@ def test_torchrun_command_spans_hosts_and_gpus(tmp_path):
     one = SageMakerJob.from_env(sm_env(tmp_path, SM_HOSTS='["algo-1"]', SM_CURRENT_HOST="algo-1", SM_NUM_GPUS="0",
                                        MASTER_PORT="1234"))
     assert one.nproc_per_node(None) == 1 and one.nproc_per_node(2) == 2
+    alone = SageMakerJob.from_env({"SM_MODEL_DIR": "/m", "SM_CURRENT_HOST": "algo-3"})     # no SM_HOSTS
+    assert (alone.hosts, alone.node_rank, alone.nproc_per_node(None)) == (("algo-3",), 0, 1)
     assert one.torchrun_command(2, [])[3:] == ["--nnodes", "1", "--node-rank", "0", "--nproc-per-node", "2",
                                                "--master-addr", "127.0.0.1", "--master-port", "1234",
                                                "-m", "fwi_core.sagemaker_entry"]
