@@ -85,12 +85,10 @@ void fill_halo(float* b, int H, int W, idx ld) {
   }
 }
 
-// one row's cells j0..j1: o = p_{t-2} -> p_t from c = p_{t-1}; with ZOUT, z = L'(p_{t-1}) - 5 p_{t-1};
-// with ACC, acc += p_t * za (the adjoint's gradient sum, za the recomputed z of this step)
-template <bool KARR, bool ZOUT, bool ACC>
+// one row's cells j0..j1: o = p_{t-2} -> p_t from c = p_{t-1}; with ZOUT, z = L'(p_{t-1}) - 5 p_{t-1}
+template <bool KARR, bool ZOUT>
 inline void span(float* __restrict o, const float* __restrict c, idx ld, const float* __restrict al,
-                 const float* __restrict kx, float ks, int j0, int j1, float c2, float c3,
-                 float* __restrict z, const float* __restrict za, float* __restrict acc) {
+                 const float* __restrict kx, float ks, int j0, int j1, float c2, float c3, float* __restrict z) {
   for (int j = j0; j <= j1; ++j) {
     const float a = al[j];
     const float k = KARR ? kx[j] : ks;
@@ -100,30 +98,39 @@ inline void span(float* __restrict o, const float* __restrict c, idx ld, const f
     const float s1 = ((q[1] + q[-1]) + q[ld]) + q[-ld];
     const float s2 = ((q[2] + q[-2]) + q[2 * ld]) + q[-2 * ld];
     const float l = c2 * s1 + c3 * s2;
-    const float v = (nt2 * o[j] + t1 * q[0]) + a * l;
-    o[j] = v;
+    o[j] = (nt2 * o[j] + t1 * q[0]) + a * l;
     if (ZOUT) z[j] = l + (-5.0f) * q[0];
-    if (ACC) acc[j] += v * za[j];
   }
 }
 
-template <bool ZOUT, bool ACC>
-inline void row3(const Scheme& s, int i, float* o, const float* c, const float* al, int lo, int hi, float* z,
-                 const float* za, float* acc) {
+template <bool ZOUT>
+inline void row3(const Scheme& s, int i, float* o, const float* c, const float* al, int lo, int hi, float* z) {
   const int a1 = std::min(hi, s.x0 - 1);
-  if (lo <= a1) span<true, ZOUT, ACC>(o, c, s.ld, al, s.kx, 0.0f, lo, a1, s.c2, s.c3, z, za, acc);
+  if (lo <= a1) span<true, ZOUT>(o, c, s.ld, al, s.kx, 0.0f, lo, a1, s.c2, s.c3, z);
   const int b0 = std::max(lo, s.x0), b1 = std::min(hi, s.x1 - 1);
-  if (b0 <= b1) span<false, ZOUT, ACC>(o, c, s.ld, al, s.kx, s.kz[i], b0, b1, s.c2, s.c3, z, za, acc);
+  if (b0 <= b1) span<false, ZOUT>(o, c, s.ld, al, s.kx, s.kz[i], b0, b1, s.c2, s.c3, z);
   const int e0 = std::max(lo, s.x1);
-  if (e0 <= hi) span<true, ZOUT, ACC>(o, c, s.ld, al, s.kx, 0.0f, e0, hi, s.c2, s.c3, z, za, acc);
+  if (e0 <= hi) span<true, ZOUT>(o, c, s.ld, al, s.kx, 0.0f, e0, hi, s.c2, s.c3, z);
 }
 
-// P (p_{t-2}, rows rp) becomes p_t from C (p_{t-1}, halo filled, rows rc). With ZOUT, z (H x W)
-// gets L'(p_{t-1}) - 5 p_{t-1} (zero outside the computed cells, where it is exactly zero).
-// With ACC (the adjoint), acc (R x W) += p_t * za on every row but skip_row (done by the caller
-// after it adds the receivers' term there).
+// z of one step, packed: row i holds columns lo[i]..hi[i] at data[off[i] + j]
+struct Packed {
+  float* data;
+  int32_t* lo;
+  int32_t* hi;
+  idx* off;
+};
+
+inline void accumulate(float* __restrict acc, const float* __restrict o, const float* __restrict z, int j0, int j1) {
+  for (int j = j0; j <= j1; ++j) acc[j] += o[j] * z[j];
+}
+
+// P (p_{t-2}, rows rp) becomes p_t from C (p_{t-1}, halo filled, rows rc). With ZOUT, zp gets
+// z = L'(p_{t-1}) - 5 p_{t-1} on the computed cells (zero elsewhere), packed from *cursor on.
+// With ACC (the adjoint), acc (R x W) += p_t * z of zp on every row but skip_row (done by the
+// caller after it adds the receivers' term there).
 template <bool ZOUT, bool ACC>
-void step(const Scheme& s, float* P, const float* C, Rows& rp, const Rows& rc, float* z, const float* za,
+void step(const Scheme& s, float* P, const float* C, Rows& rp, const Rows& rc, Packed zp, idx* cursor,
           float* acc, int skip_row) {
   const int H = s.H, W = s.W;
   const idx ld = s.ld;
@@ -138,22 +145,22 @@ void step(const Scheme& s, float* P, const float* C, Rows& rp, const Rows& rc, f
       }
     }
     if (lo <= hi && (lo < 0 || hi >= W)) { lo = 0; hi = W - 1; }  // the wrap reaches the far side
-    float* zr = ZOUT ? z + (idx)i * W : nullptr;
-    if (lo > hi) {
-      if (ZOUT) std::memset(zr, 0, sizeof(float) * W);
-      continue;
-    }
+    float* zr = nullptr;
     if (ZOUT) {
-      std::memset(zr, 0, sizeof(float) * lo);
-      std::memset(zr + hi + 1, 0, sizeof(float) * (W - 1 - hi));
+      zp.lo[i] = lo;
+      zp.hi[i] = hi;
+      zp.off[i] = *cursor - lo;
+      zr = zp.data + zp.off[i];
+      if (lo <= hi) *cursor += hi - lo + 1;
     }
+    if (lo > hi) continue;
     float* o = P + (i + 2) * ld + 2;
     const float* c = C + (i + 2) * ld + 2;
-    const float* al = s.arows + (idx)s.row_of[i] * W;
-    if (ACC && i != skip_row)
-      row3<ZOUT, true>(s, i, o, c, al, lo, hi, zr, za + (idx)i * W, acc + (idx)s.row_of[i] * W);
-    else
-      row3<ZOUT, false>(s, i, o, c, al, lo, hi, zr, nullptr, nullptr);
+    row3<ZOUT>(s, i, o, c, s.arows + (idx)s.row_of[i] * W, lo, hi, zr);
+    if (ACC && i != skip_row) {
+      const int a = std::max(lo, zp.lo[i]), b = std::min(hi, zp.hi[i]);
+      if (a <= b) accumulate(acc + (idx)s.row_of[i] * W, o, zp.data + zp.off[i], a, b);
+    }
     while (lo <= hi && o[lo] == 0.0f) ++lo;
     while (hi >= lo && o[hi] == 0.0f) --hi;
     rp.lo[i] = lo;
@@ -265,7 +272,7 @@ int fwi_forward(int S, int n, int H, int W, int R, int nt, const float* arows, c
         save(P, dst + field, H, W, ld);
       }
       fill_halo(C, H, W, ld);
-      step<false, false>(sc, P, C, *rp, *rc, nullptr, nullptr, nullptr, -1);
+      step<false, false>(sc, P, C, *rp, *rc, Packed{}, nullptr, nullptr, -1);
       add_at(P, ld, *rp, sz, src_col[s], wav[it] * a);
       const float* row = P + (rz + 2) * ld + 2;
       for (int m = 0; m < nr; ++m) rec[(idx)it * nr + m] = row[rec_col[m]];
@@ -288,17 +295,23 @@ int fwi_backward(int S, int n, int H, int W, int R, int nt, const float* arows, 
   const int nseg = (nt + k - 1) / k, nck = nseg - 1;
   struct Work {
     std::vector<float> buf, z, acc;
+    std::vector<int32_t> zlo, zhi;
+    std::vector<idx> zoff;
     std::vector<double> total;
     std::vector<float> al_rec;
     Rows r[4];
   };
   std::vector<Work> work(threads);
+  const int kk = std::min(k, nt);
   const bool ok = parallel_jobs(S * n, threads, flush != 0, [&](int w, int job) {
     const int b = job / n, s = job % n;
     const Scheme sc = p.scheme(b);
     Work& wk = work[w];
     wk.buf.assign(4 * size, 0.0f);
-    wk.z.resize((idx)std::min(k, nt) * field);
+    wk.z.resize((idx)kk * field);
+    wk.zlo.resize((idx)kk * H);
+    wk.zhi.resize((idx)kk * H);
+    wk.zoff.resize((idx)kk * H);
     wk.acc.assign((idx)R * W, 0.0f);
     wk.total.assign((idx)R * W, 0.0);
     float* P = wk.buf.data();
@@ -331,21 +344,24 @@ int fwi_backward(int S, int n, int H, int W, int R, int nt, const float* arows, 
         load(C, ck + (idx)(j - 1) * 2 * field, H, W, ld, *rc);
         load(P, ck + (idx)(j - 1) * 2 * field + field, H, W, ld, *rp);
       }
+      idx cursor = 0;
       for (int t = t0; t < t_end; ++t) {
+        const idx i = t - t0;
         fill_halo(C, H, W, ld);
-        step<true, false>(sc, P, C, *rp, *rc, wk.z.data() + (idx)(t - t0) * field, nullptr, nullptr, -1);
+        const Packed zp{wk.z.data(), wk.zlo.data() + i * H, wk.zhi.data() + i * H, wk.zoff.data() + i * H};
+        step<true, false>(sc, P, C, *rp, *rc, zp, &cursor, nullptr, -1);
         add_at(P, ld, *rp, sz, sc_col, wav[t] * a);
         std::swap(P, C);
         std::swap(rp, rc);
       }
       for (int t = t_end - 1; t >= t0; --t) {
-        const float* zt = wk.z.data() + (idx)(t - t0) * field;
+        const idx i = t - t0;
+        const Packed zp{wk.z.data(), wk.zlo.data() + i * H, wk.zhi.data() + i * H, wk.zoff.data() + i * H};
         fill_halo(Qc, H, W, ld);
-        step<false, true>(sc, Qp, Qc, *qp, *qc, nullptr, zt, acc, rz);
+        step<false, true>(sc, Qp, Qc, *qp, *qc, zp, nullptr, acc, rz);
         for (int m = 0; m < nr; ++m) add_at(Qp, ld, *qp, rz, rec_col[m], g[(idx)t * nr + m] * wk.al_rec[m]);
-        const float* q = Qp + (rz + 2) * ld + 2;
-        const float* zr = zt + (idx)rz * W;
-        for (int c = qp->lo[rz]; c <= qp->hi[rz]; ++c) acc_rz[c] += q[c] * zr[c];
+        const int lo = std::max(qp->lo[rz], zp.lo[rz]), hi = std::min(qp->hi[rz], zp.hi[rz]);
+        if (lo <= hi) accumulate(acc_rz, Qp + (rz + 2) * ld + 2, zp.data + zp.off[rz], lo, hi);
         if (t < src_steps) r_src += wav[t] * Qp[(sz + 2) * ld + sc_col + 2];
         std::swap(Qp, Qc);
         std::swap(qp, qc);
