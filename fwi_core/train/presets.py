@@ -51,14 +51,14 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "epochs": 0, "batch_size": 32, "amp": "fp16", "lr": 5e-4, "warmup_steps": 500, "schedule": "cosine",
         "ema_decay": 0.999, "flip_prob": 0.5, "balance_families": True, "num_workers": 3,
         "sim_fraction": 0.5, "sim_kwargs": {"augment": dict(SIM_AUGMENT)},
-        "checkpoint_every": 2000,
+        "checkpoint_every": 2000, "log_every": 200,
     },
     "gpu": {
         "model": "caformer_unet", "model_kwargs": {"backbone": "caformer_s18", "drop_rate": 0.1},
         "epochs": 30, "batch_size": 64, "amp": "bf16", "lr": 5e-4, "warmup_steps": 500, "schedule": "cosine",
         "ema_decay": 0.999, "flip_prob": 0.5, "balance_families": True, "num_workers": 4,
         "sim_fraction": 0.5, "sim_kwargs": {"augment": dict(SIM_AUGMENT)},
-        "checkpoint_every": 2000,
+        "checkpoint_every": 2000, "log_every": 200,
     },
 }
 
