@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 KERNEL ?= infer
 SMOKE_ARGS ?=
+REHEARSE_ARGS ?=
 
-.PHONY: venv peers build smoke test test-slow test-all bench bench-peers push-kernel kernel-status kernel-output clean
+.PHONY: venv peers build smoke rehearse test test-slow test-all bench bench-peers push-kernel kernel-status kernel-output clean
 
 venv: $(STAMP)
 
@@ -32,6 +33,11 @@ build: venv
 # The main job: synthetic data (if absent) -> build -> papermill train + infer -> submission + local MAE
 smoke: venv
 	$(PY) -m tools.smoke $(SMOKE_ARGS)
+
+# A scaled competition from the simulator, the built notebooks under papermill within a budget,
+# the MAE per family after each stage (tools/rehearse.py; REHEARSE_ARGS="--budget 1800 --compare-budgets 200 600")
+rehearse: venv
+	$(PY) -m tools.rehearse $(REHEARSE_ARGS)
 
 test: venv
 	$(PY) -m pytest -q -m "not slow"

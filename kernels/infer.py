@@ -44,9 +44,9 @@ check_parameters("infer", globals())  # a value of the wrong type fails here, na
 # the session limit runs from the kernel's start: fix the deadline before loading anything
 deadline = Deadline.from_budget(time_budget) if time_budget else Deadline.platform_default()
 
-from fwi_core.data import load_solution, load_test_sample, score_submission, validate_submission
+from fwi_core.data import load_solution, score_submission, validate_submission
 from fwi_core.plotting import plot_predictions, plot_uncertainty_by_family, show
-from fwi_core.inference_plan import InferenceOptions, prepare_inference
+from fwi_core.inference_plan import InferenceOptions, StageScores, prepare_inference
 
 out = Path(output_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,9 @@ print(setup.describe())  # members, CRF, consistency flags, which gains and wher
 print("time left:", "no deadline" if deadline.at is None else f"{deadline.remaining() / 3600:.2f} h")
 
 # %%
-summary = setup.run(out / "submission.csv", deadline, resume=resume, strict=strict)
+# what each stage did: the final maps of the first files and, with a solution (a rehearsal), the MAE per family
+scores = StageScores(source.ids, root / "test_solution.npz", keep=show_samples)
+summary = setup.run(out / "submission.csv", deadline, resume=resume, strict=strict, on_stage_end=scores)
 csv = Path(summary.csv)
 print("ran:", ", ".join(summary.ran))
 if flagger is not None and "consistency" in summary.ran:
@@ -73,6 +75,9 @@ print("validated:", validate_submission(csv, source.ids), "->", csv)
 solution = root / "test_solution.npz"
 if solution.is_file():
     print(f"local MAE against {solution.name}: {score_submission(csv, load_solution(solution)):.2f} m/s")
+    print("MAE per family after each stage (in the order they ran), seconds, samples covered:")
+    print(scores.format(summary))
+    scores.save(out / "stage_scores.json", summary)
 
 # %% [markdown]
 # ## Uncertainty per family (MC dropout) and a few test predictions
@@ -86,21 +91,12 @@ else:
     print("MC dropout did not run: no uncertainty to plot")
 
 # %%
-import torch
-
-from fwi_core.data import normalize_seismic
-
+# the maps submitted for the first files (after every stage that ran, refinement included)
 files = source.files[:show_samples]
-x = torch.from_numpy(np.stack([normalize_seismic(load_test_sample(p)) for _, p in files])).float()
-ran = set(summary.ran)
-pred, var = ensemble.predict(x, flip_tta="flip" in ran, mc_passes=mc_passes if "mc_dropout" in ran else 0)
-if "crf" in ran:
-    with torch.no_grad():
-        pred = crf(pred)
 truth = None
 if solution.is_file():
     sol = load_solution(solution)
     truth = np.stack([sol[oid][None] for oid, _ in files])
-fig = plot_predictions(pred.numpy(), truth, uncertainty=None if var is None else var.sqrt().numpy(),
-                       titles=[oid for oid, _ in files], max_rows=show_samples)
-show(fig, out / "test_predictions.png")
+if scores.maps is not None and len(files):
+    fig = plot_predictions(scores.maps[:, None], truth, titles=[oid for oid, _ in files], max_rows=show_samples)
+    show(fig, out / "test_predictions.png")

@@ -20,7 +20,8 @@ Modules, each importing only those listed before it:
 - :mod:`.runner`: running a stage (batches, fallbacks, the CSV);
 - :mod:`.planner`: :class:`BudgetedInference` / :func:`run_budgeted`, wiring the above;
 - :mod:`.measure`: measuring the gains table on validation data (runs the planner);
-- :mod:`.setup`: one way to set a run up (:func:`prepare_inference`), for the CLI and the infer kernel.
+- :mod:`.setup`: one way to set a run up (:func:`prepare_inference`), for the CLI and the infer kernel;
+- :mod:`.scores`: :class:`StageScores`, the MAE per family after each stage when the solution is known.
 
 :mod:`.identity` (content digests of the members, stages and resources) names members in
 the run's fingerprint and in the gains table alike.
@@ -33,6 +34,7 @@ from .measure import compute_stage_gains, measure_stage_gains
 from .planner import BudgetedInference, run_budgeted
 from .progress import default_state_dir
 from .runner import CorruptedFileWarning
+from .scores import StageScores
 from .setup import InferenceOptions, InferenceSetup, find_consistency_flagger, plan_stages, prepare_inference
 from .source import ArraySource, TestFileSource
 from .stages import (DEFAULT_STAGES, BatchState, ConsistencyStage, CRFStage, FlipStage, MCDropoutStage,
@@ -49,5 +51,5 @@ __all__ = [
     "find_stage_gains", "DEFAULT_GAINS", "GAINS_FILE", "TestFileSource", "ArraySource",
     "PredictionStore", "StoredArray", "format_submission_rows", "write_submission_csv", "RefineStage",
     "ConsistencyStage", "InferenceOptions", "InferenceSetup", "prepare_inference", "plan_stages",
-    "find_consistency_flagger", "find_stage_gains_file", "member_digests",
+    "find_consistency_flagger", "find_stage_gains_file", "member_digests", "StageScores",
 ]

@@ -241,6 +241,10 @@ class Policy:
         if commit and self.select:
             self.reserve = {s.name: self.plan_time([t for t in chosen[i + 1:] if t is not partial]) or 0.0
                             for i, s in enumerate(chosen)}
+        elif commit and math.isfinite(seconds):
+            # measuring (every stage runs): the ranked stages split the time left equally
+            ranked = [s for s in chosen if getattr(s, "ranked", False)]
+            self.reserve = {s.name: seconds * (len(ranked) - 1 - i) / len(ranked) for i, s in enumerate(ranked)}
         return chosen
 
     def _choose(self, pool: Sequence[Stage], seconds: float):

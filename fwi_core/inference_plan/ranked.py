@@ -9,10 +9,15 @@ as many as its share of the time allows.
    current prediction is computed for the top of that ranking (a forward simulation each,
    end shots) and those rows are ranked again with it.
 3. **Run**: the current prediction is copied to the output buffer once, then the stage
-   runs batches of rows in rank order, writing only those rows, and stops when the next
-   batch (its measured cost times the margin) no longer fits in the share: the time left
-   minus what the plan keeps for the stages chosen after it, minus finishing. The cost is
-   re-measured on every batch and the coverage re-projected (logged after the second).
+   runs batches of rows in rank order, writing only those rows. A batch has the run's batch
+   size, or fewer rows when only fewer fit in the share (the time left minus what the plan
+   keeps for the stages chosen after it, minus finishing; each row costing the measured
+   seconds per sample times the margin); the stage stops when not one more fits. The cost
+   is re-measured on every batch and the coverage re-projected (logged after the second).
+   Each batch's size is committed before it runs, so a resumed run repeats it. Where the time
+   is limited, the first batch is a single sample (the estimate is checked before a whole
+   batch is bet on it), and each batch gets the share left as a wall-clock limit (a safety
+   net against an estimate far off: the stage stops its optimisation there).
 
 Every batch's rows are written before the progress that describes them is committed, so
 a kill at any point resumes to the same bytes.
@@ -97,11 +102,6 @@ def _batch(runner, stage: Stage, rows: np.ndarray, raw) -> BatchState:
                       runner.code(stage), True, stage.kinds_of(runner.ctx, rows))
 
 
-def _fits(runner, stage: Stage, times: List[float], size: int) -> bool:
-    need = runner.policy.next_batch(times, stage, size) * runner.margin
-    return runner.policy.share_left(stage) >= need
-
-
 def _screen(runner, stage: Stage, rec: Dict[str, Any]) -> None:
     """Step 2: the misfit of the top rows, then their order by the full expected gain."""
     order = _order(runner, stage)
@@ -154,53 +154,68 @@ def run_ranked(runner, stage: Stage) -> None:
         _screen(runner, stage, rec)
     order = _order(runner, stage)
     out_buf = runner.buf(1 - runner.state.buffer)
-    start, times, reason = int(rec["done"]), [], ""
-    b = runner.batch_size
-    todo = order[start:]
-    chunks = [todo[i:i + b] for i in range(0, len(todo), b)]
+    times: List[float] = []
+    reason = ""
     estimate = runner.policy.per_file(stage, [])
-    stream = row_batches(runner.source, [list(c) for c in chunks], runner.num_workers) if chunks else iter(())
-    try:
-        for rows in chunks:
-            if not _fits(runner, stage, times, len(rows)):
+    while int(rec["done"]) < len(order):
+        done = int(rec["done"])
+        size = int(rec.get("next") or 0)
+        if not size:            # decided (and committed) before the batch runs, so a resumed run repeats it
+            size = _next_size(runner, stage, times, len(order) - done)
+            if size < 1:
                 reason = "its share of the time was spent"
                 break
-            if not rec.get("copied"):          # the output starts as the current prediction
-                out_buf.copy_from(runner.buf(runner.state.buffer), 0, runner.n)
-                rec["copied"] = True
-                runner.progress.commit(running=stage.name)
-            t0 = runner.clock()
-            raw = next(stream)
-            batch = _batch(runner, stage, np.asarray(rows), raw)
-            if len(batch):
-                with torch.no_grad():
-                    out = stage.run(batch)
-                out = runner.check_output(out, len(batch), stage.name)
-                finite = torch.isfinite(out.flatten(1)).all(1).numpy()
-                take = finite & ~batch.settled_by_others()
-                out_buf.write_rows(batch.rows[take], out[torch.as_tensor(np.flatnonzero(take))]
-                                   .clamp(VEL_MIN, VEL_MAX)[:, 0].numpy())
-                runner.store_settled(batch)
-                rec["samples"] = int(rec.get("samples", 0)) + int(
-                    batch.settle_mask.sum() if batch.settle_mask is not None else take.sum())
-            dt = runner.clock() - t0
-            times.append(dt / max(1, len(rows)))
-            rec["done"] = int(rec["done"]) + len(rows)
-            rec["files"] = rec["done"]
-            rec["seconds"] = float(rec["seconds"]) + dt
-            rec["measured"] = measured(times)
+            rec["next"] = size
             runner.progress.commit(running=stage.name)
-            share = runner.policy.share_left(stage)
-            if len(times) == 2 and estimate and math.isfinite(share):
-                left = len(order) - int(rec["done"])
-                fit = int(max(0.0, share) / runner.margin / max(rec["measured"], 1e-9))
-                runner.log(f"[{stage.name}] measured {rec['measured']:.2f} s per sample (estimated {estimate:.2f}); "
-                           f"about {min(left, fit)} of the {left} candidates left fit in its share")
-    finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
+        rows = order[done:done + size]
+        if not rec.get("copied"):          # the output starts as the current prediction
+            out_buf.copy_from(runner.buf(runner.state.buffer), 0, runner.n)
+            rec["copied"] = True
+            runner.progress.commit(running=stage.name)
+        t0 = runner.clock()
+        raw = next(row_batches(runner.source, [list(rows)], runner.num_workers))
+        batch = _batch(runner, stage, np.asarray(rows), raw)
+        room = runner.policy.share_left(stage) + (runner.clock() - t0)
+        batch.time_limit = room / runner.margin if math.isfinite(room) else None   # a safety net only
+        if len(batch):
+            with torch.no_grad():
+                out = stage.run(batch)
+            out = runner.check_output(out, len(batch), stage.name)
+            finite = torch.isfinite(out.flatten(1)).all(1).numpy()
+            take = finite & ~batch.settled_by_others()
+            out_buf.write_rows(batch.rows[take], out[torch.as_tensor(np.flatnonzero(take))]
+                               .clamp(VEL_MIN, VEL_MAX)[:, 0].numpy())
+            runner.store_settled(batch)
+            rec["samples"] = int(rec.get("samples", 0)) + int(
+                batch.settle_mask.sum() if batch.settle_mask is not None else take.sum())
+        dt = runner.clock() - t0
+        times.append(dt / max(1, len(rows)))
+        rec["done"] = done + len(rows)
+        rec["next"] = 0
+        rec["files"] = rec["done"]
+        rec["seconds"] = float(rec["seconds"]) + dt
+        rec["measured"] = measured(times)
+        runner.progress.commit(running=stage.name)
+        share = runner.policy.share_left(stage)
+        if len(times) == 2 and estimate and math.isfinite(share):
+            left = len(order) - int(rec["done"])
+            fit = int(max(0.0, share) / runner.margin / max(rec["measured"], 1e-9))
+            runner.log(f"[{stage.name}] measured {rec['measured']:.2f} s per sample (estimated {estimate:.2f}); "
+                       f"about {min(left, fit)} of the {left} candidates left fit in its share")
     _end(runner, stage, rec, reason)
+
+
+def _next_size(runner, stage: Stage, times: List[float], left: int) -> int:
+    """Rows of the next batch: the batch size, fewer when only fewer fit in the share (the
+    cost per sample measured so far, else estimated, times the margin); 0 when none fits."""
+    per = runner.policy.next_batch(times, stage, 1)
+    room = runner.policy.share_left(stage)
+    if not math.isfinite(room):
+        return min(runner.batch_size, left)
+    fit = int(room / max(per * runner.margin, 1e-12))
+    if not times:           # the first batch is one sample: the estimate is checked before a whole batch is bet on it
+        fit = min(fit, 1)
+    return max(0, min(runner.batch_size, left, fit))
 
 
 def _end(runner, stage: Stage, rec: Dict[str, Any], reason: str) -> None:

@@ -159,4 +159,5 @@ def planner(ens, src, tmp_path, clock=None, budget=None, **kw):
     kw.setdefault("log", None)
     kw.setdefault("device", "cpu")
     kw.setdefault("gather_cache", False)     # float32 gathers in every pass: outputs compare with Ensemble.predict
+    kw.setdefault("stages", ["members", "flip", "crf", "mc_dropout"])   # tiny fake gathers: no physics
     return BudgetedInference(ens, src, tmp_path / "sub.csv", deadline=deadline, state_dir=tmp_path / "state", **kw)

@@ -161,6 +161,8 @@ class BatchState:
         scattered: the rows are chosen rows in rank order (a ranked stage), not the
             readable rows of ``start:stop``.
         kinds: (ranked refinement) the family kind each row was routed to, or None.
+        time_limit: (ranked stages) wall-clock seconds the batch may take before the run's
+            share ends, or None.
     """
 
     start: int
@@ -176,6 +178,7 @@ class BatchState:
     code: int = 0
     scattered: bool = False
     kinds: Optional[List[str]] = None
+    time_limit: Optional[float] = None
     _x: Optional[torch.Tensor] = field(default=None, repr=False)
     settle_mask: Optional[np.ndarray] = field(default=None, repr=False)
 

@@ -242,9 +242,12 @@ class RefineStage(Stage):
         dev = batch.ctx.device
         idx = torch.tensor(pick, dtype=torch.long)
         out = pred.clone()
+        kwargs = dict(self.refine_kwargs)
+        if batch.time_limit is not None and "time_budget" not in kwargs:
+            kwargs["time_budget"] = max(0.0, float(batch.time_limit))     # never past the share left
         with torch.enable_grad():         # the runner calls stages under no_grad; FWI needs gradients
             refined = refine(pred[idx].to(dev), seis[idx].to(dev), family=[kinds[i] for i in pick],
-                             max_iter=self.max_iter, **self.refine_kwargs)
+                             max_iter=self.max_iter, **kwargs)
         out[idx] = refined.to(out.device, out.dtype)
         return out
 
