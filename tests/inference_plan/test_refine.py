@@ -70,3 +70,38 @@ def test_refine_stage_with_the_real_refinement_lowers_the_error():
     out = stage.run(_batch(start, seis))
     assert stage.last_counts.get("flat") == 1
     assert (out - truth).abs().mean() < (start - truth).abs().mean()
+
+
+def test_routing_uses_the_family_classifiers_probabilities_summed_per_kind():
+    """With a family classifier the kind of a sample is the kind whose families have the
+    most probability; without one, the detector on the prediction and the gathers."""
+    from fwi_core.ensemble import Ensemble, FamilyClassifier, Member
+    from fwi_core.inference_plan.ranking import KIND_NAMES
+    from fwi_core.inference_plan.stages.refine import route
+    from tests.inference_plan.helpers import TinyVel
+
+    torch.manual_seed(0)
+    fams = ["FlatVel_A", "FlatVel_B", "CurveVel_A", "Style_A", "Style_B"]
+    clf = FamilyClassifier(fams, width=4).eval()
+    with torch.no_grad():                       # a strong, known preference per sample through the bias
+        clf.fc.weight.zero_()
+        clf.fc.bias.copy_(torch.tensor([0.5, 0.4, 0.0, 0.45, 0.44]))
+    ens = Ensemble([Member("m", TinyVel())], family_classifier=clf)
+    seis = torch.randn(3, 5, 40, 70)
+    ctx = types.SimpleNamespace(device=torch.device("cpu"), ensemble=ens)
+    pred = torch.full((3, 1, 70, 70), 3000.0)
+    b = BatchState(0, 3, np.arange(3), ["a", "b", "c"], pred, seis, None, ctx)
+    codes, probs = route(b, pred)
+    p = torch.softmax(torch.tensor([0.5, 0.4, 0.0, 0.45, 0.44]), 0).numpy()
+    want = np.array([p[0] + p[1], p[2], p[3] + p[4]])       # flat, tv, smooth
+    np.testing.assert_allclose(probs, np.tile(want, (3, 1)), rtol=1e-5)
+    assert [KIND_NAMES[c] for c in codes] == ["flat"] * 3     # flat 0.449 beats smooth 0.446 and tv 0.143
+    # without a classifier: the detector (a flat map and mirror-symmetric gathers -> flat)
+    ens2 = Ensemble([Member("m", TinyVel())])
+    ctx2 = types.SimpleNamespace(device=torch.device("cpu"), ensemble=ens2)
+    sym = torch.randn(1, 5, 40, 70)
+    sym[:, 4] = sym[:, 0].flip(-1)
+    flat = torch.from_numpy(generate("FlatVel_A", 1, seed=0))
+    b2 = BatchState(0, 1, np.arange(1), ["a"], flat, sym, None, ctx2)
+    codes2, probs2 = route(b2, flat)
+    assert KIND_NAMES[codes2[0]] == "flat" and probs2[0].tolist() == [1.0, 0.0, 0.0]

@@ -47,3 +47,22 @@ def test_stages_see_the_mc_spread_and_arrays_are_read_a_window_at_a_time(tmp_pat
     assert s.ran == ["member:m0", "mc_dropout", "probe"]
     assert all(t is not None and t.shape[1:] == (1, 70, 70) and (t > 0).any() for t in seen)
     assert widest[0] <= 1024         # memory does not grow with the number of files
+
+
+def test_removing_the_state_sweeps_a_killed_writers_temporary_file_and_names_what_is_left(tmp_path):
+    """A progress file's temporary (its writer killed) no longer keeps the state folder
+    alive after a finished run; anything else left is named in a warning."""
+    import pytest
+
+    from fwi_core.inference_plan.store import PredictionStore
+
+    store = PredictionStore(tmp_path / "state", 3)
+    store.array("pred0")
+    store.commit({"x": 1})
+    (tmp_path / "state" / ".progress.json.abc123.json.tmp").write_text("{")     # unlocked: its writer is gone
+    store.remove()
+    assert not (tmp_path / "state").exists()
+    store = PredictionStore(tmp_path / "state2", 3)
+    (tmp_path / "state2" / "notes.txt").write_text("mine")
+    with pytest.warns(RuntimeWarning, match="notes.txt"):
+        store.remove()
