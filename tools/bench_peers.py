@@ -108,11 +108,21 @@ class DeepwavePeer:
         return out.receiver_amplitudes.reshape(b, ns, 70, self.nt).transpose(2, 3)
 
 
-def relative_l2(peer: np.ndarray, ours: np.ndarray, align: bool = False) -> float:
-    """||peer - ours|| / ||ours||; ``align``: negate the peer and move it one sample earlier."""
+def relative_l2(peer: np.ndarray, ours: np.ndarray, align: bool = False, upto: Optional[int] = None) -> float:
+    """||peer - ours|| / ||ours|| over the first ``upto`` samples (all by default); ``align``:
+    negate the peer and move it one sample earlier."""
     if align:
         peer, ours = -peer[:, :, 1:], ours[:, :, :-1]
+    peer, ours = peer[:, :, :upto], ours[:, :, :upto]
     return float(np.linalg.norm(peer - ours) / np.linalg.norm(ours))
+
+
+def agreement(peer: np.ndarray, ours: np.ndarray, align: bool = False) -> str:
+    """Relative L2 over the first three quarters of the traces and over all of them: the
+    last quarter is weak (3% of the energy) and carries what each boundary (our periodic
+    wrap, Devito's zero edge, deepwave's PML) sends back, so it differs between all three."""
+    nt = ours.shape[2]
+    return f"{relative_l2(peer, ours, align, 3 * nt // 4):.1e} ({relative_l2(peer, ours, align):.1e})"
 
 
 def summarize(times: Dict[str, List[float]], ours: str) -> Dict[str, tuple]:
@@ -153,7 +163,7 @@ def run(batch: int = 8, nt: int = 1000, rounds: int = 5, grad_rounds: int = 3, t
             peer = DevitoPeer(pad, nt, threads)
             name = f"Devito {optional_import('devito', 'peers').__version__}, space order 4, {pad}-cell pad " \
                    f"({70 + 2 * pad}x{70 + 2 * pad})"
-            agree[name] = f"{relative_l2(peer(vel), ours_out):.1e}" if pad == 120 else "(thinner sponge)"
+            agree[name] = agreement(peer(vel), ours_out) if pad == 120 else "(thinner sponge)"
             fwd[name] = (lambda p: lambda: p(vel))(peer)
     if have_deepwave:
         for pad in pads:
@@ -161,7 +171,7 @@ def run(batch: int = 8, nt: int = 1000, rounds: int = 5, grad_rounds: int = 3, t
             name = f"deepwave {optional_import('deepwave', 'peers').__version__}, accuracy 4, PML {pad}"
             with torch.no_grad():
                 out = peer(vt).numpy()
-                agree[name] = f"{relative_l2(out, ours_out, align=True):.1e}" if pad == 120 else "(thinner PML)"
+                agree[name] = agreement(out, ours_out, align=True) if pad == 120 else "(thinner PML)"
                 fwd[name] = (lambda p: lambda: p(vt))(peer)
     # warm-up (Devito and deepwave compile at first use), then the rounds
     for fn in fwd.values():
@@ -202,7 +212,9 @@ def run(batch: int = 8, nt: int = 1000, rounds: int = 5, grad_rounds: int = 3, t
     lines = [f"Batch {batch}, nt = {nt}, 5 shots x 70 receivers, {threads} threads (torch, Devito's OpenMP); "
              f"medians of {rounds} (forward) and {grad_rounds} (gradient) interleaved rounds; `ours / peer` is the "
              "median of the per-round ratios of our time to the peer's (below 1: ours is faster). Agreement: "
-             "relative L2 of the peer's gathers against ours on the same maps.", "",
+             "relative L2 of the peer's gathers against ours on the same maps over the first three quarters of "
+             "the traces (over all of them in brackets: the weak last quarter carries what each boundary sends "
+             "back).", "",
              "| propagator, forward | s per sample | ours / peer | agreement with ours |", "|---|---:|---:|---:|"]
     for name, (t, r, _) in fs.items():
         lines.append(f"| {name} | {t / batch:.3f} | {r:.2f} | {agree.get(name, '')} |")

@@ -25,6 +25,9 @@ def test_relative_l2_aligns_polarity_and_the_one_sample_delay():
     late[:, :, 1:] = -ours[:, :, :-1]
     assert bench_peers.relative_l2(late, ours, align=True) == 0.0
     assert bench_peers.relative_l2(late, ours) > 1.0
+    late[:, :, 31:] = 0.0  # a last quarter that differs completely
+    assert bench_peers.relative_l2(late, ours, align=True, upto=30) == 0.0
+    assert bench_peers.agreement(late, ours, align=True).startswith("0.0e+00 (")
 
 
 def test_deepwave_peer_computes_our_physics():
