@@ -22,9 +22,13 @@ skipping is exact (early steps touch a few percent of the 310 x 310 grid).
 
 The backward recomputes each checkpointed segment and stores, instead of the fields,
 ``z_t = L'(p_{t-1}) - 5 p_{t-1}`` (the derivative of a step by ``alpha``, through ``temp1``
-too), so that the adjoint pass needs one stencil (its own) per cell and step; the gradient
-is accumulated in double precision per ``alpha_rows`` cell. See :mod:`.adjoint` for the
-adjoint's algebra (``r = alpha * q`` propagates with the forward step itself).
+too), packed row by row over the columns the step computed, so that the adjoint pass needs
+one stencil (its own) per cell and step and reads z only where both fields may be non-zero.
+The gradient is summed per ``alpha_rows`` cell in float32 within a segment and in double
+across segments. See :mod:`.adjoint` for the adjoint's algebra (``r = alpha * q``
+propagates with the forward step itself). The pool's threads never wait on each other
+within a call (no barrier per step), so a loaded machine slows the kernel in proportion
+rather than stalling it at every step as spinning OpenMP barriers do.
 """
 
 SOURCE = r"""
