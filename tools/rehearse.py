@@ -1,7 +1,7 @@
 """A rehearsal of the competition: the whole path, measured (``make rehearse``).
 
     python -m tools.rehearse [--budget 1500] [--samples-per-family 12] [--test-samples 40]
-                             [--compare-budgets 300 900] [--out runs/rehearse]
+                             [--compare-budgets 300 900] [--out runs/rehearse] [--skip-train]
 
 1. builds a scaled competition from the simulator (``tools.synth``: every family's training
    samples, and a held-out test set with its solution, ``test_solution.npz``);
@@ -19,7 +19,8 @@
 with the members alone (``stages=["members"]``), and with its full default plan at each
 budget (seconds from its kernel's start), and adds their tables: what the stages after the
 members buy at each budget, and how many samples refinement covered. The rehearsal's data
-and synthesis time are not part of the budget.
+and synthesis time are not part of the budget. ``--skip-train`` reuses the checkpoints of a
+previous rehearsal in ``<out>`` (its train notebook's time still counts in the budget).
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="share of --budget the train notebook trains for (its time_budget)")
     ap.add_argument("--compare-budgets", type=float, nargs="*", default=[],
                     help="infer budgets (s) of the members-alone vs full-plan comparison")
+    ap.add_argument("--skip-train", action="store_true",
+                    help="reuse <out>/run of a previous rehearsal (its train notebook's time counts as before)")
     ap.add_argument("--timeout", type=int, default=7200, help="per-cell timeout (s)")
     return ap
 
@@ -107,7 +110,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("=== build", flush=True)
     build_tool.build(["train", "infer"], ROOT / "build" / "rehearse")
     run = out / "run"
-    for d in (run, out / "infer", out / "workdir"):
+    trained = out / "train.json"
+    if a.skip_train and not (trained.is_file() and (run / "best.pt").is_file()):
+        print(f"error: --skip-train: no previous rehearsal's run in {run}", file=sys.stderr)
+        return 2
+    for d in ((out / "infer", out / "workdir") if a.skip_train else (run, out / "infer", out / "workdir")):
         if d.exists():
             shutil.rmtree(d)
     workdir = out / "workdir"
@@ -118,10 +125,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     _check_not_importable(workdir, env)
 
     t0 = time.time()
-    t_train = run_notebook(ROOT / "build" / "rehearse" / "train" / "train.ipynb", out / "train.out.ipynb",
-                           {"data_root": str(data), "output_dir": str(run), "time_budget": a.train_share * a.budget},
-                           workdir, a.timeout)
-    left = a.budget - (time.time() - t0)
+    if a.skip_train:
+        t_train = float(json.loads(trained.read_text())["wall_s"])
+        print(f"=== reusing {run} (its train notebook took {t_train:.0f} s)")
+    else:
+        t_train = run_notebook(ROOT / "build" / "rehearse" / "train" / "train.ipynb", out / "train.out.ipynb",
+                               {"data_root": str(data), "output_dir": str(run),
+                                "time_budget": a.train_share * a.budget}, workdir, a.timeout)
+        trained.write_text(json.dumps({"wall_s": t_train, "train_budget": a.train_share * a.budget}))
+    left = a.budget - t_train
     if left <= 60:
         print(f"error: the train notebook took {t_train:.0f} s of the {a.budget:.0f} s budget; nothing left for "
               "the infer notebook (give a larger --budget or a smaller --train-share)", file=sys.stderr)

@@ -40,9 +40,10 @@ SCREEN_FACTOR = 3.0
 SCREEN_SHARE = 0.25
 
 
-def error_weight(disagreement: Optional[np.ndarray] = None, misfit: Optional[np.ndarray] = None) -> np.ndarray:
+def error_weight(disagreement: Optional[np.ndarray] = None, misfit: Optional[np.ndarray] = None,
+                 n: Optional[int] = None) -> np.ndarray:
     """``w_i``: the mean of the available signals, each divided by its mean over the rows
-    (NaN entries of a signal count as its mean); ones without signals."""
+    (NaN entries of a signal count as its mean); ones (``n`` of them) without signals."""
     parts = []
     for sig in (disagreement, misfit):
         if sig is None:
@@ -56,7 +57,8 @@ def error_weight(disagreement: Optional[np.ndarray] = None, misfit: Optional[np.
             continue
         parts.append(np.where(finite, sig / mean, 1.0))
     if not parts:
-        n = len(disagreement) if disagreement is not None else (len(misfit) if misfit is not None else 0)
+        if n is None:
+            n = len(disagreement) if disagreement is not None else (len(misfit) if misfit is not None else 0)
         return np.ones(n)
     return np.mean(parts, axis=0)
 

@@ -200,3 +200,22 @@ def test_the_real_stage_times_one_evaluation_at_the_batch_size_and_its_shots():
     ev5, fwd5 = rest._timed[("cpu", 3, 5)]
     assert b == pytest.approx((30 * 1.5 * ev5 + 2 * fwd5) / 3)
     assert rest.screen_cost(ctx) == pytest.approx(rest._timed[("cpu", 3, 2)][1] / 3)
+
+
+def test_one_member_without_mc_dropout_ranks_by_kind_and_misfit_alone(tmp_path):
+    """No disagreement signal (a single member, no MC dropout): the ranking still works,
+    on the kinds' gains and, for the screened top, the misfit."""
+    n = 30
+    kind_of, misfit = _setup(n, seed=9)
+    clock = FakeClock()
+    src, _ = small_source(n, seed=3)
+    stage = FakeRefine("refine", ("tv", "smooth"), clock, kind_of, misfit)
+    gains = StageGains(gains={"refine": 2.0}, per_kind={"refine": {"tv": 3.0, "smooth": 1.0}})
+    p = planner(fake_ensemble(1, clock, [0.01]), src, tmp_path, clock, budget=80.0, keep_state=True, gains=gains,
+                stages=["members", stage], batch_size=4)
+    s = p.run()
+    rec = {r["name"]: r for r in s.stages}["refine"]
+    assert rec["status"] == "partial" and rec["samples"] > 0
+    order = p.store.array(RANK_ARRAY.format("refine"), (), "int64").read(0, rec["candidates"])
+    assert sorted(stage.refined) == sorted(order[:rec["samples"]].tolist())
+    np.testing.assert_array_equal(error_weight(None, None, n=3), np.ones(3))

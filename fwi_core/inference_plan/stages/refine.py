@@ -157,14 +157,14 @@ class RefineStage(Stage):
                 turn[codes == c] = np.arange(int((codes == c).sum()))
             return -turn
         probs = ctx.store.array(KIND_P_ARRAY, (len(KIND_NAMES),), "float16").read_rows(rows).astype(np.float64)
-        return expected_gain(codes, probs, self.kind_gains(gains), error_weight(disagreement))
+        return expected_gain(codes, probs, self.kind_gains(gains), error_weight(disagreement, n=len(rows)))
 
     def final_scores(self, ctx, gains, rows: np.ndarray, disagreement: Optional[np.ndarray],
                      misfit: np.ndarray) -> np.ndarray:
         """Expected gain (m/s) of screened candidates, their misfit included."""
         codes = ctx.store.array(KIND_ARRAY, (), "int8").read_rows(rows).astype(np.int64) - 1
         probs = ctx.store.array(KIND_P_ARRAY, (len(KIND_NAMES),), "float16").read_rows(rows).astype(np.float64)
-        return expected_gain(codes, probs, self.kind_gains(gains), error_weight(disagreement, misfit))
+        return expected_gain(codes, probs, self.kind_gains(gains), error_weight(disagreement, misfit, n=len(rows)))
 
     def kinds_of(self, ctx, rows: np.ndarray) -> List[str]:
         """The stored kind of each row."""
