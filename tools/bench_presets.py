@@ -46,6 +46,7 @@ CANDIDATES: Dict[str, Dict[str, Any]] = {
     "convnext": {"model": "convnext_unet"},
     "no_flip": {"model": "inversionnet_small", "flip_prob": 0.0},
     "lr_1e-4": {"model": "inversionnet_small", "lr": 1e-4},
+    "ema_0.99": {"model": "inversionnet_small", "ema_decay": 0.99},
     "amp_noise": {"model": "inversionnet_small", "scale_prob": 0.3, "noise_prob": 0.3},
     "sim25": {"model": "inversionnet_small", "sim_fraction": 0.25, "sim_kwargs": {"augment": AUG, "device": "cpu"}},
     "sim25_noaug": {"model": "inversionnet_small", "sim_fraction": 0.25, "sim_kwargs": {"augment": {}, "device": "cpu"}},
@@ -181,19 +182,24 @@ FAMS = ["FlatVel_A", "FlatVel_B", "CurveVel_A", "CurveVel_B", "FlatFault_A", "Fl
 
 
 def table() -> str:
+    """The markdown table of every result: per-family MAE of the raw and EMA weights, the
+    mean, its ratio to the ``base`` run's (same weights), ms per sample."""
+    results = [json.loads(p.read_text()) for p in sorted(OUT.glob("*/result.json"))]
+    base = next((r["scores"] for r in results if r["name"] == "base"), {})
     rows = []
-    for p in sorted(OUT.glob("*/result.json")):
-        r = json.loads(p.read_text())
+    for r in results:
         for weights, s in r["scores"].items():
-            rows.append((r["name"], weights, r["steps"], s))
+            rows.append((r["name"], weights, r["steps"], s, base.get(weights)))
         if "ensemble" in r:
-            rows.append((f"teacher: {' + '.join(r['teachers'])}", "ema", "-", r["ensemble"]))
-    head = "| run | weights | steps | " + " | ".join(FAMS) + " | mean | ms/sample |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for name, weights, steps, s in rows:
+            rows.append((f"teacher: {' + '.join(r['teachers'])} (equal weights)", "ema", "-", r["ensemble"],
+                         base.get("ema")))
+    head = "| run | weights | steps | " + " | ".join(FAMS) + " | mean | vs base | ms/sample |"
+    lines = [head, "|---|---|" + "---:|" * (head.count("|") - 3)]
+    for name, weights, steps, s, ref in rows:
+        ratio = f"{s['mae']['all'] / ref['mae']['all']:.3f}" if ref else "-"
         lines.append(f"| {name} | {weights} | {steps} | " + " | ".join(f"{s['mae'].get(f, float('nan')):.0f}"
                                                                       for f in FAMS)
-                     + f" | {s['mae']['all']:.1f} | {s['ms_per_sample']:.1f} |")
+                     + f" | {s['mae']['all']:.1f} | {ratio} | {s['ms_per_sample']:.1f} |")
     return "\n".join(lines)
 
 
