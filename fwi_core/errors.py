@@ -16,6 +16,7 @@ each class keeps ``except ValueError`` / ``except RuntimeError`` callers working
     ├── TrainError                the training engine cannot go on
     │   └── ConfigError           a bad training configuration
     ├── EnsembleConfigError       a malformed ensemble JSON file or weights table
+    ├── NativeUnavailable         the compiled simulator cannot be built or loaded here
     ├── StageError                an unknown or misconfigured inference stage
     └── InsufficientBudgetError   the time left cannot produce even one complete CSV
 """
@@ -25,7 +26,7 @@ import math
 
 __all__ = ["FWIError", "ParameterError", "DataError", "DataFormatError", "MissingPairError", "LayoutError",
            "SubmissionError", "UnknownModelError", "CheckpointError", "TrainError", "ConfigError",
-           "EnsembleConfigError", "StageError", "InsufficientBudgetError"]
+           "EnsembleConfigError", "NativeUnavailable", "StageError", "InsufficientBudgetError"]
 
 
 class FWIError(Exception):
@@ -75,6 +76,11 @@ class ConfigError(TrainError, ValueError):
 class EnsembleConfigError(FWIError, ValueError):
     """An ensemble JSON file (or weights table) is malformed: the message names the file
     and the field (e.g. ``ens.json: weights.FlatVel_A.cnx: negative weight -0.1``)."""
+
+
+class NativeUnavailable(FWIError, RuntimeError):
+    """The native (compiled C++) simulator cannot be built or loaded here: no compiler,
+    a failed build, or turned off with ``FWI_NATIVE=0`` (the message says which)."""
 
 
 class StageError(FWIError, ValueError):

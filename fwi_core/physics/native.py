@@ -34,6 +34,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..errors import NativeUnavailable
 from .native_src import SOURCE
 from .stencil import Geometry, scheme_coefficients, stencil_weights
 
@@ -46,10 +47,6 @@ BUILD_TIMEOUT_S = 300
 
 _LOCK = threading.Lock()
 _STATE: dict = {"lib": None, "error": None, "warned": False}
-
-
-class NativeUnavailable(RuntimeError):
-    """The native kernel cannot be built or loaded here (the message says why)."""
 
 
 def cache_dir() -> Path:
