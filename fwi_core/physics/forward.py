@@ -1,13 +1,7 @@
 """Acoustic forward simulator: an exact replica of the host's finite-difference scheme.
 
-Scheme (FACTS section 3): second order in time, fourth order in space, on the velocity
-map edge-padded by ``nbc`` cells per side, with a quadratic sponge in the pad and a
-*periodic* stencil (the host used ``torch.roll``, so the Laplacian wraps around the
-padded grid; reproducing the wrap is what makes the replica exact)::
-
-    p_next = (2 + 2*c1*alpha - kappa) * p - (1 - kappa) * p_prev
-             + alpha * (c2 * sum(4 neighbours at distance 1) + c3 * sum(4 at distance 2))
-    p_next[source] += (v*dt)^2 * wavelet[t];   trace[t] = p_next[receivers]
+The scheme (FACTS section 3, written out in :mod:`.stencil`): second order in time, fourth
+order in space, a quadratic sponge in a 120-cell pad and the host's periodic stencil.
 
 The coefficients are computed in float32 in the host's order of operations (the traces
 are sensitive to their rounding at the 1e-5 level). The implementation keeps every field
