@@ -161,7 +161,8 @@ if cfg.model == "invertible_unet":
 
 # %%
 if ensemble_runs:
-    from fwi_core.ensemble import fit_ensemble, format_comparison
+    from fwi_core.ensemble.optimize import format_comparison
+    from fwi_core.ensemble.fit import fit_ensemble
 
     fitted = fit_ensemble([*ensemble_runs, out], out_json=out / "ensemble.json")
     print(format_comparison(fitted["comparison"]))
@@ -183,8 +184,8 @@ if ensemble_runs:
 from fwi_core.crf import load_crf
 from fwi_core.data import FWIDataset, index_train
 from fwi_core.ensemble import Ensemble
-from fwi_core.inference_plan import InferenceOptions, measure_stage_gains
-from fwi_core.inference_plan.measure import GAINS_TIME_BUDGET, MEASURED_STAGES
+from fwi_core.inference_plan import InferenceOptions
+from fwi_core.inference_plan.measure import GAINS_TIME_BUDGET, MEASURED_STAGES, measure_stage_gains
 from fwi_core.models.checkpoint import find_checkpoints
 
 run_dir = Path(result["best_checkpoint"]).parent

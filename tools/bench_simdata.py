@@ -1,4 +1,4 @@
-"""Benchmark :class:`fwi_core.physics.SimulatedDataset`: samples per second of an epoch block.
+"""Benchmark :class:`fwi_core.physics.simulated.SimulatedDataset`: samples per second of an epoch block.
 
     python -m tools.bench_simdata            # CPU (and CUDA when available), nt = 1000
     python -m tools.bench_simdata --quick    # tiny: 4 samples, nt = 50, eager (for tests)
@@ -19,7 +19,7 @@ from typing import List, Tuple
 
 import torch
 
-from fwi_core.physics import SimulatedDataset
+from fwi_core.physics.simulated import SimulatedDataset
 
 
 def _measure(device: str, n: int, nt: int, sim_batch: int, backend: str, blocks: int) -> Tuple[str, ...]:

@@ -42,7 +42,7 @@ from fwi_core.models.checkpoint import load_model
 from fwi_core.params import int_at_least
 from fwi_core.physics.misfit import seismic_misfit
 from fwi_core.scoring import format_table, score_predictions, score_uncertainty
-from fwi_core.inference_plan import measure_stage_gains
+from fwi_core.inference_plan.measure import measure_stage_gains
 from fwi_core.inference_plan.measure import MEASURED_STAGES, REFINE_SAMPLES_PER_KIND
 from fwi_core.utils import atomic_write_text
 

@@ -47,7 +47,8 @@ from ..metrics import per_family
 from ..models.checkpoint import read_metadata
 from .config import EnsembleConfig, MemberSpec
 from .family import load_oof_proba, oof_proba_path
-from .meta import MetaFeatureSpec, evaluate_meta_learner, meta_features, train_meta_learner
+from .meta import MetaFeatureSpec, meta_features
+from .meta_fit import evaluate_meta_learner, train_meta_learner
 from .optimize import WEIGHTINGS, compare_weightings
 from .weights import EnsembleWeights
 

@@ -19,7 +19,9 @@ Modules, each importing only those listed before it:
 - :mod:`.policy`: what to run next (gain per second, estimates, re-planning);
 - :mod:`.runner`: running a stage (batches, fallbacks, the CSV);
 - :mod:`.planner`: :class:`BudgetedInference` / :func:`run_budgeted`, wiring the above;
-- :mod:`.measure`: measuring the gains table on validation data (runs the planner);
+- :mod:`.measure`: measuring the gains table on validation data (runs the planner; imported
+  by name, ``from fwi_core.inference_plan.measure import measure_stage_gains``, so the infer
+  notebook does not carry it);
 - :mod:`.setup`: one way to set a run up (:func:`prepare_inference`), for the CLI and the infer kernel;
 - :mod:`.scores`: :class:`StageScores`, the MAE per family after each stage when the solution is known.
 
@@ -30,7 +32,6 @@ from ..errors import InsufficientBudgetError, StageError
 from .deadline import DEFAULT_SAFETY_MARGIN, Deadline
 from .gains import DEFAULT_GAINS, GAINS_FILE, StageGains, find_stage_gains, find_stage_gains_file
 from .identity import member_digests
-from .measure import compute_stage_gains, measure_stage_gains
 from .planner import BudgetedInference, run_budgeted
 from .progress import default_state_dir
 from .runner import CorruptedFileWarning
@@ -47,7 +48,7 @@ __all__ = [
     "BudgetedInference", "Deadline", "RunSummary", "InsufficientBudgetError", "CorruptedFileWarning",
     "run_budgeted", "default_state_dir", "DEFAULT_SAFETY_MARGIN", "Stage", "BatchState", "RunContext", "MemberStage",
     "FlipStage", "CRFStage", "MCDropoutStage", "StageError", "build_stages", "register_stage",
-    "registered_stages", "DEFAULT_STAGES", "StageGains", "compute_stage_gains", "measure_stage_gains",
+    "registered_stages", "DEFAULT_STAGES", "StageGains",
     "find_stage_gains", "DEFAULT_GAINS", "GAINS_FILE", "TestFileSource", "ArraySource",
     "PredictionStore", "StoredArray", "format_submission_rows", "write_submission_csv", "RefineStage",
     "ConsistencyStage", "InferenceOptions", "InferenceSetup", "prepare_inference", "plan_stages",

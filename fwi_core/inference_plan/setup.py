@@ -28,6 +28,7 @@ from .planner import run_budgeted
 from .source import TestFileSource
 from .stages import DEFAULT_STAGES
 from .stages.refine import DEFAULT_ITERS
+from .stages.registry import check_stage_names
 from .summary import RunSummary
 
 PathLike = Union[str, os.PathLike]
@@ -159,7 +160,8 @@ def prepare_inference(data_root: Optional[PathLike], checkpoints: Sequence[PathL
         device: where the models run (default: CUDA when available).
 
     Raises:
-        FWIError (bad data, checkpoints, ensemble file), FileNotFoundError (no
+        FWIError (bad data, checkpoints, ensemble file; StageError: an unknown stage name),
+        FileNotFoundError (no
         checkpoints), ValueError (a bad crf.json or gains table).
     """
     options = options or InferenceOptions()
@@ -172,6 +174,7 @@ def prepare_inference(data_root: Optional[PathLike], checkpoints: Sequence[PathL
         ensemble = Ensemble.from_checkpoints(find_checkpoints(paths, kind=options.checkpoint_kind), device=device)
     files = [m.path for m in ensemble.members.values() if m.path is not None]
     stages = plan_stages(options)
+    check_stage_names(stages, ensemble.member_names)
     crf, crf_from = None, "off (use_crf is False)"
     if options.use_crf:
         crf = load_crf(files)

@@ -12,8 +12,6 @@ from .misfit import pde_loss, seismic_misfit
 from .refine import detect_family_kind, family_kind, refine
 
 __all__ += ["pde_loss", "seismic_misfit", "refine", "detect_family_kind", "family_kind"]
-from .map_augment import DEFAULT_AUGMENT, affine_warp, augment_map, blend, crop_resize, crop_window, warp
-from .simulated import MixedDataset, SimulatedDataset, mix_datasets
-
-__all__ += ["SimulatedDataset", "MixedDataset", "mix_datasets", "DEFAULT_AUGMENT", "crop_resize", "crop_window",
-            "affine_warp", "warp", "blend", "augment_map"]
+# training-only modules are imported by name (a notebook that only predicts does not vendor
+# them): fwi_core.physics.simulated (SimulatedDataset, mix_datasets) and
+# fwi_core.physics.map_augment (augment_map, warp, blend, ...)

@@ -29,7 +29,7 @@ import torch
 from .families import VEL_HI, VEL_LO
 
 Boundary = Literal["reflect", "replicate"]
-#: the per-map probabilities :class:`~fwi_core.physics.SimulatedDataset` uses by default
+#: the per-map probabilities :class:`~fwi_core.physics.simulated.SimulatedDataset` uses by default
 DEFAULT_AUGMENT: Dict[str, float] = {"crop": 0.3, "warp": 0.3, "blend": 0.2}
 AUGMENTATIONS = ("blend", "crop", "warp")   # the order augment_map applies them in
 _PADDING = {"reflect": "reflection", "replicate": "border"}

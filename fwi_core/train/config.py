@@ -40,7 +40,7 @@ class TrainConfig:
             None: ``<platform output>/<model>-fold<fold>``.
         max_train_samples, max_val_samples: seeded random subsets (0: all).
         sim_fraction: fraction of each epoch's training items that are freshly simulated
-            maps (``physics.SimulatedDataset``: the 10 family generators plus physical map
+            maps (``physics.simulated.SimulatedDataset``: the 10 family generators plus physical map
             augmentations, simulated with the exact forward model; 0: none);
             sim_kwargs: its options (``families``, ``weights``, ``augment``, ``device``,
             ``cache_dir``, ...). Training datasets with ``set_epoch`` get it every epoch.

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fwi_core.ensemble.meta import (MetaFeatureSpec, MetaLearner, evaluate_meta_learner, meta_features,
-                                    physics_misfit, seismic_statistics, train_meta_learner)
+from fwi_core.ensemble.meta import MetaFeatureSpec, MetaLearner, meta_features, physics_misfit, seismic_statistics
+from fwi_core.ensemble.meta_fit import evaluate_meta_learner, train_meta_learner
 
 
 def two_kinds(n=120, hw=8, seed=0):

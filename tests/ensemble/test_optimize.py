@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fwi_core.ensemble import compare_weightings, format_comparison, optimize_weights
+from fwi_core.ensemble.optimize import compare_weightings, format_comparison, optimize_weights
 from fwi_core.ensemble.optimize import project_simplex, weighted_mean
 
 
@@ -128,8 +128,7 @@ def test_compare_weightings_cross_fitted():
 
 
 def test_cross_fitting_scores_each_fold_with_weights_fitted_on_the_others():
-    from fwi_core.ensemble import weights_from_validation
-    from fwi_core.ensemble.optimize import member_family_mae
+    from fwi_core.ensemble.optimize import member_family_mae, weights_from_validation
 
     preds, t, fams = constructed(n=40, seed=3)
     folds = np.arange(40) % 2

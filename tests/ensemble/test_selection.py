@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fwi_core.ensemble import EnsembleConfig, compare_weightings
+from fwi_core.ensemble import EnsembleConfig
+from fwi_core.ensemble.optimize import compare_weightings
 from fwi_core.ensemble.fit import fit_ensemble
 
 from .helpers import H, W, make_checkpoint

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from fwi_core.ensemble import (EnsembleConfig, EnsembleConfigError, EnsembleWeights, MemberSpec,
-                               weights_from_validation)
+from fwi_core.ensemble import EnsembleConfig, EnsembleConfigError, EnsembleWeights, MemberSpec
+from fwi_core.ensemble.optimize import weights_from_validation
 
 
 def test_inverse_mae_weights_hand_computed():

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from fwi_core.inference_plan import StageGains, build_stages, compute_stage_gains, find_stage_gains
+from fwi_core.inference_plan import StageGains, build_stages, find_stage_gains
+from fwi_core.inference_plan.measure import compute_stage_gains
 from tests.inference_plan.helpers import fake_ensemble
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fwi_core.data.normalize import normalize_seismic
-from fwi_core.inference_plan import StageGains, find_stage_gains, measure_stage_gains
+from fwi_core.inference_plan import StageGains, find_stage_gains
+from fwi_core.inference_plan.measure import measure_stage_gains
 from tests.inference_plan.helpers import fake_ensemble, small_source
 
 

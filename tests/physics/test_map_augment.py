@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from fwi_core.physics import FAMILIES, affine_warp, augment_map, blend, crop_resize, crop_window, generate, warp
+from fwi_core.physics import FAMILIES, generate
+from fwi_core.physics.map_augment import affine_warp, augment_map, blend, crop_resize, crop_window, warp
 
 
 def _interfaces(column):

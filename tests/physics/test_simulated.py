@@ -7,7 +7,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fwi_core.data import FWIDataset, index_train, normalize_seismic, normalize_velocity
-from fwi_core.physics import MixedDataset, SimulatedDataset, mix_datasets, simulate
+from fwi_core.physics import simulate
+from fwi_core.physics.simulated import MixedDataset, SimulatedDataset, mix_datasets
 from fwi_core.physics import simulated as simulated_mod
 
 NT = 30   # short records keep these tests fast; items are then (5, NT, 70)

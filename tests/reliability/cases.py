@@ -667,7 +667,7 @@ def ensemble_newer_format(ws, env):
 
 @case("ensemble", ValueError, r"oof_fold0\.npz: not a readable out-of-fold file")
 def ensemble_fit_corrupt_oof(ws, env):
-    from fwi_core.ensemble import fit_ensemble
+    from fwi_core.ensemble.fit import fit_ensemble
     (ws / "runs" / "a-fold0").mkdir(parents=True)
     (ws / "runs" / "a-fold0" / "oof_fold0.npz").write_bytes(b"PK\x03\x04 not really a zip")
     return lambda: fit_ensemble([ws / "runs"], ws / "runs" / "ensemble.json")

@@ -219,11 +219,16 @@ def test_real_kernels_parameters_cell_comes_first(kernel, snapshot):
 
 def test_infer_notebook_carries_no_training_engine(snapshot):
     """The infer kernel loads trained models through fwi_core.models.checkpoint: the
-    training engine stays out of its notebook, which is smaller than before the layering
-    (the README's notebook table quotes both figures)."""
+    training engine and the training-side modules stay out of its notebook, which is smaller
+    than before the layering (the README's notebook table quotes both figures)."""
     nb, _, modules = build_notebook("infer", snapshot)
     assert [m for m in modules if m == "fwi_core.train" or m.startswith("fwi_core.train.")] == []
     assert "fwi_core.recipes" not in modules and "fwi_core.models.checkpoint" in modules
+    # fitting and simulating training data are training-side: imported by module name, never
+    # re-exported by a package the infer kernel imports
+    training_side = {"fwi_core.physics.simulated", "fwi_core.physics.map_augment", "fwi_core.ensemble.fit",
+                     "fwi_core.ensemble.meta_fit", "fwi_core.ensemble.optimize", "fwi_core.inference_plan.measure"}
+    assert sorted(training_side & set(modules)) == []
     readme = (ROOT / "README.md").read_text()
     row = re.search(r"\| before the layering \(commit \w+\) \| (\d+) of \d+ \| ([\d,]+) \|", readme)
     assert row, "README: no 'before the layering' row in the notebook table"

@@ -13,7 +13,7 @@ from ...errors import StageError
 from .base import Stage
 from .members import MemberStage
 
-__all__ = ["DEFAULT_STAGES", "StageFactory", "register_stage", "registered_stages", "build_stages"]
+__all__ = ["DEFAULT_STAGES", "StageFactory", "register_stage", "registered_stages", "check_stage_names", "build_stages"]
 
 #: The default stage list, in priority order ("members" expands to one stage per member,
 #: the cheapest good one first).
@@ -41,6 +41,20 @@ def registered_stages() -> List[str]:
     return sorted(_REGISTRY)
 
 
+def check_stage_names(specs: Sequence[Any], members: Sequence[str]) -> None:
+    """Raise :class:`StageError` for a name that is not ``members``, ``member:<name>`` of
+    one of ``members`` or a registered stage (before any work starts)."""
+    for spec in specs:
+        if isinstance(spec, Stage) or spec == "members":
+            continue
+        if isinstance(spec, str) and spec.startswith("member:"):
+            if spec.split(":", 1)[1] not in members:
+                raise StageError(f"stage {spec!r}: no member {spec.split(':', 1)[1]!r}; members: {', '.join(members)}")
+        elif not (isinstance(spec, str) and spec in _REGISTRY):
+            raise StageError(f"unknown stage {spec!r}; known: members, member:<name>, "
+                             f"{', '.join(registered_stages())}")
+
+
 def build_stages(specs: Sequence[Any], member_order: Sequence[str], resources: Dict[str, Any]) -> List[Stage]:
     """Stage objects from names (or Stage objects), in priority order.
 
@@ -61,15 +75,11 @@ def build_stages(specs: Sequence[Any], member_order: Sequence[str], resources: D
         elif spec == "members":
             out.extend(MemberStage(m) for m in member_order if f"member:{m}" not in [s.name for s in out])
         elif isinstance(spec, str) and spec.startswith("member:"):
-            m = spec.split(":", 1)[1]
-            if m not in members:
-                raise StageError(f"stage {spec!r}: no member {m!r}; members: {', '.join(members)}")
-            out.append(MemberStage(m))
-        elif isinstance(spec, str) and spec in _REGISTRY:
-            out.append(_REGISTRY[spec](resources))
+            check_stage_names([spec], members)
+            out.append(MemberStage(spec.split(":", 1)[1]))
         else:
-            raise StageError(f"unknown stage {spec!r}; known: members, member:<name>, "
-                             f"{', '.join(registered_stages())}")
+            check_stage_names([spec], members)
+            out.append(_REGISTRY[spec](resources))
     names = [s.name for s in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
