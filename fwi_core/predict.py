@@ -4,6 +4,8 @@
                                --out submission.csv [--ensemble-config JSON] [--no-resume]
                                [--stages members flip crf mc_dropout refine_layered refine consistency]
                                [--refine-iters 60 30] [--strict]
+    python -m fwi_core.predict --data ROOT --prior-submission old.csv --out refined.csv
+                               [--stages prior refine_layered refine] [--checkpoints PATH ...]
 
 The budget counts from the start of this process. The command runs the time-budgeted
 planner (:mod:`fwi_core.inference_plan`) over every ``ROOT/test/<oid>.npy`` and exits
@@ -12,7 +14,7 @@ planner (:mod:`fwi_core.inference_plan`) over every ``ROOT/test/<oid>.npy`` and 
   every file once (better stages follow as the budget allows);
 - 2 when it does not (the message says how long that pass needs, measured on the first
   batch), or on bad arguments or inputs (no test files, no checkpoints, a bad ensemble
-  file or stage name);
+  file or stage name, a prior submission missing, lacking test files or malformed);
 - 1 when ``--strict`` meets an unreadable test file (named in the message).
 
 The run is set up exactly as the infer kernel sets it up
@@ -26,6 +28,13 @@ The tuned CRF (``crf.json``), the consistency threshold (``consistency.json`` be
 beside the checkpoints. An interrupted run is resumed when it is the same run (same
 files, weights, stages, options); ``--no-resume`` starts over. A summary (what ran,
 unreadable files) is printed and saved as ``<out stem>_summary.json``.
+
+A refinement-only pass: ``--prior-submission CSV`` starts the plan from an existing
+submission instead of the members (stage ``prior``,
+:mod:`fwi_core.inference_plan.stages.prior`; the CSV's odd columns are kept, the even ones
+interpolated). ``--checkpoints`` is then optional (a family classifier among them routes
+refinement); the default stages become ``prior crf refine_layered refine consistency``
+(those without what they need are skipped); every test file must be in the CSV.
 
 Under ``torchrun --nproc-per-node N [--nnodes M ...] -m fwi_core.predict ...`` each rank
 predicts its share of the test files (whole batches) with its own plan and state, and rank
@@ -51,7 +60,11 @@ DEFAULTS = InferenceOptions()
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m fwi_core.predict", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="competition root (holding test/)")
-    ap.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint files or folders")
+    ap.add_argument("--checkpoints", nargs="+", default=[],
+                    help="checkpoint files or folders (required unless --prior-submission)")
+    ap.add_argument("--prior-submission", type=Path, default=None, metavar="CSV",
+                    help="start from this submission instead of the members (stage 'prior'): a refinement-only "
+                         "pass, e.g. --stages prior refine_layered refine")
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds from the process start (default: the platform's session limit minus a margin)")
     ap.add_argument("--out", type=Path, default=Path("submission.csv"))
@@ -95,12 +108,15 @@ def setup_run(a: argparse.Namespace) -> InferenceSetup:
                              batch_size=a.batch_size, num_workers=a.num_workers, store_dtype=a.store_dtype,
                              seed=a.seed, state_limit_gb=a.state_limit_gb, gather_cache=not a.no_gather_cache)
     return prepare_inference(a.data, a.checkpoints, ensemble_config=a.ensemble_config, options=options,
-                             gains_path=a.gains, limit=a.limit, device=a.device)
+                             gains_path=a.gains, limit=a.limit, device=a.device, prior_submission=a.prior_submission)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     # the deadline first (it counts from the process start: loading checkpoints spends it)
     a = _parser().parse_args(argv)
+    if not a.checkpoints and a.prior_submission is None and a.ensemble_config is None:
+        return _fail(ValueError("give --checkpoints (the members), or --prior-submission CSV for a refinement-only "
+                                "pass over an existing submission"), EXIT_BAD_INPUT)
     try:
         deadline = Deadline.from_budget(a.time_budget) if a.time_budget is not None else Deadline.platform_default()
     except ValueError as e:

@@ -8,8 +8,9 @@ from .layout import FilePair, find_competition_root, index_train, list_test, loa
 from .normalize import (denormalize_seismic, denormalize_velocity, normalize_seismic,
                         normalize_velocity)
 from .sampling import balanced_indices, family_kfold
-from .submission import (HEADER, ODD_COLUMNS, SubmissionRangeWarning, SubmissionWriter, load_solution,
-                         score_submission, validate_submission, write_submission)
+from .submission import (HEADER, ODD_COLUMNS, SubmissionRangeWarning, SubmissionWriter, expand_odd_columns,
+                         load_solution, read_submission_maps, score_submission, validate_submission,
+                         write_submission)
 
 __all__ = [
     "hflip", "scale_amplitude", "add_noise", "FWIDataset", "TestDataset", "DataError", "DataFormatError", "LayoutError",
@@ -18,5 +19,5 @@ __all__ = [
     "normalize_seismic", "denormalize_seismic", "normalize_velocity", "denormalize_velocity",
     "balanced_indices", "family_kfold",
     "HEADER", "ODD_COLUMNS", "SubmissionWriter", "write_submission", "validate_submission",
-    "score_submission", "load_solution", "SubmissionRangeWarning",
+    "score_submission", "load_solution", "SubmissionRangeWarning", "read_submission_maps", "expand_odd_columns",
 ]

@@ -162,7 +162,7 @@ class BudgetedInference:
         self.fingerprint = run_fingerprint(self.ids, ensemble, self.specs, self.batch_size, self.store_dtype, seed,
                                            self.resources, self.gains.to_dict(), fingerprint_extra)
         self.store = PredictionStore(self.state_dir, self.n, self.store_dtype)
-        self.ctx = RunContext(ensemble, self.store, self.device, seed, self.batch_size)
+        self.ctx = RunContext(ensemble, self.store, self.device, seed, self.batch_size, self.ids)
         self.state = RunState()
         self.costs = Costs(self.n, self.out_csv is not None)
         self.stages: List[Stage] = []
@@ -256,7 +256,7 @@ class BudgetedInference:
     def _restore(self, saved: Dict[str, Any]) -> bool:
         """Adopt a saved state; False when it belongs to another run."""
         state = RunState(resumed=True)
-        ctx = RunContext(self.ensemble, self.store, self.device, self.seed, self.batch_size)
+        ctx = RunContext(self.ensemble, self.store, self.device, self.seed, self.batch_size, self.ids)
         order = restore_state(saved, self.fingerprint, state, ctx, self.state_dir)
         if order is None:
             return False
@@ -273,7 +273,7 @@ class BudgetedInference:
         member first (every member timed on the first batch)."""
         self.store.remove()
         self.store = PredictionStore(self.state_dir, self.n, self.store_dtype)
-        self.ctx = RunContext(self.ensemble, self.store, self.device, self.seed, self.batch_size)
+        self.ctx = RunContext(self.ensemble, self.store, self.device, self.seed, self.batch_size, self.ids)
         self.state = RunState()
         prediction_buffer(self.store, 0)
         prediction_buffer(self.store, 1)

@@ -179,7 +179,8 @@ class Policy:
 
     def after_first_pass(self, first: Stage) -> None:
         """Split the first pass's measured cost into the member's forward pass (when it was
-        not timed before the pass) or the reading of the files (when it was)."""
+        not timed before the pass) or the reading of the files (when it was); a first stage
+        without a member (``prior``) costs the reading of the files."""
         rec = self.state.records[first.name]
         if rec.get("measured") is not None:
             member = getattr(first, "member", None)
@@ -188,6 +189,8 @@ class Policy:
                 self.ctx.member_cost[member] = rec["measured"]
             elif probe is not None:
                 self.ctx.io_cost = max(0.0, rec["measured"] - probe)
+            elif member is None:
+                self.ctx.io_cost = rec["measured"]
 
     # ----------------------------------------------------------------------- choice
     def candidates(self) -> List[Stage]:

@@ -346,7 +346,7 @@ class StageRunner:
         t = self.clock()
         out_buf = self.buf(1 - self.state.buffer)
         if mandatory:
-            self._fill_fallback(out_buf, done)
+            self._fill_fallback(out_buf, done, stage)
         elif done < self.n:
             out_buf.copy_from(self.buf(self.state.buffer), done, self.n)
             if self.n - done:
@@ -379,9 +379,17 @@ class StageRunner:
         if self.on_stage_end is not None:
             self.on_stage_end(stage.name, self.read_current)
 
-    def _fill_fallback(self, buf: StoredArray, done: int) -> None:
-        """Give unreadable and unreached rows the mean map of the predicted ones."""
+    def _fill_fallback(self, buf: StoredArray, done: int, stage: Optional[Stage] = None) -> None:
+        """Give unreadable and unreached rows the first stage's own fallback maps
+        (:meth:`Stage.fallback`: ``prior`` keeps their prior maps), else the mean map of
+        the predicted ones."""
         bad = sorted(r for r in self.ctx.bad_rows if r < done)
+        missing = np.asarray(bad + list(range(done, self.n)), dtype=np.int64)
+        own = stage.fallback(self.ctx, missing) if stage is not None and len(missing) else None
+        if own is not None:
+            for s in range(0, len(missing), 1024):
+                buf.write_rows(missing[s:s + 1024], np.asarray(own[s:s + 1024], dtype=np.float32))
+            return
         total, count = np.zeros(MAP, np.float64), 0
         for s in range(0, done, 1024):
             e = min(done, s + 1024)

@@ -9,6 +9,13 @@ It finds the test files, loads the ensemble (checkpoints, or an ensemble JSON), 
 CRF (``crf.json``), the consistency flagger (``consistency.json`` beside an
 ``invertible_unet`` checkpoint), the gains table (``stage_gains.json``, or a path given)
 and builds the stage list from the options: the same plan whichever entry point runs it.
+
+With ``prior_submission`` (a CSV) the plan starts from that submission instead of the
+member networks (:mod:`.stages.prior`): checkpoints are then optional (without any the
+ensemble is empty, :class:`~.stages.prior.NoMembers`), every test file must be in the CSV
+(checked here, before any work), and the default stage list becomes ``prior`` followed by
+its transforms (``crf``, ``refine_layered``, ``refine``, ``consistency``: those without
+what they need are skipped).
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..crf import load_crf
 from ..data import find_competition_root
+from ..errors import StageError
 from ..ensemble import Ensemble
 from ..inverse_consistency import ConsistencyFlagger
 from ..models.checkpoint import find_checkpoints
@@ -27,13 +35,18 @@ from .gains import StageGains, find_stage_gains_file
 from .planner import run_budgeted
 from .source import TestFileSource
 from .stages import DEFAULT_STAGES
+from .stages.prior import PRIOR_RESOURCE, NoMembers, PriorSubmission
 from .stages.refine import DEFAULT_ITERS
 from .stages.registry import check_stage_names
 from .summary import RunSummary
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["InferenceOptions", "InferenceSetup", "prepare_inference", "plan_stages", "find_consistency_flagger"]
+__all__ = ["InferenceOptions", "InferenceSetup", "prepare_inference", "plan_stages", "find_consistency_flagger",
+           "PRODUCERS"]
+
+#: The producer stages of the default list: a ``prior`` run replaces them with ``prior``.
+PRODUCERS = ("members", "flip", "mc_dropout")
 
 
 @dataclass(frozen=True)
@@ -79,9 +92,20 @@ class InferenceOptions:
         return replace(self, **kept)
 
 
-def plan_stages(options: InferenceOptions) -> List[str]:
-    """The stage list of ``options`` (``flip`` / ``crf`` dropped when switched off)."""
-    return [s for s in options.stages if (options.flip_tta or s != "flip") and (options.use_crf or s != "crf")]
+def plan_stages(options: InferenceOptions, prior: bool = False) -> List[str]:
+    """The stage list of ``options`` (``flip`` / ``crf`` dropped when switched off); with a
+    ``prior`` submission and the default list, ``prior`` in place of its producers.
+
+    Raises:
+        StageError: a prior submission with a stage list (not the default) without ``prior``.
+    """
+    stages = list(options.stages)
+    if prior and "prior" not in stages:
+        if tuple(stages) != tuple(DEFAULT_STAGES):
+            raise StageError(f"a prior submission is given but the stage list {stages} has no 'prior' "
+                             "(e.g. --stages prior refine_layered refine)")
+        stages = ["prior"] + [s for s in stages if s not in PRODUCERS]
+    return [s for s in stages if (options.flip_tta or s != "flip") and (options.use_crf or s != "crf")]
 
 
 def find_consistency_flagger(ensemble) -> Tuple[Optional[ConsistencyFlagger], str]:
@@ -111,16 +135,23 @@ class InferenceSetup:
     flagger_from: str = "off"
     gains: StageGains = field(default_factory=StageGains)
     gains_from: str = "built-in defaults (no stage_gains.json beside the checkpoints)"
+    prior: Optional[PriorSubmission] = None
 
     @property
     def resources(self) -> Dict[str, Any]:
         """The stage factories' resources besides the ensemble, CRF and MC passes."""
-        return {"refine_iters": list(self.options.refine_iters), "consistency": self.flagger}
+        out = {"refine_iters": list(self.options.refine_iters), "consistency": self.flagger}
+        if self.prior is not None:
+            out[PRIOR_RESOURCE] = self.prior
+        return out
 
     def describe(self) -> str:
         """What the run will use: data, members, CRF, consistency flags, the gains and
         where they come from, the plan."""
-        lines = [f"data: {self.root} ({len(self.source)} test files)", "members:"]
+        lines = [f"data: {self.root} ({len(self.source)} test files)"]
+        if self.prior is not None:
+            lines.append(f"prior submission: {self.prior.path} (the first prediction; even columns interpolated)")
+        lines.append("members:" if len(self.ensemble) else "members: none")
         lines += [f"  {n} ({m.path})" for n, m in self.ensemble.members.items()]
         lines.append(f"CRF: {self.crf_from}")
         lines.append(f"consistency flags: {self.flagger_from}")
@@ -146,7 +177,8 @@ class InferenceSetup:
 def prepare_inference(data_root: Optional[PathLike], checkpoints: Sequence[PathLike] = (), *,
                       ensemble_config: Optional[PathLike] = None, options: Optional[InferenceOptions] = None,
                       gains_path: Optional[PathLike] = None, limit: Optional[int] = None,
-                      device: Optional[str] = None) -> InferenceSetup:
+                      device: Optional[str] = None,
+                      prior_submission: Optional[PathLike] = None) -> InferenceSetup:
     """Set up a run (see the module doc).
 
     Args:
@@ -158,9 +190,12 @@ def prepare_inference(data_root: Optional[PathLike], checkpoints: Sequence[PathL
         gains_path: a ``stage_gains.json`` (default: beside the first checkpoint holding one).
         limit: only the first N test files (quick checks).
         device: where the models run (default: CUDA when available).
+        prior_submission: a submission CSV the plan starts from (stage ``prior``; see the
+            module doc); checkpoints are then optional.
 
     Raises:
-        FWIError (bad data, checkpoints, ensemble file; StageError: an unknown stage name),
+        FWIError (bad data, checkpoints, ensemble file; StageError: an unknown stage name;
+        SubmissionError: a prior submission missing, lacking test files or malformed),
         FileNotFoundError (no
         checkpoints), ValueError (a bad crf.json or gains table).
     """
@@ -168,13 +203,21 @@ def prepare_inference(data_root: Optional[PathLike], checkpoints: Sequence[PathL
     root = find_competition_root(data_root)
     source = TestFileSource(root, limit=limit)
     paths = [Path(p) for p in checkpoints]
+    prior = None
+    if prior_submission is not None:
+        prior = PriorSubmission(prior_submission)
+        prior.check(source.ids)          # every test file, before any work (and on every rank alike)
     if ensemble_config is not None:
         ensemble = Ensemble.from_checkpoints(paths, config=ensemble_config, device=device)
+    elif prior is not None and not paths:
+        ensemble = NoMembers()
     else:
         ensemble = Ensemble.from_checkpoints(find_checkpoints(paths, kind=options.checkpoint_kind), device=device)
     files = [m.path for m in ensemble.members.values() if m.path is not None]
-    stages = plan_stages(options)
+    stages = plan_stages(options, prior=prior is not None)
     check_stage_names(stages, ensemble.member_names)
+    if "prior" in stages and prior is None:
+        raise StageError("stage 'prior' needs a prior submission (--prior-submission CSV)")
     crf, crf_from = None, "off (use_crf is False)"
     if options.use_crf:
         crf = load_crf(files)
@@ -182,7 +225,7 @@ def prepare_inference(data_root: Optional[PathLike], checkpoints: Sequence[PathL
             "none (no crf.json beside the checkpoints: the crf stage is skipped)"
     flagger, flagger_from = (find_consistency_flagger(ensemble) if "consistency" in stages
                              else (None, "off (not in the stage list)"))
-    setup = InferenceSetup(root, source, ensemble, options, stages, crf, crf_from, flagger, flagger_from)
+    setup = InferenceSetup(root, source, ensemble, options, stages, crf, crf_from, flagger, flagger_from, prior=prior)
     found = Path(gains_path) if gains_path is not None else find_stage_gains_file(files)
     if found is not None:
         setup.gains = StageGains.load(found).for_ensemble(ensemble)

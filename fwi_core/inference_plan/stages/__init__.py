@@ -6,7 +6,7 @@
   :data:`DEFAULT_STAGES`);
 - one module per stage: :mod:`.members` (``member:<name>``), :mod:`.flip`, :mod:`.crf`,
   :mod:`.mc_dropout`, :mod:`.refine` (``refine_layered`` and ``refine``),
-  :mod:`.consistency`.
+  :mod:`.consistency`, :mod:`.prior` (the first prediction from an existing submission).
 
 **Adding a stage means one new module plus its registration**: the module defines the
 :class:`Stage` subclass (importing :mod:`.base`, :mod:`.members` when it looks at member
@@ -27,8 +27,9 @@ from .crf import CRFStage                        # "crf"
 from .mc_dropout import MCDropoutStage           # "mc_dropout"
 from .refine import RefineStage                  # "refine_layered", "refine"
 from .consistency import ConsistencyStage        # "consistency"
+from .prior import NoMembers, PriorStage, PriorSubmission   # "prior"
 
 __all__ = ["Stage", "BatchState", "RunContext", "MAP", "member_array", "stage_array", "MemberStage", "FlipStage",
-           "CRFStage", "MCDropoutStage", "RefineStage", "ConsistencyStage", "DEFAULT_STAGES", "StageFactory",
+           "CRFStage", "MCDropoutStage", "RefineStage", "ConsistencyStage", "PriorStage", "PriorSubmission", "NoMembers", "DEFAULT_STAGES", "StageFactory",
            "register_stage", "registered_stages", "build_stages"]
 

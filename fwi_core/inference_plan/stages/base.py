@@ -80,6 +80,8 @@ class Stage(abc.ABC):
             first, and may run on part of them (it then also defines ``candidates``,
             ``cheap_scores``, ``final_scores``, ``kinds_of``, ``misfit`` and
             ``screen_cost``; see :mod:`fwi_core.inference_plan.ranked`).
+        starts: it may be the first stage: it predicts every file on its own (a member;
+            ``prior``, which reads an existing submission).
     """
 
     name: str = "stage"
@@ -91,6 +93,7 @@ class Stage(abc.ABC):
     settles: bool = False
     observes: bool = False
     ranked: bool = False
+    starts: bool = False
 
     def unavailable(self, ctx: "RunContext") -> Optional[str]:
         """Why the stage cannot run in this run (e.g. no dropout layers), or None."""
@@ -114,6 +117,11 @@ class Stage(abc.ABC):
         """Called for each batch of the first pass with its prediction (m/s), while the
         gathers are in memory: store per-file features the stage needs later (refinement
         stores each file's family kind)."""
+
+    def fallback(self, ctx: "RunContext", rows: np.ndarray) -> Optional[np.ndarray]:
+        """(first stages) (k,70,70) m/s for the rows its first pass could not predict
+        (unreadable or unreached files), or None: the mean map of the predicted rows."""
+        return None
 
     def reset(self, ctx: "RunContext") -> None:
         """(observers) Forget what the stage found: later stages changed the maps it saw."""
@@ -256,9 +264,11 @@ class RunContext:
         io_cost: seconds per file of reading and normalising the gathers.
         seed: base seed of the stochastic stages.
         batch_size: files per batch (stages time themselves at this size).
+        ids: the run's file ids, row by row.
     """
 
-    def __init__(self, ensemble, store, device: torch.device, seed: int = 0, batch_size: int = 1):
+    def __init__(self, ensemble, store, device: torch.device, seed: int = 0, batch_size: int = 1,
+                 ids: Sequence[str] = ()):
         self.ensemble = ensemble
         self.store = store
         self.device = device
@@ -271,6 +281,7 @@ class RunContext:
         self.bad_rows: Dict[int, str] = {}
         self.family_names: List[str] = []
         self.batch_size = int(batch_size)
+        self.ids: List[str] = list(ids)
 
     # -- helpers ------------------------------------------------------------------
     def row_ok(self, start: int, stop: int) -> np.ndarray:

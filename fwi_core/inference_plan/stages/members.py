@@ -16,6 +16,7 @@ class MemberStage(Stage):
     kind = "member"
     default_gain = 1.0
     producer = True
+    starts = True
 
     def __init__(self, member: str):
         self.member = member

@@ -65,7 +65,9 @@ def build_stages(specs: Sequence[Any], member_order: Sequence[str], resources: D
 
     Raises:
         StageError: unknown names or members, duplicates, a list not starting with a
-            member, or a producer after a transform that it would overwrite.
+            member (or another ``starts`` stage such as ``prior``), a ``starts`` stage that
+            is not first, a producer beside ``prior`` (it replaces the members), or a
+            producer after a transform that it would overwrite.
     """
     members = list(resources["ensemble"].member_names)
     out: List[Stage] = []
@@ -84,9 +86,17 @@ def build_stages(specs: Sequence[Any], member_order: Sequence[str], resources: D
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise StageError(f"stage list names {dupes} twice")
-    if not out or not isinstance(out[0], MemberStage):
-        raise StageError(f"the first stage must be a member (it writes the first complete submission), "
-                         f"got {names[:1] or 'nothing'}")
+    if not out or not out[0].starts:
+        raise StageError(f"the first stage must be a member or 'prior' (it writes the first complete submission), "
+                         f"got {names[:1] or 'nothing (no members: give checkpoints, or a prior submission)'}")
+    late = [s.name for s in out[1:] if s.starts and not isinstance(s, MemberStage)]
+    if late:
+        raise StageError(f"stage {late[0]!r} must come first: it writes the first complete prediction")
+    if not isinstance(out[0], MemberStage):
+        producers = [s.name for s in out if s.producer]
+        if producers:
+            raise StageError(f"stage {out[0].name!r} replaces the members: the list cannot also hold {producers} "
+                             f"(drop them, or drop {out[0].name!r})")
     for i, s in enumerate(out):
         if s.producer:
             blockers = [t.name for t in out[:i] if not t.producer and not t.reapply]
