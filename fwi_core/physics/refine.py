@@ -25,8 +25,9 @@ map, kept only where the full-band data misfit fell below ``accept_ratio`` times
 start's; values are clamped to the plausible range. ``time_budget`` (wall clock, whole
 batch) is checked before every evaluation: none starts that the measured evaluations (the
 slowest of the last three) say would overrun the budget, time for the final misfit check
-(one forward) included. With ``backend`` not given, the simulation is compiled when the
-whole refinement is long enough to pay for it.
+(one forward) included. With ``backend`` not given, the CPU runs the native kernel
+(forward and adjoint in compiled C++, :mod:`.native`) where it builds; elsewhere the torch
+step is compiled when the whole refinement is long enough to pay for it.
 
 This module is the loop: the simulation it fits (:class:`_Simulator`), the time budget
 (:class:`_Budget`), each sample's state (:class:`_Sample`), one batched evaluation
@@ -49,13 +50,14 @@ from .batch_optim import LBFGS, Adam
 from .forward import simulate
 from .kind_routing import detect_family_kind, family_kind, sample_kinds
 from .misfit import misfit
-from .priors import DEFAULT_REG_WEIGHT, DEFAULT_TV_EPS, KINDS, Parametrisation
+from .native import available as native_available
+from .priors import DEFAULT_DEPTH_POWER, DEFAULT_REG_WEIGHT, DEFAULT_TV_EPS, KINDS, Parametrisation
 from .refine_inputs import (RefineInputs, Stage, check_options, continuation, per_sample_setting, prior_settings,
                             stage_iterations)
 from .stencil import AUTO_COMPILE_MIN_SHOT_STEPS, DEFAULT_SOURCE_COLUMNS, compiled_step, default_source_columns
 
 # the kinds and their defaults (from :mod:`.kind_routing` and :mod:`.priors`) stay importable here
-__all__ = ["refine", "lowpass", "detect_family_kind", "family_kind", "KINDS", "DEFAULT_REG_WEIGHT",
+__all__ = ["refine", "lowpass", "detect_family_kind", "family_kind", "KINDS", "DEFAULT_REG_WEIGHT", "DEFAULT_DEPTH_POWER",
            "DEFAULT_TV_EPS", "DEFAULT_ACCEPT_RATIO", "CONTINUATION_STAGES", "FIRST_EVAL_FORWARDS", "RefineWarning"]
 
 #: before any evaluation is measured, one is assumed to cost this many forwards (the
@@ -119,10 +121,13 @@ class _Simulator:
         self.dt = float(kw.get("dt", 1e-3))
         self.nbc = kw.pop("nbc", None)  # the exact scheme's layer (None: simulate's default)
         if kw.get("backend", "auto") == "auto":
-            # the whole refinement, not one call, decides whether compiling pays off
-            work = sum(len(s) for s in self.shots) * nt * max(1, max_iter)
-            kw["backend"] = ("compile" if work >= 4 * AUTO_COMPILE_MIN_SHOT_STEPS
-                             and compiled_step() is not None else "eager")
+            if obs.device.type == "cpu" and native_available():
+                kw["backend"] = "native"  # forward and adjoint in the compiled C++ kernel
+            else:
+                # the whole refinement, not one call, decides whether compiling pays off
+                work = sum(len(s) for s in self.shots) * nt * max(1, max_iter)
+                kw["backend"] = ("compile" if work >= 4 * AUTO_COMPILE_MIN_SHOT_STEPS
+                                 and compiled_step() is not None else "eager")
         self.kwargs = kw
         self.lo, self.hi = float(clamp[0]), float(clamp[1])
         self._targets: Dict[tuple, torch.Tensor] = {}
@@ -339,7 +344,7 @@ def refine(
     optimizer: str = "lbfgs",
     reg_weight: Union[float, Dict[str, float], None] = None,
     tv_eps: Union[float, Dict[str, float], None] = None,
-    depth_power: float = 2.0,
+    depth_power: Union[float, Dict[str, float], None] = None,
     stages: Sequence[tuple] = CONTINUATION_STAGES,
     step_ms: float = 100.0,
     smooth_sigma: float = 2.5,
@@ -375,7 +380,9 @@ def refine(
         tv_eps: smoothing of the TV terms, km/s (one float, or a dict with the kinds
             ``"flat"`` and/or ``"tv"`` or family names; default ``DEFAULT_TV_EPS``: 1e-4 for
             flat profiles, 1e-2 for the 2-D TV).
-        depth_power: depth preconditioning exponent (0: none).
+        depth_power: depth preconditioning exponent (0: none): one float, or a dict of
+            kinds or family names (default ``DEFAULT_DEPTH_POWER``: 1 for flat profiles, 2
+            for the 2-D kinds).
         stages: continuation as (cutoff Hz or None for the full band, share of the
             iterations and of the time budget[, factor on the regulariser weight[, floor on
             the TV eps, km/s[, absorbing-layer width in cells, None for the exact
@@ -433,6 +440,9 @@ def refine(
     check_options(optimizer, max_iter, time_budget, clamp, dict(enumerate(accept)))
     stage_list = continuation(stages)
     lam, eps = prior_settings(kinds, names, reg_weight, tv_eps, inp.v0.device)
+    powers = per_sample_setting("depth_power", depth_power, DEFAULT_DEPTH_POWER, kinds, names)
+    if any(not (p >= 0) for p in powers):
+        raise ParameterError(f"refine: depth_power must be >= 0, got {depth_power}")
     sim = _Simulator(inp.obs, kinds, shots, max_iter, clamp, simulate_kwargs)
     samples = [_Sample(i, inp.v0[i]) for i in range(b)]
     if time_budget is not None and time_budget == 0:  # no time at all: not even the start's misfit
@@ -448,7 +458,7 @@ def refine(
     before = sim.misfits(inp.v0)
     budget.t_forward = clock() - ts
     bar = progress_bar(total=max_iter, desc="refine", unit="eval") if progress else None
-    run = _Run(Parametrisation(inp.v0, kinds, depth_power, step_ms, smooth_sigma), sim, budget, stage_list,
+    run = _Run(Parametrisation(inp.v0, kinds, powers, step_ms, smooth_sigma), sim, budget, stage_list,
                stage_iterations(max_iter, stage_list), lam, eps, cost_scale, optimizer, history_size, lr, bar)
     for s in samples:
         run.advance(s)
