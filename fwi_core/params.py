@@ -48,6 +48,7 @@ KERNEL_PARAMETERS: Dict[str, Dict[str, Tuple[str, ...]]] = {
         "ensemble_config": (PATH, NONE), "output_dir": (PATH,), "time_budget": (FLOAT, NONE), "stages": (LIST,), "refine_iters": (LIST,),
         "batch_size": (INT,), "flip_tta": (BOOL,), "use_crf": (BOOL,), "mc_passes": (INT,), "resume": (BOOL,),
         "strict": (BOOL,), "limit": (INT, NONE), "num_workers": (INT,), "show_samples": (INT,),
+        "prior_submission": (PATH, NONE),
     },
 }
 

@@ -18,6 +18,7 @@ checkpoints = []  # checkpoint files; empty: search checkpoint_dirs for checkpoi
 checkpoint_dirs = [".", "/kaggle/input"]
 checkpoint_kind = "best"  # best | snapshot | last | all (best + snapshots + last weights)
 ensemble_config = None  # ensemble JSON (members, weights); None: the checkpoints, equal weights
+prior_submission = None  # an earlier submission.csv to refine: the plan starts from it (stage "prior"), no networks
 output_dir = "."
 time_budget = None  # seconds from the kernel's start; None: the platform's session limit minus a margin
 stages = ["members", "flip", "crf", "mc_dropout", "refine_layered", "refine", "consistency"]  # priority order
@@ -54,8 +55,11 @@ out.mkdir(parents=True, exist_ok=True)
 options = InferenceOptions().with_(stages=stages, refine_iters=refine_iters, checkpoint_kind=checkpoint_kind,
                                    flip_tta=flip_tta, use_crf=use_crf, mc_passes=mc_passes,
                                    batch_size=batch_size, num_workers=num_workers)
-setup = prepare_inference(data_root, checkpoints or checkpoint_dirs, ensemble_config=ensemble_config,
-                          options=options, limit=limit)
+# with a prior submission and no checkpoints listed, no networks run (the default stages become
+# prior, crf, refine_layered, refine, consistency: those without what they need are skipped)
+setup = prepare_inference(data_root, checkpoints or ([] if prior_submission else checkpoint_dirs),
+                          ensemble_config=ensemble_config, options=options, limit=limit,
+                          prior_submission=prior_submission)
 root, source, ensemble, crf, flagger = setup.root, setup.source, setup.ensemble, setup.crf, setup.flagger
 print(setup.describe())  # members, CRF, consistency flags, which gains and where from, the plan
 print("time left:", "no deadline" if deadline.at is None else f"{deadline.remaining() / 3600:.2f} h")

@@ -133,18 +133,27 @@ def run(name: str, seconds: float, data: Path, extra: Optional[Dict[str, Any]] =
     return result
 
 
+def better_weights(name: str) -> str:
+    """``raw`` or ``ema``: the weights of run ``name`` with the lower held-out MAE (at a few
+    hundred CPU steps the EMA of 0.999 still carries most of the initial weights)."""
+    scores = json.loads((OUT / name / "result.json").read_text())["scores"]
+    return min(scores, key=lambda w: scores[w]["mae"]["all"])
+
+
 def pseudo(source: str, seconds: float, data: Path, rank_by: str) -> Dict[str, Any]:
     from fwi_core.recipes import pseudo_label_round
 
     ckpt = sorted((OUT / source).glob("ckpt-*.pt"))[-1]
     folder = OUT / f"{source}-pseudo-labels"
     t0 = time.perf_counter()
+    weights = better_weights(source)
     rnd = pseudo_label_round([str(ckpt)], data, folder, device="cpu", overwrite=True, rank_by=rank_by,
-                             weights="ema")
+                             weights=weights)
     round_s = time.perf_counter() - t0
     res = run(source, seconds, data, {"pseudo": str(folder)}, label=f"{source}+pseudo")
     res["pseudo_round"] = {k: rnd[k] for k in ("samples", "candidates", "bytes_per_sample", "bytes", "dtype",
-                                                "rank_by", "predict_s", "simulate_s")} | {"round_s": round_s}
+                                                "rank_by", "predict_s", "simulate_s")} | {"round_s": round_s,
+                                                                                          "weights": weights}
     (OUT / res["name"] / "result.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     return res
 
@@ -154,7 +163,7 @@ def distill(teachers: List[str], student: str, seconds: float, data: Path) -> Di
     from fwi_core.recipes import distill_from_json
     from fwi_core.train import TrainConfig
 
-    specs = [MemberSpec(t, str(sorted((OUT / t).glob("ckpt-*.pt"))[-1]), "ema") for t in teachers]
+    specs = [MemberSpec(t, str(sorted((OUT / t).glob("ckpt-*.pt"))[-1]), better_weights(t)) for t in teachers]
     ens_json = EnsembleConfig(specs, EnsembleWeights.equal(teachers)).save(OUT / "teacher.json")
     label = f"{student}-student"
     out = OUT / label
@@ -191,8 +200,8 @@ def table() -> str:
         for weights, s in r["scores"].items():
             rows.append((r["name"], weights, r["steps"], s, base.get(weights)))
         if "ensemble" in r:
-            rows.append((f"teacher: {' + '.join(r['teachers'])} (equal weights)", "ema", "-", r["ensemble"],
-                         base.get("ema")))
+            rows.append((f"teacher: {' + '.join(r['teachers'])} (equal weights)", "each run's better", "-",
+                         r["ensemble"], base.get("raw")))
     head = "| run | weights | steps | " + " | ".join(FAMS) + " | mean | vs base | ms/sample |"
     lines = [head, "|---|---|" + "---:|" * (head.count("|") - 3)]
     for name, weights, steps, s, ref in rows:

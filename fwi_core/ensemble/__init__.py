@@ -14,14 +14,14 @@ weights, CRF confidence), :mod:`.family` (FamilyClassifier), :mod:`.meta` (MetaL
 Fitting is training-side and imported by module name, so a notebook that only predicts
 does not carry it: :mod:`.optimize` (static / optimised weights and their comparison:
 ``from fwi_core.ensemble.optimize import optimize_weights``), :mod:`.meta_fit` (training
-and cross-fitting the meta-learner), :mod:`.fit` (``fit_ensemble``: weights and
+and cross-fitting the meta-learner), :mod:`.family_fit` (training the family classifier,
+out-of-fold probabilities), :mod:`.fit` (``fit_ensemble``: weights and
 meta-learner from the engine's out-of-fold files).
 """
 from ..errors import EnsembleConfigError
 from .config import EnsembleConfig, MemberSpec
 from .ensemble import Ensemble, Member, member_name_for
-from .family import (FamilyClassifier, load_oof_proba, oof_proba_path, save_oof_proba, train_family_classifier,
-                     train_family_classifier_oof)
+from .family import FamilyClassifier
 from .meta import MetaFeatureSpec, MetaLearner, meta_features, physics_misfit
 from .uncertainty import (crf_confidence, inverse_variance_weights, mc_dropout_predict, mixture_variance,
                           uncertainty_map)
@@ -30,7 +30,6 @@ from .weights import EnsembleWeights
 __all__ = [
     "Ensemble", "Member", "EnsembleWeights", "EnsembleConfig", "MemberSpec", "EnsembleConfigError",
     "member_name_for", "mc_dropout_predict", "inverse_variance_weights",
-    "mixture_variance", "uncertainty_map", "crf_confidence", "FamilyClassifier", "train_family_classifier",
-    "train_family_classifier_oof", "oof_proba_path", "save_oof_proba", "load_oof_proba",
+    "mixture_variance", "uncertainty_map", "crf_confidence", "FamilyClassifier",
     "MetaFeatureSpec", "MetaLearner", "meta_features", "physics_misfit",
 ]

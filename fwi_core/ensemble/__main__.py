@@ -21,7 +21,7 @@ from typing import List, Optional
 from ..data import FWIDataset, find_competition_root, index_train
 from ..errors import FWIError
 from ..params import int_at_least
-from .family import oof_proba_path, save_oof_proba, train_family_classifier_oof
+from .family_fit import oof_proba_path, save_oof_proba, train_family_classifier_oof
 from .fit import SELECTIONS, fit_ensemble
 from .optimize import format_comparison
 

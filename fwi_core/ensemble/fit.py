@@ -46,7 +46,7 @@ from ..errors import CheckpointError
 from ..metrics import per_family
 from ..models.checkpoint import read_metadata
 from .config import EnsembleConfig, MemberSpec
-from .family import load_oof_proba, oof_proba_path
+from .family_fit import load_oof_proba, oof_proba_path
 from .meta import MetaFeatureSpec, meta_features
 from .meta_fit import evaluate_meta_learner, train_meta_learner
 from .optimize import WEIGHTINGS, compare_weightings

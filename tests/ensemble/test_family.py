@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from fwi_core.ensemble.family import FamilyClassifier, train_family_classifier
+from fwi_core.ensemble.family import FamilyClassifier
+from fwi_core.ensemble.family_fit import train_family_classifier
 
 
 class Gathers(Dataset):

@@ -155,7 +155,7 @@ def test_meta_with_seismic_physics_and_family_classifier(fake_root, tmp_path):
     """With data=: the meta-learner also uses seismic statistics, the physics residual and
     the family classifier's probabilities; the JSON references both files."""
     from fwi_core.data import FWIDataset, family_kfold, index_train
-    from fwi_core.ensemble import oof_proba_path, save_oof_proba, train_family_classifier_oof
+    from fwi_core.ensemble.family_fit import oof_proba_path, save_oof_proba, train_family_classifier_oof
     from fwi_core.physics import generate
 
     ds = FWIDataset(index_train(fake_root))

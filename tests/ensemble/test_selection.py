@@ -107,11 +107,12 @@ def test_classifier_probabilities_come_only_from_held_out_folds(fake_root, tmp_p
     """train-classifier: every sample's probabilities come from the classifier of its fold,
     which never trained on it; fit uses those, never the deployed classifier's output."""
     from fwi_core.data import FWIDataset, family_kfold, index_train
-    from fwi_core.ensemble import FamilyClassifier, load_oof_proba, train_family_classifier_oof
+    from fwi_core.ensemble import FamilyClassifier
+    from fwi_core.ensemble.family_fit import load_oof_proba, train_family_classifier_oof
     from fwi_core.ensemble import fit as fit_module
     from fwi_core.ensemble.__main__ import main
 
-    from fwi_core.ensemble import family as family_module
+    from fwi_core.ensemble import family_fit as family_module
 
     ds = FWIDataset(index_train(fake_root))
     trained = []                        # the samples each classifier really trained on

@@ -151,3 +151,19 @@ def test_two_ranks_refine_to_the_bytes_of_one_process(job, tmp_path):
     assert (tmp_path / "two.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
     assert (tmp_path / "one.csv").read_bytes() != prior.read_bytes()      # refinement did run
     assert not (tmp_path / ".two.csv.shards").exists()
+
+
+def test_infer_kernel_refines_a_prior_submission_without_checkpoints(job, tmp_path, monkeypatch):
+    """The infer kernel's ``prior_submission``: no checkpoints listed, so no networks; the
+    plan starts from the CSV and the flat-routed maps are refined, the others kept."""
+    from tests.reliability.cases import run_kernel
+
+    root, prior = job
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    out = tmp_path / "kout"
+    run_kernel("infer", {"data_root": str(root), "output_dir": str(out), "prior_submission": str(prior),
+                         "stages": ["prior", "refine_layered"], "refine_iters": [2, 2], "batch_size": 2,
+                         "num_workers": 0, "time_budget": 600}, stop="a marker no cell holds")
+    before, after = _lines(prior), _lines(out / "submission.csv")
+    oids = [o for o, _ in list_test(root)]
+    assert [oid for i, oid in enumerate(oids) if after[oid] != before[oid]] == [oids[i] for i in FLAT]
