@@ -200,15 +200,19 @@ def validate_submission(path: os.PathLike, test_oids: Optional[Iterable[str]] = 
     return {"oids": len(rows_of), "rows": n}
 
 
-def read_submission_maps(path: os.PathLike, oids: Sequence[str], values: bool = True) -> Optional[np.ndarray]:
+def read_submission_maps(path: os.PathLike, oids: Sequence[str], values: bool = True,
+                         check_values: bool = True) -> Optional[np.ndarray]:
     """The odd columns of the maps of ``oids`` in a submission CSV, streamed (only the
     rows of ``oids`` are kept).
 
     Args:
         path: the submission.
         oids: the oids wanted, in the order of the result.
-        values: False only checks that every oid of ``oids`` is there with rows 0..69
-            (a pass over the ids, no numbers parsed) and returns None.
+        values: False only checks the file and returns None: that every oid of ``oids``
+            is there with rows 0..69 and (with ``check_values``) that their values are
+            finite numbers, nothing kept.
+        check_values: with ``values=False``, parse the wanted rows' values too (False: a
+            faster pass over the ids alone).
 
     Returns:
         (len(oids), 70, 35) float32 m/s (columns x_1, x_3, ..., x_69), or None.
@@ -249,6 +253,8 @@ def read_submission_maps(path: os.PathLike, oids: Sequence[str], values: bool = 
                 seen[i, r] = True
                 if values:
                     out[i, r] = _parse_values(path, line_no, rest)
+                elif check_values:
+                    _parse_values(path, line_no, rest)
     except UnicodeDecodeError as e:
         raise SubmissionError(f"{path}: not a UTF-8 CSV text file ({type(e).__name__}: {e})") from e
     lacking = np.flatnonzero(~seen.all(1))

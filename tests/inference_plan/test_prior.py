@@ -117,6 +117,7 @@ def test_bad_prior_submissions_are_clear_errors(job, tmp_path, capsys):
     bad.write_text("".join(lines[:5]) + lines[5].replace(lines[5].split(",")[3], "abc", 1) + "".join(lines[6:]))
     err = _fails(capsys, *base, "--prior-submission", str(bad))
     assert f"{bad}:6: x_5='abc' is not a number" in err
+    assert sorted(p.name for p in tmp_path.iterdir() if "x.csv" in p.name) == []  # refused before any work
     nan = tmp_path / "nan.csv"
     nan.write_text("".join(lines[:2]) + lines[2].replace(lines[2].split(",")[1], "nan", 1) + "".join(lines[3:]))
     assert "x_1 is 'nan', expected a finite number" in _fails(capsys, *base, "--prior-submission", str(nan))

@@ -72,9 +72,10 @@ class PriorSubmission:
         return {"file": self.path.name, "bytes": self.path.stat().st_size, "sha1": self._digest}
 
     def check(self, oids: Sequence[str]) -> None:
-        """Raise :class:`SubmissionError` (naming the first few) unless every oid of
-        ``oids`` has its 70 rows in the CSV (ids only: a fast pass, values not parsed)."""
-        read_submission_maps(self.path, oids, values=False)
+        """Raise :class:`SubmissionError` unless every oid of ``oids`` has its 70 rows in
+        the CSV (naming the first few missing) with finite numbers (naming the line and
+        column): before any work, so a bad file leaves no state behind."""
+        read_submission_maps(self.path, oids, values=False, check_values=True)
 
     def maps(self, oids: Sequence[str]) -> np.ndarray:
         """(k,70,70) float32 m/s of ``oids``: their odd columns from the CSV, the even
