@@ -58,7 +58,8 @@ from .stencil import AUTO_COMPILE_MIN_SHOT_STEPS, DEFAULT_SOURCE_COLUMNS, compil
 
 # the kinds and their defaults (from :mod:`.kind_routing` and :mod:`.priors`) stay importable here
 __all__ = ["refine", "lowpass", "detect_family_kind", "family_kind", "KINDS", "DEFAULT_REG_WEIGHT", "DEFAULT_DEPTH_POWER",
-           "DEFAULT_TV_EPS", "DEFAULT_ACCEPT_RATIO", "CONTINUATION_STAGES", "FIRST_EVAL_FORWARDS", "RefineWarning"]
+           "DEFAULT_TV_EPS", "DEFAULT_ACCEPT_RATIO", "CONTINUATION_STAGES", "LAYERED_STAGES", "FIRST_EVAL_FORWARDS",
+           "RefineWarning", "Stage"]
 
 #: before any evaluation is measured, one is assumed to cost this many forwards (the
 #: gradient costs about 4 compiled forwards on CPU; more when eager)
@@ -70,7 +71,16 @@ FIRST_EVAL_FORWARDS = 8.0
 #: progress) and, once that has converged, sharpens with the kinds' own eps on whatever
 #: budget is left (FlatVel_A in BENCHMARKS.md: 55 -> 2.43 m/s when the first stage
 #: converges, -> 0.57 after sharpening; a short run is the first stage alone)
-CONTINUATION_STAGES: Tuple[tuple, ...] = ((None, 1.0, 1.0, 1e-2), (None, 0.0))
+CONTINUATION_STAGES: Tuple[Union[tuple, Stage], ...] = ((None, 1.0, 1.0, 1e-2), (None, 0.0))
+#: the continuation with a layers stage first (opt-in: ``stages=LAYERED_STAGES``): flat
+#: samples are fitted as a few layers (interface depths and layer velocities from the
+#: start's piecewise-constant fit, :func:`~.priors.segment_profile`, no TV), then as free
+#: profiles with a weak TV (a factor of 0.01 on the flat kind's weight); the other kinds
+#: skip the layers stage. A thin high-contrast layer smeared by a blur comes back sharp
+#: (tests/physics/test_refine.py); from starts with a velocity bias and several smeared
+#: interfaces the default stages do better in few iterations, so it is not the default.
+LAYERED_STAGES: Tuple[Union[tuple, Stage], ...] = (Stage(share=1.0, layers=True), (None, 0.0, 0.01, 1e-2),
+                                                    (None, 0.0, 0.01))
 #: a sample's refinement is kept where its full-band misfit fell below this share of the
 #: start's, per kind (1.0: any decrease)
 DEFAULT_ACCEPT_RATIO: Dict[str, float] = {"flat": 1.0, "tv": 1.0, "smooth": 1.0}
@@ -236,11 +246,14 @@ class _Run:
             if s.stage >= len(self.stages):
                 s.finished = True
                 return
-            s.n_iter = self.iters[s.stage] + carry
-            carry = 0
+            n_iter = self.iters[s.stage] + carry
+            if self.stages[s.stage].layers and self.model.kinds[s.i] != "flat":
+                carry = n_iter  # a layers stage is for flat samples: the others take its iterations on
+                continue
+            s.n_iter, carry = n_iter, 0
             if s.n_iter > 0 and not self.budget.stage_over(self.end_share[s.stage]):
                 break
-        self.model.rebase(s.i, s.best_v)
+        self.model.rebase(s.i, s.best_v, layers=self.stages[s.stage].layers)
         x0 = self.model.zeros(s.i)
         s.opt = LBFGS(x0, history_size=self.history_size) if self.optimizer == "lbfgs" else Adam(x0, lr=self.lr)
         s.best_obj = math.inf
@@ -353,6 +366,7 @@ def refine(
     lr: float = 0.05,
     shots: Optional[Sequence[int]] = None,
     clamp: Tuple[float, float] = (1500.0, 4500.0),
+    layer_split_ms: float = 150.0,
     accept_ratio: Union[float, Dict[str, float], None] = None,
     return_info: bool = False,
     clock: Callable[[], float] = time.perf_counter,
@@ -458,7 +472,7 @@ def refine(
     before = sim.misfits(inp.v0)
     budget.t_forward = clock() - ts
     bar = progress_bar(total=max_iter, desc="refine", unit="eval") if progress else None
-    run = _Run(Parametrisation(inp.v0, kinds, powers, step_ms, smooth_sigma), sim, budget, stage_list,
+    run = _Run(Parametrisation(inp.v0, kinds, powers, step_ms, smooth_sigma, layer_split_ms), sim, budget, stage_list,
                stage_iterations(max_iter, stage_list), lam, eps, cost_scale, optimizer, history_size, lr, bar)
     for s in samples:
         run.advance(s)

@@ -68,6 +68,26 @@ def test_flat_profiles_are_sharpened_once_the_smooth_stage_has_converged(layered
     assert mae_sharp < 2.5 and mae_sharp < 0.7 * mae_smooth, (mae_smooth, mae_sharp)
 
 
+def test_thin_high_contrast_layer_from_a_blurred_start():
+    """FlatVel_B's failure (BENCHMARKS.md: stuck at 41.7 m/s): a 2-cell layer of 3800 m/s
+    between 1800 and 2200 m/s, smeared over 4 cells by a 3-row blur. The free profile with
+    1-D TV ends smeared (TV pays for the layer's contrast); ``LAYERED_STAGES`` (interface
+    depths and layer velocities from the start's piecewise-constant fit, no TV, then the
+    free profile with a weak TV) restores it."""
+    v = _layered((1800.0, 3800.0, 2200.0, 2600.0), (6, 8, 14))
+    obs = simulate(v, nt=NT, **SMALL)
+    t = torch.from_numpy(v)
+    start = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(t, (0, 0, 1, 1), mode="replicate"), (3, 1),
+                                           stride=1).numpy()
+    default = refine(start, obs, family="FlatVel_B", max_iter=80, **SMALL)
+    out, info = refine(start, obs, family="FlatVel_B", max_iter=80, return_info=True, stages=rmod.LAYERED_STAGES,
+                       **SMALL)
+    mae0, mae_default, mae1 = (float(np.abs(x - v).mean()) for x in (start, default, out))
+    assert mae0 > 100 and info[0]["kept"]
+    assert mae1 < 2.0 and mae_default > 5 * mae1, (mae0, mae_default, mae1, np.round(out[0, 0, :, 0]))
+    np.testing.assert_allclose(out[0, 0, 6:8, 0], 3800.0, atol=20.0)  # the thin layer, sharp
+
+
 @pytest.mark.slow
 def test_refine_default_geometry_flatvel():
     v = generate("FlatVel_A", 1, seed=5)
