@@ -38,6 +38,17 @@ def _predict(n, *args):
     return head + ["-m", "fwi_core.predict", *args]
 
 
+def one_and_two_ranks(tmp_path, *args):
+    """Run ``fwi_core.predict *args`` in one process and under torchrun with 2 ranks:
+    (one.csv, two.csv), each run checked to exit 0."""
+    one, two = tmp_path / "one.csv", tmp_path / "two.csv"
+    for n, out in ((1, one), (2, two)):
+        res = subprocess.run(_predict(n, *args, "--out", str(out)), env=_env(), cwd=ROOT, capture_output=True,
+                             text=True)
+        assert res.returncode == 0, res.stderr[-4000:]
+    return one, two
+
+
 @pytest.fixture
 def job(tmp_path):
     root = write_test_root(tmp_path / "data", 11)
@@ -48,14 +59,9 @@ def job(tmp_path):
 @pytest.mark.slow
 def test_two_ranks_write_the_csv_of_one_process(job, tmp_path):
     root, ck = job
-    args = ["--data", str(root), "--checkpoints", str(ck), "--stages", "members", "flip", "--batch-size", "2"]
-    one = subprocess.run(_predict(1, *args, "--out", str(tmp_path / "one.csv")), env=_env(), cwd=ROOT,
-                         capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run(_predict(2, *args, "--out", str(tmp_path / "two.csv")), env=_env(), cwd=ROOT,
-                         capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-4000:]
-    assert (tmp_path / "two.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
+    one, two = one_and_two_ranks(tmp_path, "--data", str(root), "--checkpoints", str(ck), "--stages", "members",
+                                 "flip", "--batch-size", "2")
+    assert two.read_bytes() == one.read_bytes()
     assert validate_submission(tmp_path / "two.csv", [o for o, _ in list_test(root)])["oids"] == 11
     summary = json.loads((tmp_path / "two_summary.json").read_text())
     # 11 files in batches of 2: 6 batches, 3 per rank (6 + 5 files)
@@ -69,13 +75,9 @@ def test_two_ranks_write_the_csv_of_one_process(job, tmp_path):
 @pytest.mark.slow
 def test_more_ranks_than_batches(job, tmp_path):
     root, ck = job
-    args = ["--data", str(root), "--checkpoints", str(ck), "--stages", "members", "--batch-size", "8", "--limit", "3"]
-    one = subprocess.run(_predict(1, *args, "--out", str(tmp_path / "one.csv")), env=_env(), cwd=ROOT,
-                         capture_output=True, text=True)
-    two = subprocess.run(_predict(2, *args, "--out", str(tmp_path / "two.csv")), env=_env(), cwd=ROOT,
-                         capture_output=True, text=True)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
-    assert (tmp_path / "two.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
+    one, two = one_and_two_ranks(tmp_path, "--data", str(root), "--checkpoints", str(ck), "--stages", "members",
+                                 "--batch-size", "8", "--limit", "3")
+    assert two.read_bytes() == one.read_bytes()
     assert [s["files"] for s in json.loads((tmp_path / "two_summary.json").read_text())["shards"]] == [3, 0]
 
 

@@ -1,7 +1,6 @@
 """A refinement-only pass over an existing submission (stage ``prior``,
 ``python -m fwi_core.predict --prior-submission``): maps change only where refinement ran,
 no checkpoints needed, the same bytes under torchrun, clear errors for a bad CSV."""
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from fwi_core.inference_plan import InferenceOptions, PredictionStore, build_sta
 from fwi_core.inference_plan.stages import NoMembers
 from fwi_core.predict import main
 from tests.inference_plan.helpers import tiny_checkpoint
-from tests.test_sharded_predict import ROOT, _env, _predict
+from tests.test_sharded_predict import one_and_two_ranks
 
 FLAT = (0, 2, 3)          # files whose gathers are mirror-symmetric: routed to flat layers
 
@@ -141,16 +140,10 @@ def test_bad_prior_submissions_are_clear_errors(job, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_ranks_refine_to_the_bytes_of_one_process(job, tmp_path):
     root, prior = job
-    args = ["--data", str(root), "--prior-submission", str(prior), "--stages", "prior", "refine_layered",
-            "--refine-iters", "2", "2", "--batch-size", "2"]
-    one = subprocess.run(_predict(1, *args, "--out", str(tmp_path / "one.csv")), env=_env(), cwd=ROOT,
-                         capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run(_predict(2, *args, "--out", str(tmp_path / "two.csv")), env=_env(), cwd=ROOT,
-                         capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-4000:]
-    assert (tmp_path / "two.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
-    assert (tmp_path / "one.csv").read_bytes() != prior.read_bytes()      # refinement did run
+    one, two = one_and_two_ranks(tmp_path, "--data", str(root), "--prior-submission", str(prior), "--stages",
+                                 "prior", "refine_layered", "--refine-iters", "2", "2", "--batch-size", "2")
+    assert two.read_bytes() == one.read_bytes()
+    assert one.read_bytes() != prior.read_bytes()      # refinement did run
     assert not (tmp_path / ".two.csv.shards").exists()
 
 
