@@ -112,13 +112,19 @@ def test_builtin_stages_degrade_in_the_stated_order(tmp_path, monkeypatch):
                        ["member:m1", "crf"], ["crf"]]
 
 
+#: a positive gain for the stages named "refine" here (the built-in default is 0: unmeasured
+#: 2-D refinement is not run)
+REFINE_GAINS = StageGains(gains={"refine": 1.0})
+
+
 def test_a_stage_stopped_by_the_deadline_improves_only_the_files_it_reached(tmp_path):
     clock = FakeClock()
     ens = fake_ensemble(1, clock, [0.1])
     src, _ = small_source(12)
     # estimated 0.3 s per file (3.6 s: fits the 4 s left), really 1.4 times slower
     slow = SleepStage("refine", clock, 0.3, 5.0, delta=100.0, surprise=1.4)
-    p = planner(ens, src, tmp_path, clock, budget=1.2 + 4.0, stages=["members", slow], keep_state=True)
+    p = planner(ens, src, tmp_path, clock, budget=1.2 + 4.0, stages=["members", slow], keep_state=True,
+                gains=REFINE_GAINS)
     s = p.run()
     rec = s.stages[-1]
     assert rec["status"] == "partial" and rec["files"] == 4 and clock() <= 5.2
@@ -149,7 +155,8 @@ def test_a_stage_without_estimate_is_timed_on_one_file_only_with_time_to_spare(t
     clock = FakeClock()
     src, _ = small_source(10)
     unknown = SleepStage("refine", clock, 0.2, 3.0, knows_cost=False)
-    p = planner(fake_ensemble(1, clock, [0.1]), src, tmp_path, clock, budget=20.0, stages=["members", unknown])
+    p = planner(fake_ensemble(1, clock, [0.1]), src, tmp_path, clock, budget=20.0, stages=["members", unknown],
+                gains=REFINE_GAINS)
     s = p.run()
     assert s.ran == ["member:m0", "refine"] and p.probe_cost["refine"] == pytest.approx(0.2)
     assert clock() == pytest.approx(1.0 + 0.2 + 2.0)          # first pass, timing one file, the stage
@@ -157,7 +164,7 @@ def test_a_stage_without_estimate_is_timed_on_one_file_only_with_time_to_spare(t
     late = SleepStage("refine", clock2, 0.2, 3.0, knows_cost=False)
     # the first pass leaves less than 10% of the budget: the stage is not timed, not run
     p2 = planner(fake_ensemble(1, clock2, [0.1]), src, tmp_path / "b", clock2, budget=1.05,
-                 stages=["members", late], batch_size=10)
+                 stages=["members", late], batch_size=10, gains=REFINE_GAINS)
     s2 = p2.run()
     assert s2.ran == ["member:m0"] and "too little time" in s2.stages[-1]["note"] and clock2() == 1.0
 

@@ -154,7 +154,8 @@ def test_a_ranked_stage_interrupted_and_resumed_writes_the_same_bytes(tmp_path, 
         stage = FakeRefine("refine", ("tv", "smooth"), clock, kind_of, misfit)
         layered = FakeRefine("refine_layered", ("flat",), clock, kind_of, misfit, delta=-200.0)
         return planner(fake_ensemble(2), src, tmp_path / where, clock, budget=None, resume=resume,
-                       stages=["members", layered, stage], batch_size=3, **kw).run()
+                       stages=["members", layered, stage], batch_size=3, gains=StageGains(gains={"refine": 1.0}),
+                       **kw).run()
 
     run("full")
     whole = (tmp_path / "full" / "sub.csv").read_bytes()

@@ -125,12 +125,14 @@ class RefineStage(Stage):
 
     def candidates(self, ctx, gains) -> np.ndarray:
         """Rows this stage may refine: readable, routed to one of its kinds whose measured
-        gain is positive (a kind measured harmful on validation is never refined), and not
-        made final by another stage."""
+        gain is positive (a kind measured harmful on validation is never refined; when
+        measuring, ``limit_per_kind`` set, every kind is), and not made final by another
+        stage."""
         n = ctx.store.n
         if ctx.avail.get(KIND_ARRAY, 0) <= 0:
             return np.zeros(0, dtype=np.int64)
-        allowed = [KIND_NAMES.index(k) + 1 for k, g in self.kind_gains(gains).items() if g > 0]
+        measuring = self.limit_per_kind is not None
+        allowed = [KIND_NAMES.index(k) + 1 for k, g in self.kind_gains(gains).items() if g > 0 or measuring]
         codes = ctx.store.array(KIND_ARRAY, (), "int8").read(0, n)
         ok = np.isin(codes, allowed) & ctx.row_ok(0, n)
         if ctx.avail.get("settled", 0):
