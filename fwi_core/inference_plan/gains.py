@@ -42,9 +42,9 @@ PathLike = Union[str, os.PathLike]
 FORMAT = "fwi_core.stage_gains/1"
 GAINS_FILE = "stage_gains.json"
 #: Built-in defaults (m/s of validation MAE removed): a further member, flip TTA (about
-#: 0.6 MAE in a top write-up, FACTS section 7), the tuned CRF, MC-dropout averaging; the
-#: refinement stages and the consistency flags (diagnostics) are placeholders until a
-#: table measures them.
+#: 0.6 MAE in a top write-up, FACTS section 7), the tuned CRF, MC-dropout averaging; for
+#: the refinement stages and the consistency flags (diagnostics) they are what the planner
+#: assumes until a table measures them.
 #: ``refine`` (the curved, faulted and style maps) is 0 until measured: from network-quality
 #: starts at 60 s per map it lost on average (BENCHMARKS.md, "Test-time refinement": MAE
 #: 29.1 -> 32.0 over those eight families) while flat layers gained (4.3 -> 2.1)

@@ -35,6 +35,7 @@ import torch
 
 from ...physics import detect_family_kind, family_kind, generate, refine, seismic_misfit, simulate
 from ...physics.forward import DEFAULT_SOURCE_COLUMNS
+from ..gains import DEFAULT_GAINS
 from ..ranking import KIND_NAMES, error_weight, expected_gain
 from .base import BatchState, Stage
 from .registry import register_stage
@@ -42,7 +43,6 @@ from .registry import register_stage
 __all__ = ["RefineStage", "DEFAULT_ITERS", "KIND_ARRAY", "KIND_P_ARRAY", "route"]
 
 DEFAULT_ITERS = (60, 30)   # L-BFGS iterations: flat-layered samples, the others
-DEFAULT_GAIN = 1.0         # m/s, a placeholder until stage_gains.json measures it
 #: evaluations (simulation + adjoint) per L-BFGS iteration, line search included
 EVALS_PER_ITER = 1.5
 #: stored per file during the first pass: its kind (code + 1; 0 unknown) and the kind probabilities
@@ -266,7 +266,7 @@ class RefineStage(Stage):
     @classmethod
     def _from_resources(cls, resources: Dict[str, Any], name: str, kinds: Sequence[str], which: int) -> "RefineStage":
         iters = resources.get("refine_iters") or DEFAULT_ITERS
-        return cls(name, kinds, int(iters[which]), DEFAULT_GAIN, resources.get("refine_kwargs"),
+        return cls(name, kinds, int(iters[which]), DEFAULT_GAINS[name], resources.get("refine_kwargs"),
                    resources.get("refine_limit"))
 
 
