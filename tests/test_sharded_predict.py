@@ -40,13 +40,13 @@ def _predict(n, *args):
 
 def one_and_two_ranks(tmp_path, *args):
     """Run ``fwi_core.predict *args`` in one process and under torchrun with 2 ranks:
-    (one.csv, two.csv), each run checked to exit 0."""
+    (one.csv, two.csv, the 2-rank run's stdout), each run checked to exit 0."""
     one, two = tmp_path / "one.csv", tmp_path / "two.csv"
     for n, out in ((1, one), (2, two)):
         res = subprocess.run(_predict(n, *args, "--out", str(out)), env=_env(), cwd=ROOT, capture_output=True,
                              text=True)
         assert res.returncode == 0, res.stderr[-4000:]
-    return one, two
+    return one, two, res.stdout
 
 
 @pytest.fixture
@@ -59,15 +59,15 @@ def job(tmp_path):
 @pytest.mark.slow
 def test_two_ranks_write_the_csv_of_one_process(job, tmp_path):
     root, ck = job
-    one, two = one_and_two_ranks(tmp_path, "--data", str(root), "--checkpoints", str(ck), "--stages", "members",
-                                 "flip", "--batch-size", "2")
+    one, two, stdout = one_and_two_ranks(tmp_path, "--data", str(root), "--checkpoints", str(ck), "--stages",
+                                         "members", "flip", "--batch-size", "2")
     assert two.read_bytes() == one.read_bytes()
     assert validate_submission(tmp_path / "two.csv", [o for o, _ in list_test(root)])["oids"] == 11
     summary = json.loads((tmp_path / "two_summary.json").read_text())
     # 11 files in batches of 2: 6 batches, 3 per rank (6 + 5 files)
     assert (summary["ranks"], summary["files"], [s["files"] for s in summary["shards"]]) == (2, 11, [6, 5])
     assert all(s["stages"][1]["status"] == "complete" for s in summary["shards"])
-    assert "merged 2 shards (11 oids)" in two.stdout
+    assert "merged 2 shards (11 oids)" in stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "one.csv", "one_summary.json", "runs", "two.csv",
                                                           "two_summary.json"]
 
@@ -75,8 +75,8 @@ def test_two_ranks_write_the_csv_of_one_process(job, tmp_path):
 @pytest.mark.slow
 def test_more_ranks_than_batches(job, tmp_path):
     root, ck = job
-    one, two = one_and_two_ranks(tmp_path, "--data", str(root), "--checkpoints", str(ck), "--stages", "members",
-                                 "--batch-size", "8", "--limit", "3")
+    one, two, _ = one_and_two_ranks(tmp_path, "--data", str(root), "--checkpoints", str(ck), "--stages",
+                                    "members", "--batch-size", "8", "--limit", "3")
     assert two.read_bytes() == one.read_bytes()
     assert [s["files"] for s in json.loads((tmp_path / "two_summary.json").read_text())["shards"]] == [3, 0]
 

@@ -140,8 +140,8 @@ def test_bad_prior_submissions_are_clear_errors(job, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_ranks_refine_to_the_bytes_of_one_process(job, tmp_path):
     root, prior = job
-    one, two = one_and_two_ranks(tmp_path, "--data", str(root), "--prior-submission", str(prior), "--stages",
-                                 "prior", "refine_layered", "--refine-iters", "2", "2", "--batch-size", "2")
+    one, two, _ = one_and_two_ranks(tmp_path, "--data", str(root), "--prior-submission", str(prior), "--stages",
+                                    "prior", "refine_layered", "--refine-iters", "2", "2", "--batch-size", "2")
     assert two.read_bytes() == one.read_bytes()
     assert one.read_bytes() != prior.read_bytes()      # refinement did run
     assert not (tmp_path / ".two.csv.shards").exists()
