@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform as pyplatform
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+
+from tools.bench import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "bench_presets"
@@ -53,19 +54,6 @@ CANDIDATES: Dict[str, Dict[str, Any]] = {
 }
 COMMON = {"preset": "cpu", "folds": 0, "epochs": 0, "batch_size": 16, "num_workers": 0, "device": "cpu",
           "seed": 0, "log_every": 25}
-
-
-def _machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {pyplatform.python_version()}")
 
 
 def held_out(data: Path):
@@ -125,7 +113,7 @@ def run(name: str, seconds: float, data: Path, extra: Optional[Dict[str, Any]] =
     x, y, fams = held_out(data)
     result = {"name": label, "candidate": name, "changes": {**CANDIDATES[name], **(extra or {})},
               "seconds": seconds, "wall_s": wall, "steps": res["step"], "epochs": res["epoch"],
-              "scores": _model_scores(Path(res["last_checkpoint"]), x, y, fams), "machine": _machine(),
+              "scores": _model_scores(Path(res["last_checkpoint"]), x, y, fams), "machine": machine(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "config": cfg.to_dict()}
     (out / "result.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     best = min(result["scores"].values(), key=lambda s: s["mae"]["all"])
@@ -180,7 +168,7 @@ def distill(teachers: List[str], student: str, seconds: float, data: Path) -> Di
     result = {"name": label, "teachers": teachers, "student": student, "seconds": seconds, "wall_s": wall,
               "steps": dist["result"]["step"],
               "scores": _model_scores(Path(dist["result"]["last_checkpoint"]), x, y, fams),
-              "ensemble": score(lambda b: ens.predict(b)[0], x, y, fams), "machine": _machine(),
+              "ensemble": score(lambda b: ens.predict(b)[0], x, y, fams), "machine": machine(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (out / "result.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     return result

@@ -10,7 +10,7 @@ from fwi_core.physics import FAMILIES, forward, generate, native, simulate
 from fwi_core.physics.adjoint import simulate_differentiable
 from fwi_core.physics.stencil import step_fused
 
-from .test_gradient import SMALL, _objective, _small_map, _weights
+from .test_gradient import SMALL, _small_map, _weights, check_float32_gradient
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not native.available(), reason=f"native kernel: {native.unavailable_reason()}")]
@@ -83,27 +83,7 @@ def test_float32_gradient_passes_the_finite_difference_check():
     """The fast path's gradient against float64 central differences (per cell, within 1e-4
     of the largest entry) and against the float64 adjoint (1e-4 relative L2), as the torch
     path's float32 gradient is checked in test_gradient.py."""
-    v = _small_map()
-    w = _weights((2, 3, 100, 12))
-    v32 = v.float().requires_grad_()
-    out = simulate(v32, checkpoint_every=7, backend="native", **SMALL)
-    assert out.grad_fn is not None
-    (out * w.float()).sum().backward()
-    g32 = v32.grad.double()
-    vg = v.float().double().requires_grad_()
-    _objective(vg, w).backward()
-    g64 = vg.grad
-    assert float((g32 - g64).norm() / g64.norm()) < 1e-4
-    scale = float(g64.abs().max())
-    h = 1e-2
-    v0 = v.float().double()
-    for b, i, j in [(0, 3, 7), (1, 0, 5), (0, 11, 11), (1, 6, 0)]:
-        vp, vm = v0.clone(), v0.clone()
-        vp[b, i, j] += h
-        vm[b, i, j] -= h
-        with torch.no_grad():
-            fd = float(_objective(vp, w) - _objective(vm, w)) / (2 * h)
-        assert abs(float(g32[b, i, j]) - fd) <= 1e-4 * scale, (b, i, j, float(g32[b, i, j]), fd)
+    check_float32_gradient("native", [(0, 3, 7), (1, 0, 5), (0, 11, 11), (1, 6, 0)])
 
 
 def test_gradient_on_the_competition_grid_matches_the_torch_path():
