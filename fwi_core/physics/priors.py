@@ -26,18 +26,22 @@ import torch
 KINDS = ("flat", "tv", "smooth")
 #: default regulariser weights per kind (on the misfit scaled by ``cost_scale``; velocities
 #: in km/s in the regularisers). From network-quality starts (tools.bench_refine: held-out
-#: maps with structured errors at the public CAFormer's MAE per family, 40 L-BFGS
-#: iterations) the former 0.1 / 0.3 / 0.3 made the mean MAE 24.2 -> 58 m/s: near the truth
-#: the misfit term is small and the TV term outweighs it, paying to flatten true contrasts;
-#: 1e-3 for flat profiles (FlatVel_A 1.3 -> 0.1, FlatVel_B 7.2 -> 3.8) and 0.03 for the
-#: 2-D kinds (Style_A 34.3 -> 23.9, mean over the ten families 24.2 -> 22.8)
-DEFAULT_REG_WEIGHT: Dict[str, float] = {"flat": 1e-3, "tv": 0.03, "smooth": 0.03}
+#: maps with structured errors at the public CAFormer's MAE per family, 160 L-BFGS
+#: iterations, no depth preconditioning for the 2-D kinds): the former 0.1 / 0.3 / 0.3 made
+#: the mean MAE 24.2 -> 58 m/s (near the truth the misfit term is small and the TV term
+#: outweighs it, paying to flatten true contrasts); 1e-3 for flat profiles; for the ``tv``
+#: kind 0.01 (CurveVel_A, FlatFault_A, CurveFault_A 5.27 -> 3.84 m/s on average, 0.003
+#: 3.82, 0.03 5.06, 0.1 8.94; their B variants 44.7 -> 37.9, 0.003 39.5, 0.001 40.1);
+#: 0.03 for ``smooth`` (Style_A/B 41.6 -> 28.7, 0.003 28.6)
+DEFAULT_REG_WEIGHT: Dict[str, float] = {"flat": 1e-3, "tv": 0.01, "smooth": 0.03}
 #: default depth-preconditioning exponent per kind (``D(z) = ((z+1)/H)^(p/2)``). Flat
 #: profiles get 1: with 2 their deepest rows, which the data constrain least, overshoot to
 #: the clamp in the first iterations (FlatVel_A at the host's geometry, 10 iterations: MAE
-#: 49.5 -> 117 with 2, -> 41.7 with 1; the same at 30). 2-D kinds keep 2 (CurveVel_A,
-#: FlatFault_A: 2 beats 1 and 0.5 at 10 and 30 iterations)
-DEFAULT_DEPTH_POWER: Dict[str, float] = {"flat": 1.0, "tv": 2.0, "smooth": 2.0}
+#: 49.5 -> 117 with 2, -> 41.7 with 1; the same at 30). The 2-D kinds get none (0): from
+#: network-quality starts, 160 iterations, the preconditioner let the deep cells wander
+#: while the misfit fell (CurveVel_A, FlatFault_A, CurveFault_A 5.27 -> 13.4 m/s with 2,
+#: -> 5.1 with 0 at the same weight 0.03; Style_A/B 41.6 -> 37.4 with 2, -> 28.7 with 0)
+DEFAULT_DEPTH_POWER: Dict[str, float] = {"flat": 1.0, "tv": 0.0, "smooth": 0.0}
 #: default smoothed-TV epsilon per kind (km/s). ``sqrt(d^2 + eps^2) - eps`` is convex, so it
 #: prefers a jump split into a staircase of smaller steps (by about ``eps`` per extra step),
 #: which the band-limited data barely see: for 1-D profiles eps is 0.1 m/s (the public

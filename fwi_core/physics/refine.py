@@ -17,8 +17,9 @@ search and restarts, or Adam) and its own progress through the continuation stag
 samples still share one :func:`simulate` call per evaluation (one per group of samples
 simulated with the same shots and absorbing layer), and a sample that has finished leaves
 the batch, so a slow sample neither holds back the step length of the others nor makes
-them pay for its evaluations. Updates are preconditioned with depth (deep cells get weak
-gradients: the update is scaled by ``((z+1)/H)^(depth_power/2)``), and the continuation
+them pay for its evaluations. Flat profiles' updates are preconditioned with depth (deep
+cells get weak gradients: the update is scaled by ``((z+1)/H)^(depth_power/2)``; the 2-D
+kinds' default is none, :data:`~.priors.DEFAULT_DEPTH_POWER`), and the continuation
 (``stages``) can fit low-passed data first, lower the regulariser along the way, and run
 early stages on a thin absorbing layer. The result of each sample is its best evaluated
 map, kept only where the full-band data misfit fell below ``accept_ratio`` times the
@@ -395,7 +396,7 @@ def refine(
             ``"flat"`` and/or ``"tv"`` or family names; default ``DEFAULT_TV_EPS``: 1e-4 for
             flat profiles, 1e-2 for the 2-D TV).
         depth_power: depth preconditioning exponent (0: none): one float, or a dict of
-            kinds or family names (default ``DEFAULT_DEPTH_POWER``: 1 for flat profiles, 2
+            kinds or family names (default ``DEFAULT_DEPTH_POWER``: 1 for flat profiles, 0
             for the 2-D kinds).
         stages: continuation as (cutoff Hz or None for the full band, share of the
             iterations and of the time budget[, factor on the regulariser weight[, floor on
