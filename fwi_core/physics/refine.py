@@ -15,13 +15,12 @@ float64, scaled by ``cost_scale``) plus a regulariser chosen by the sample's fam
 Every sample has its own optimiser (:mod:`.batch_optim`: L-BFGS with a backtracking line
 search and restarts, or Adam) and its own progress through the continuation stages; all
 samples still share one :func:`simulate` call per evaluation (one per group of samples
-simulated with the same shots and absorbing layer), and a sample that has finished leaves
+simulated with the same shots), and a sample that has finished leaves
 the batch, so a slow sample neither holds back the step length of the others nor makes
 them pay for its evaluations. Flat profiles' updates are preconditioned with depth (deep
 cells get weak gradients: the update is scaled by ``((z+1)/H)^(depth_power/2)``; the 2-D
 kinds' default is none, :data:`~.priors.DEFAULT_DEPTH_POWER`), and the continuation
-(``stages``) can fit low-passed data first, lower the regulariser along the way, and run
-early stages on a thin absorbing layer. The result of each sample is its best evaluated
+(``stages``) can fit low-passed data first and lower the regulariser along the way. The result of each sample is its best evaluated
 map, kept only where the full-band data misfit fell below ``accept_ratio`` times the
 start's; values are clamped to the plausible range. ``time_budget`` (wall clock, whole
 batch) is checked before every evaluation: none starts that the measured evaluations (the
@@ -67,7 +66,7 @@ __all__ = ["refine", "lowpass", "detect_family_kind", "family_kind", "KINDS", "D
 FIRST_EVAL_FORWARDS = 8.0
 #: continuation stages: (low-pass cutoff in Hz or None for the full band, share of the
 #: iterations and of the time budget[, factor on the regulariser weight[, floor on the TV
-#: eps, km/s[, absorbing-layer width in cells]]]); iterations a stage leaves unused (it
+#: eps, km/s]]); iterations a stage leaves unused (it
 #: converged) go to the next. The default fits with eps at least 10 m/s (fast early
 #: progress) and, once that has converged, sharpens with the kinds' own eps on whatever
 #: budget is left (FlatVel_A in BENCHMARKS.md: 55 -> 2.43 m/s when the first stage
@@ -130,7 +129,6 @@ class _Simulator:
         self.obs = obs
         self.nt = nt
         self.dt = float(kw.get("dt", 1e-3))
-        self.nbc = kw.pop("nbc", None)  # the exact scheme's layer (None: simulate's default)
         if kw.get("backend", "auto") == "auto":
             if obs.device.type == "cpu" and native_available():
                 kw["backend"] = "native"  # forward and adjoint in the compiled C++ kernel
@@ -154,25 +152,23 @@ class _Simulator:
             self._targets[key] = o if cutoff is None else lowpass(o.double(), cutoff, self.dt)
         return self._targets[key]
 
-    def groups(self, ids: Sequence[int], nbc: Sequence[Optional[int]]) -> Dict[tuple, List[int]]:
-        """Positions in ``ids`` grouped by what one simulate call can share (shots, layer)."""
+    def groups(self, ids: Sequence[int]) -> Dict[tuple, List[int]]:
+        """Positions in ``ids`` grouped by what one simulate call can share (the shots)."""
         out: Dict[tuple, List[int]] = {}
-        for p, (i, n) in enumerate(zip(ids, nbc)):
-            out.setdefault((self.shots[i], n if n is not None else self.nbc), []).append(p)
+        for p, i in enumerate(ids):
+            out.setdefault(self.shots[i], []).append(p)
         return out
 
-    def __call__(self, v: torch.Tensor, shots: tuple, nbc: Optional[int]) -> torch.Tensor:
-        kw = dict(self.kwargs)
-        if nbc is not None:
-            kw["nbc"] = nbc
-        return simulate(self.clamp(v).float(), nt=self.nt, source_columns=[self.cols[s] for s in shots], **kw)
+    def __call__(self, v: torch.Tensor, shots: tuple) -> torch.Tensor:
+        return simulate(self.clamp(v).float(), nt=self.nt, source_columns=[self.cols[s] for s in shots],
+                        **self.kwargs)
 
     def misfits(self, v: torch.Tensor) -> torch.Tensor:
         """(B,) full-band misfit of maps ``v`` (B,H,W) with the exact scheme, no gradient."""
         out = torch.empty(v.shape[0], dtype=torch.float64, device=v.device)
         with torch.no_grad():
-            for (shots, nbc), pos in self.groups(range(v.shape[0]), [None] * v.shape[0]).items():
-                sim = self(v[pos], shots, nbc)
+            for shots, pos in self.groups(range(v.shape[0])).items():
+                sim = self(v[pos], shots)
                 out[pos] = misfit(sim, torch.cat([self.observed(i) for i in pos]))
         return out
 
@@ -277,9 +273,8 @@ class _Run:
             xs = [s.opt.ask().detach().clone().requires_grad_(True) for s in active]
             vs = [self.model.velocity(s.i, x) for s, x in zip(active, xs)]
             per: List[Optional[torch.Tensor]] = [None] * len(active)
-            groups = self.sim.groups([s.i for s in active], [self.stages[s.stage].nbc for s in active])
-            for (shots, nbc), pos in groups.items():
-                sim = self.sim(torch.stack([vs[p] for p in pos]), shots, nbc)
+            for shots, pos in self.sim.groups([s.i for s in active]).items():
+                sim = self.sim(torch.stack([vs[p] for p in pos]), shots)
                 for j, p in enumerate(pos):
                     per[p] = self.objective(active[p], xs[p], vs[p], sim[j:j + 1])
             torch.stack(per).sum().backward()
@@ -400,8 +395,7 @@ def refine(
             for the 2-D kinds).
         stages: continuation as (cutoff Hz or None for the full band, share of the
             iterations and of the time budget[, factor on the regulariser weight[, floor on
-            the TV eps, km/s[, absorbing-layer width in cells, None for the exact
-            scheme's]]]) tuples, run in order by each sample; each starts from the sample's
+            the TV eps, km/s]]) tuples (or :class:`Stage` objects), run in order by each sample; each starts from the sample's
             best map of the previous one, iterations a stage leaves unused (L-BFGS
             converged) go to the next (a share of 0: only those), and with a
             ``time_budget`` a stage also ends when its share of the time is spent. Default

@@ -123,7 +123,6 @@ class Stage:
         share: share of the iterations (and, with a time budget, of the time).
         reg_factor: factor on the regulariser weight.
         eps_floor: floor on the TV eps (km/s).
-        nbc: absorbing-layer width of the simulation (cells; None: the exact scheme's).
         layers: flat samples are parametrised as layers (interface depths and layer
             velocities, :func:`~.priors.segment_profile`); a stage with ``layers`` is for
             flat samples only: the others skip it and take its iterations on.
@@ -133,13 +132,12 @@ class Stage:
     share: float = 1.0
     reg_factor: float = 1.0
     eps_floor: float = 0.0
-    nbc: Optional[int] = None
     layers: bool = False
 
 
 def _bad_stages(stages) -> ParameterError:
     return ParameterError(f"refine: stages must be Stage objects or (cutoff_hz or None, share >= 0[, reg factor[, "
-                          f"eps floor >= 0 km/s[, nbc >= 2 or None]]]) tuples with a positive share in all, got {stages}")
+                          f"eps floor >= 0 km/s]]) tuples with a positive share in all, got {stages}")
 
 
 def continuation(stages: Sequence[Union[tuple, Stage]]) -> List[Stage]:
@@ -148,12 +146,10 @@ def continuation(stages: Sequence[Union[tuple, Stage]]) -> List[Stage]:
     for st in stages:
         if not isinstance(st, Stage):
             st = tuple(st)
-            if not 2 <= len(st) <= 5:
+            if not 2 <= len(st) <= 4:
                 raise _bad_stages(stages)
-            st = Stage(None if st[0] is None else float(st[0]), float(st[1]), *(float(x) for x in st[2:4]),
-                       *([None if st[4] is None else int(st[4])] if len(st) == 5 else []))
-        if st.share < 0 or st.eps_floor < 0 or (st.nbc is not None and st.nbc < 2) or \
-                (st.cutoff is not None and not st.cutoff > 0):
+            st = Stage(None if st[0] is None else float(st[0]), float(st[1]), *(float(x) for x in st[2:4]))
+        if st.share < 0 or st.eps_floor < 0 or (st.cutoff is not None and not st.cutoff > 0):
             raise _bad_stages(stages)
         out.append(st)
     if not out or not sum(st.share for st in out) > 0:

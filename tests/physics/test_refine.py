@@ -282,7 +282,7 @@ def test_detect_family_kind_on_network_like_predictions(sigma, noise):
     (dict(tv_eps=0.0), "tv_eps must be > 0"),
     (dict(stages=((None, 0.0),)), "positive share"),
     (dict(stages=((None, 1.0, 1.0, -1.0),)), "eps floor"),
-    (dict(stages=((None, 1.0, 1.0, 0.0, 1),)), "nbc >= 2"),
+    (dict(stages=((None, 1.0, 1.0, 0.0, 1),)), "positive share in all"),
     (dict(shots=(0, 9)), "shots"),
     (dict(accept_ratio=0.0), "accept_ratio"),
     (dict(accept_ratio={"Style_C": 0.5}), "unknown kinds"),
