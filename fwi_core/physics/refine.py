@@ -58,7 +58,7 @@ from .stencil import AUTO_COMPILE_MIN_SHOT_STEPS, DEFAULT_SOURCE_COLUMNS, compil
 
 # the kinds and their defaults (from :mod:`.kind_routing` and :mod:`.priors`) stay importable here
 __all__ = ["refine", "lowpass", "detect_family_kind", "family_kind", "KINDS", "DEFAULT_REG_WEIGHT", "DEFAULT_DEPTH_POWER",
-           "DEFAULT_TV_EPS", "DEFAULT_ACCEPT_RATIO", "CONTINUATION_STAGES", "PROFILE_STAGES", "LAYERED_STAGES", "FIRST_EVAL_FORWARDS",
+           "DEFAULT_TV_EPS", "DEFAULT_ACCEPT_RATIO", "CONTINUATION_STAGES", "LAYERED_STAGES", "FIRST_EVAL_FORWARDS",
            "RefineWarning", "Stage"]
 
 #: before any evaluation is measured, one is assumed to cost this many forwards (the
@@ -66,24 +66,19 @@ __all__ = ["refine", "lowpass", "detect_family_kind", "family_kind", "KINDS", "D
 FIRST_EVAL_FORWARDS = 8.0
 #: continuation stages: (low-pass cutoff in Hz or None for the full band, share of the
 #: iterations and of the time budget[, factor on the regulariser weight[, floor on the TV
-#: eps, km/s]]) tuples or :class:`Stage` objects; iterations a stage leaves unused (it
-#: converged) go to the next. The default fits flat samples as a few layers first
-#: (interface depths and layer velocities from the start's piecewise-constant fit,
-#: :func:`~.priors.segment_profile`, no TV; the other kinds skip that stage and take its
-#: iterations on), then every sample with eps at least 10 m/s, and, once that has
-#: converged, sharpens with the kinds' own eps on whatever budget is left. From
-#: network-quality starts (tools.bench_refine, two FlatVel_A and two FlatVel_B maps, 60
-#: iterations) the layers stage took the flat maps' mean 4.25 -> 0.59 m/s, against 1.84
-#: without it; the 2-D kinds run exactly as without it
-CONTINUATION_STAGES: Tuple[Union[tuple, Stage], ...] = (Stage(share=1.0, layers=True), (None, 0.0, 1.0, 1e-2),
-                                                        (None, 0.0))
-#: the continuation without the layers stage (flat samples as free profiles from the
-#: start): for far starts (a blurred truth with a velocity bias and several smeared
-#: interfaces), where the start's piecewise-constant fit finds the wrong layers
-PROFILE_STAGES: Tuple[Union[tuple, Stage], ...] = ((None, 1.0, 1.0, 1e-2), (None, 0.0))
-#: the same as the default with the free-profile stages at a hundredth of the regulariser weight (for
-#: every kind): a thin high-contrast layer smeared by a blur comes back sharp
-#: (tests/physics/test_refine.py)
+#: eps, km/s]]); iterations a stage leaves unused (it
+#: converged) go to the next. The default fits with eps at least 10 m/s (fast early
+#: progress) and, once that has converged, sharpens with the kinds' own eps on whatever
+#: budget is left (FlatVel_A in BENCHMARKS.md: 55 -> 2.43 m/s when the first stage
+#: converges, -> 0.57 after sharpening; a short run is the first stage alone)
+CONTINUATION_STAGES: Tuple[Union[tuple, Stage], ...] = ((None, 1.0, 1.0, 1e-2), (None, 0.0))
+#: the continuation with a layers stage first (opt-in: ``stages=LAYERED_STAGES``): flat
+#: samples are fitted as a few layers (interface depths and layer velocities from the
+#: start's piecewise-constant fit, :func:`~.priors.segment_profile`, no TV), then as free
+#: profiles with a weak TV (a factor of 0.01 on the flat kind's weight); the other kinds
+#: skip the layers stage. A thin high-contrast layer smeared by a blur comes back sharp
+#: (tests/physics/test_refine.py); from starts with a velocity bias and several smeared
+#: interfaces the default stages do better in few iterations, so it is not the default.
 LAYERED_STAGES: Tuple[Union[tuple, Stage], ...] = (Stage(share=1.0, layers=True), (None, 0.0, 0.01, 1e-2),
                                                     (None, 0.0, 0.01))
 #: a sample's refinement is kept where its full-band misfit fell below this share of the
@@ -404,8 +399,8 @@ def refine(
             best map of the previous one, iterations a stage leaves unused (L-BFGS
             converged) go to the next (a share of 0: only those), and with a
             ``time_budget`` a stage also ends when its share of the time is spent. Default
-            ``CONTINUATION_STAGES``: flat samples as a few layers, then full band with eps at
-            least 10 m/s, then, on what that leaves, the kinds' own eps.
+            ``CONTINUATION_STAGES``: full band with eps at least 10 m/s, then, on what that
+            leaves, the kinds' own eps.
         step_ms: velocity scale of one unit of the parameters (m/s).
         smooth_sigma: correlation length (cells) of the Style prior's Gaussian blur.
         cost_scale: factor on the normalised misfit (keeps the optimiser's tolerances
