@@ -158,12 +158,14 @@ class Trainer:
         bar = progress_bar(total=self.total_steps or None, initial=s.step,
                            desc=f"{cfg.model} fold {cfg.fold}", unit="step", disable=not self.dist.is_main)
         reason = None
+        stopped_at_epoch_start = False
         self.model.raw.train()
         try:
             while (self.budget.time_mode or s.epoch < cfg.epochs) and reason is None:
                 for x, y, *rest in self.data.train_loader(s.epoch, s.batch):
                     if self._out_of_time():
                         reason = "time_budget"
+                        stopped_at_epoch_start = s.batch == 0
                         break
                     if self.budget.time_mode:
                         self.budget.advance_schedule(self.stepper, s, self._reserve(), self.dist)
@@ -211,6 +213,8 @@ class Trainer:
             s.stopped_reason = reason
             if s.batch:     # stopped mid-epoch: evaluate what we have, checkpoint resumably
                 self.validator.evaluate(partial=True, lr=self.stepper.lr)
+                self._checkpoint(self.snapshots.at_stop(reason, s))
+            elif stopped_at_epoch_start:  # the epoch end's checkpoint did not know why it was the last
                 self._checkpoint(self.snapshots.at_stop(reason, s))
         finally:
             bar.close()

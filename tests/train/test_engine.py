@@ -78,6 +78,26 @@ def test_time_budget_stops_cleanly_and_resumably(tmp_path, data):
     assert res["history"][-1]["step"] == res["step"]          # evaluated before stopping
 
 
+def test_time_budget_at_an_epoch_start_is_in_the_last_checkpoint(tmp_path, data, monkeypatch):
+    """The budget running out between an epoch's last check and the next step (no batch of
+    the next epoch done):
+    the last checkpoint still says why the run stopped (it said None under load)."""
+    import fwi_core.train.engine as engine
+
+    calls = []
+
+    def out_of_time(self):  # in time at the end of epoch 0 (its last check), out at the next step
+        if self.state.epoch >= 1 and self.state.batch == 0:
+            calls.append(self.state.step)
+            return len(calls) > 1
+        return False
+
+    monkeypatch.setattr(engine.Trainer, "_out_of_time", out_of_time)
+    res = train(tiny_cfg(tmp_path, epochs=5, time_budget=3600.0), datasets=data)
+    assert res["stopped_reason"] == "time_budget" and res["epoch"] == 1
+    assert read_metadata(res["last_checkpoint"])["stopped_reason"] == "time_budget"
+
+
 def test_out_of_memory_halves_the_micro_batch(tmp_path, data, caplog):
     cfg = tiny_cfg(tmp_path, epochs=1, batch_size=8, ema_decay=0.0, model_kwargs={"oom_above": 2})
     with caplog.at_level(logging.WARNING, logger="fwi_core.train"):
