@@ -26,9 +26,10 @@ too), packed row by row over the columns the step computed, so that the adjoint 
 one stencil (its own) per cell and step and reads z only where both fields may be non-zero.
 The gradient is summed per ``alpha_rows`` cell in float32 within a segment and in double
 across segments. See :mod:`.adjoint` for the adjoint's algebra (``r = alpha * q``
-propagates with the forward step itself). The checkpoints and each worker's z segment ask the kernel for transparent huge pages before
-their first write (``madvise``; one fault per 2 MB instead of per 4 kB page: the faults were a
-sixth of the forward's time when it keeps checkpoints). The pool's threads never wait on each other
+propagates with the forward step itself). The checkpoints and each worker's z segment ask
+for transparent huge pages before their first write (``madvise``; one fault per 2 MB instead
+of per 4 kB page: the faults were a sixth of the forward's time when it keeps checkpoints).
+The pool's threads never wait on each other
 within a call (no barrier per step), so a loaded machine slows the kernel in proportion
 rather than stalling it at every step as spinning OpenMP barriers do.
 """

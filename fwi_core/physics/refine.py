@@ -20,12 +20,12 @@ the batch, so a slow sample neither holds back the step length of the others nor
 them pay for its evaluations. Flat profiles' updates are preconditioned with depth (deep
 cells get weak gradients: the update is scaled by ``((z+1)/H)^(depth_power/2)``; the 2-D
 kinds' default is none, :data:`~.priors.DEFAULT_DEPTH_POWER`), and the continuation
-(``stages``) can fit low-passed data first and lower the regulariser along the way. The result of each sample is its best evaluated
-map, kept only where the full-band data misfit fell below ``accept_ratio`` times the
-start's; values are clamped to the plausible range. ``time_budget`` (wall clock, whole
-batch) is checked before every evaluation: none starts that the measured evaluations (the
-slowest of the last three) say would overrun the budget, time for the final misfit check
-(one forward) included. With ``backend`` not given, the CPU runs the native kernel
+(``stages``) can fit low-passed data first and lower the regulariser along the way. The
+result of each sample is its best evaluated map, kept only where the full-band data misfit
+fell below ``accept_ratio`` times the start's; values are clamped to the plausible range.
+``time_budget`` (wall clock, whole batch) is checked before every evaluation: none starts
+that the measured evaluations (the slowest of the last three) say would overrun the budget,
+time for the final misfit check (one forward) included. With ``backend`` not given, the CPU runs the native kernel
 (forward and adjoint in compiled C++, :mod:`.native`) where it builds; elsewhere the torch
 step is compiled when the whole refinement is long enough to pay for it.
 
@@ -395,8 +395,8 @@ def refine(
             for the 2-D kinds).
         stages: continuation as (cutoff Hz or None for the full band, share of the
             iterations and of the time budget[, factor on the regulariser weight[, floor on
-            the TV eps, km/s]]) tuples (or :class:`Stage` objects), run in order by each sample; each starts from the sample's
-            best map of the previous one, iterations a stage leaves unused (L-BFGS
+            the TV eps, km/s]]) tuples (or :class:`Stage` objects), run in order by each
+            sample; each starts from the sample's best map of the previous one, iterations a stage leaves unused (L-BFGS
             converged) go to the next (a share of 0: only those), and with a
             ``time_budget`` a stage also ends when its share of the time is spent. Default
             ``CONTINUATION_STAGES``: full band with eps at least 10 m/s, then, on what that
